@@ -1,0 +1,668 @@
+"""The mitmproxy addon: turns connections into engine questions and enforces the answers.
+
+Enforcement has one choke point: ``server_connect``, which mitmproxy calls before every
+upstream connection. It refuses any connection for which no allowing decision was
+recorded on this client connection, and rewrites the address to the one the engine
+checked (DNS is resolved once, here, never again by mitmproxy). The earlier hooks
+(``http_connect``, ``requestheaders``, ``tls_clienthello``) decide and answer the client
+with a 403 that explains itself; if any of them fails, nothing gets recorded as allowed
+and ``server_connect`` refuses. Every hook is wrapped so an exception blocks
+(mitmproxy's own default is to log addon errors and carry on).
+
+Loadable as ``mitmdump -s egress_guard/addon.py``: absolute imports only, options
+declared in ``load`` and applied in ``configure``, and ``addons`` at the bottom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
+from mitmproxy.connection import Client
+from mitmproxy.proxy import server_hooks
+from mitmproxy.tls import ClientHelloData
+
+from egress_guard.engine import Decision, Engine, Match
+from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent, Sink
+from egress_guard.normalize import (
+    Host,
+    IPAddress,
+    NormalizationError,
+    canonical_ip,
+    normalize_host,
+    normalize_port,
+)
+from egress_guard.policy import EffectivePolicy, PolicyError, load_catalog, load_policy, load_preset
+from egress_guard.policy.model import Destination
+
+log = logging.getLogger("egress_guard")
+
+DNS_TIMEOUT_S = 5.0
+RELOAD_POLL_S = 1.0
+
+
+@dataclass(slots=True)
+class Approval:
+    """An allowing decision for one upstream (host, port) on one client connection."""
+
+    decision: Decision
+    host: Host
+    port: int
+    #: the checked address to connect to; None only when a parent proxy resolves names
+    address: IPAddress | None
+    destination: Destination | None
+
+
+@dataclass(slots=True)
+class ConnState:
+    client: str
+    started: float
+    #: CONNECT authority: (host, port) the tunnel was decided for
+    tunnel: tuple[Host, int] | None = None
+    tunnel_decision: Decision | None = None
+    approved: dict[tuple[str, int], Approval] = field(default_factory=dict)
+    #: reason this connection must not reach any upstream any more
+    blocked: str | None = None
+    sni: str | None = None
+
+
+class _Blocked(Exception):
+    def __init__(self, decision: Decision):
+        self.decision = decision
+
+
+def _peer(client: Client) -> str:
+    return str(client.peername[0]) if client.peername else ""
+
+
+class EgressGuard:
+    """mitmproxy addon enforcing an egress-guard policy."""
+
+    def __init__(self, sinks: Sequence[Sink] = ()) -> None:
+        self.sinks: list[Sink] = list(sinks)
+        self.engine: Engine | None = None
+        self.conns: dict[str, ConnState] = {}
+        self.self_endpoints: frozenset[tuple[str, int]] = frozenset()
+        self._catalog = load_catalog()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._policy_stamp: tuple[Any, ...] | None = None
+        self._users: dict[str, str] = {}
+
+    # -- mitmproxy lifecycle ------------------------------------------------------------
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "egress_guard_policy",
+            str,
+            "",
+            "Policy file (YAML). Empty: the built-in minimal preset.",
+        )
+        loader.add_option(
+            "egress_guard_mode",
+            str,
+            "",
+            "Override the policy's mode: enforce or audit. Empty: the policy's own mode.",
+            choices=("", "enforce", "audit"),
+        )
+        loader.add_option(
+            "egress_guard_inspect",
+            bool,
+            False,
+            "Intercept TLS for destinations that declare methods, paths or models.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        # With eager connections mitmproxy contacts the upstream before the SNI check.
+        if updated & {"connection_strategy", "egress_guard_policy"} and (
+            getattr(ctx.options, "connection_strategy", "lazy") != "lazy"
+        ):
+            log.warning("egress-guard: setting connection_strategy=lazy (required)")
+            ctx.options.update(connection_strategy="lazy")
+        if updated & {"egress_guard_policy", "egress_guard_mode"}:
+            try:
+                policy = self._read_policy()
+            except PolicyError as e:
+                self._emit_policy(
+                    PolicyEvent(False, self._policy_source(), None, 1, None, e.render())
+                )
+                raise exceptions.OptionsError(e.render()) from None
+            self._install(policy)
+
+    def running(self) -> None:
+        self.self_endpoints = self._listen_endpoints()
+        if self.engine is not None:
+            self.engine = replace_engine(self.engine, self.self_endpoints)
+        self._start_reload_watch()
+
+    def done(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+    # -- policy ------------------------------------------------------------------------
+
+    def _policy_source(self) -> str:
+        return str(ctx.options.egress_guard_policy or "builtin:minimal")
+
+    def _read_policy(self) -> EffectivePolicy:
+        path = ctx.options.egress_guard_policy
+        policy = load_policy(path) if path else load_preset("minimal")
+        if ctx.options.egress_guard_mode:
+            policy = replace(policy, mode=ctx.options.egress_guard_mode)
+        return policy
+
+    def _install(self, policy: EffectivePolicy) -> None:
+        users = _read_users(policy)
+        self.engine = Engine(policy, self._catalog, self.self_endpoints)
+        self._users = users
+        self._policy_stamp = _stamp(ctx.options.egress_guard_policy)
+        log.info(
+            "egress-guard: policy %s loaded (mode %s, %d destinations, sha256 %s)",
+            policy.source,
+            policy.mode,
+            len(policy.destinations),
+            policy.sha256[:16],
+        )
+        self._emit_policy(PolicyEvent(True, policy.source, policy.sha256, 1, policy.mode))
+
+    def reload(self) -> bool:
+        """Load the policy again; on any error keep the one in force. True on success."""
+        try:
+            policy = self._read_policy()
+            self._install(policy)
+            return True
+        except PolicyError as e:
+            log.error(
+                "egress-guard: policy reload rejected, keeping the old policy:\n%s", e.render()
+            )
+            self._policy_stamp = _stamp(ctx.options.egress_guard_policy)
+            self._emit_policy(PolicyEvent(False, self._policy_source(), None, 1, None, e.render()))
+            return False
+        except Exception as e:  # the old policy stays in force whatever went wrong
+            log.exception("egress-guard: policy reload failed, keeping the old policy")
+            self._emit_policy(PolicyEvent(False, self._policy_source(), None, 1, None, repr(e)))
+            return False
+
+    def _start_reload_watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        if ctx.options.egress_guard_policy:
+            self._watch_task = loop.create_task(self._watch_policy())
+
+    def _on_sighup(self) -> None:
+        log.info("egress-guard: SIGHUP, reloading policy")
+        self.reload()
+
+    async def _watch_policy(self) -> None:
+        """Poll the policy file. Polling the resolved path catches in-place edits, renames
+        over the file and a Kubernetes ConfigMap's ``..data`` symlink swap alike."""
+        while True:
+            await asyncio.sleep(RELOAD_POLL_S)
+            stamp = _stamp(ctx.options.egress_guard_policy)
+            if stamp != self._policy_stamp:
+                log.info("egress-guard: policy file changed, reloading")
+                self.reload()
+
+    def _listen_endpoints(self) -> frozenset[tuple[str, int]]:
+        ps = ctx.master.addons.get("proxyserver")
+        if ps is None:
+            return frozenset()
+        out: set[tuple[str, int]] = set()
+        for addr in ps.listen_addrs():
+            host, port = str(addr[0]), int(addr[1])
+            ip = canonical_ip(ipaddress.ip_address(host.partition("%")[0]))
+            if ip.is_unspecified:
+                for local in _local_addresses():
+                    out.add((local, port))
+            else:
+                out.add((str(ip), port))
+                if ip.is_loopback:
+                    out.update((a, port) for a in ("127.0.0.1", "::1"))
+        return frozenset(out)
+
+    # -- events --------------------------------------------------------------------------
+
+    def _emit(self, method: str, event: Any) -> None:
+        for sink in self.sinks:
+            try:
+                getattr(sink, method)(event)
+            except Exception:
+                log.exception("egress-guard: sink %r failed", sink)
+
+    def _emit_policy(self, event: PolicyEvent) -> None:
+        self._emit("policy", event)
+
+    def _record(
+        self,
+        conn_id: str,
+        state: ConnState,
+        d: Decision,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+    ) -> None:
+        eng = self.engine
+        self._emit(
+            "decision",
+            DecisionEvent(
+                conn_id=conn_id,
+                client=state.client,
+                decision=d,
+                mode=eng.policy.mode if eng else "enforce",
+                policy_sha256=eng.policy.sha256 if eng else "",
+                sni=state.sni,
+                method=method,
+                path=path.split("?", 1)[0] if path else None,
+            ),
+        )
+
+    def _state(self, client: Client) -> ConnState:
+        st = self.conns.get(client.id)
+        if st is None:
+            st = self.conns[client.id] = ConnState(client=_peer(client), started=time.monotonic())
+        return st
+
+    # -- the decision, shared by CONNECT and plain HTTP -------------------------------------
+
+    def _engine(self) -> Engine:
+        eng = self.engine
+        if eng is None:
+            raise RuntimeError("no policy loaded")
+        return eng
+
+    def _gate(self, eng: Engine, state: ConnState, headers: http.Headers, host: str) -> None:
+        """Client ACL, proxy auth, sink health: refuse before looking at the target."""
+        d = eng.check_client(state.client)
+        if d is not None:
+            raise _Blocked(replace(d, host=host))
+        if eng.policy.clients.auth is not None and not self._authorized(headers):
+            raise _Blocked(
+                Decision(
+                    False,
+                    "block",
+                    "proxy_auth_required",
+                    None,
+                    host,
+                    None,
+                    "send Proxy-Authorization: Basic with a user from clients.auth.users_file",
+                )
+            )
+        if not all(s.healthy for s in self.sinks):
+            raise _Blocked(
+                Decision(
+                    False,
+                    "block",
+                    "internal_error",
+                    None,
+                    host,
+                    None,
+                    detail="audit sink unavailable: refusing traffic that cannot be recorded",
+                )
+            )
+
+    def _authorized(self, headers: http.Headers) -> bool:
+        value = headers.get("proxy-authorization", "")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "basic" or not token:
+            return False
+        try:
+            user, sep, password = (
+                base64.b64decode(token.strip(), validate=True).decode().partition(":")
+            )
+        except (ValueError, UnicodeDecodeError):
+            return False
+        expected = self._users.get(user)
+        if not sep or expected is None:
+            return False
+        return _check_password(expected, password)
+
+    async def _authorize(self, eng: Engine, raw_host: str, raw_port: str | int) -> Approval:
+        """Decide a target end to end (names, DNS, addresses). Raises _Blocked."""
+        verdict = eng.decide_target(raw_host, raw_port)
+        if isinstance(verdict, Decision):
+            final = eng.finalize(verdict)
+            if not final.allowed:
+                raise _Blocked(final)
+            # audit mode: let it through, but it still needs checked, pinned addresses
+            host, port = normalize_host(raw_host), normalize_port(raw_port)
+            addrs = await self._addresses(eng, host, port)
+            self_hit = eng.check_self(addrs, host, port)
+            if self_hit is not None:
+                raise _Blocked(self_hit)
+            return Approval(final, host, port, addrs[0], None)
+        match: Match = verdict
+        addrs = await self._addresses(eng, match.host, match.port)
+        final = eng.finalize(eng.decide_addresses(match, addrs))
+        if not final.allowed:
+            raise _Blocked(final)
+        return Approval(final, match.host, match.port, addrs[0], match.destination)
+
+    async def _addresses(self, eng: Engine, host: Host, port: int) -> tuple[IPAddress, ...]:
+        static = eng.static_addresses(host)
+        if static is not None:
+            return static
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(host.value, port, type=socket.SOCK_STREAM), DNS_TIMEOUT_S
+            )
+        except (OSError, TimeoutError) as e:
+            raise _Blocked(
+                Decision(
+                    False,
+                    "block",
+                    "dns_failed",
+                    None,
+                    host.value,
+                    port,
+                    detail=f"DNS lookup failed: {e or 'timeout'}",
+                )
+            ) from None
+        out: list[IPAddress] = []
+        for info in infos:
+            ip = canonical_ip(ipaddress.ip_address(str(info[4][0]).partition("%")[0]))
+            if ip not in out:
+                out.append(ip)
+        if not out:
+            raise _Blocked(
+                Decision(
+                    False,
+                    "block",
+                    "dns_failed",
+                    None,
+                    host.value,
+                    port,
+                    detail="DNS returned no addresses",
+                )
+            )
+        return tuple(out)
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        await self._guard_flow(flow, self._on_connect)
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        await self._guard_flow(flow, self._on_request)
+
+    async def _guard_flow(
+        self, flow: http.HTTPFlow, step: Callable[[http.HTTPFlow, ConnState], Awaitable[None]]
+    ) -> None:
+        state = self._state(flow.client_conn)
+        try:
+            await step(flow, state)
+        except _Blocked as b:
+            self._deny_flow(flow, state, b.decision)
+        except Exception as e:
+            log.exception(
+                "egress-guard: internal error deciding %s; blocking", flow.request.pretty_url
+            )
+            d = Decision(
+                False,
+                "block",
+                "internal_error",
+                None,
+                _safe_host(flow),
+                None,
+                detail=type(e).__name__,
+            )
+            self._deny_flow(flow, state, d)
+
+    def _deny_flow(self, flow: http.HTTPFlow, state: ConnState, d: Decision) -> None:
+        if flow.request.method == "CONNECT":
+            state.blocked = state.blocked or d.reason
+        try:
+            self._record(
+                flow.client_conn.id,
+                state,
+                d,
+                method=flow.request.method,
+                path=None if flow.request.method == "CONNECT" else flow.request.path,
+            )
+        finally:
+            flow.response = block_response(d)
+
+    async def _on_connect(self, flow: http.HTTPFlow, state: ConnState) -> None:
+        eng = self._engine()
+        req = flow.request
+        self._gate(eng, state, req.headers, req.host)
+        approval = await self._authorize(eng, req.host, req.port)
+        state.tunnel = (approval.host, approval.port)
+        state.tunnel_decision = approval.decision
+        state.approved[(approval.host.value, approval.port)] = approval
+        self._record(flow.client_conn.id, state, approval.decision, method="CONNECT")
+
+    async def _on_request(self, flow: http.HTTPFlow, state: ConnState) -> None:
+        eng = self._engine()
+        req = flow.request
+        if state.tunnel is not None:
+            # A request inside a CONNECT tunnel: the CONNECT target is the authority.
+            host, port = state.tunnel
+            self._check_host_header(eng, flow, host, port)
+            return
+        self._gate(eng, state, req.headers, req.host)
+        req.headers.pop("proxy-authorization", None)
+        approval = await self._authorize(eng, req.host, req.port)
+        self._check_host_header(eng, flow, approval.host, approval.port)
+        state.approved[(approval.host.value, approval.port)] = approval
+        self._record(
+            flow.client_conn.id, state, approval.decision, method=req.method, path=req.path
+        )
+
+    def _check_host_header(self, eng: Engine, flow: http.HTTPFlow, host: Host, port: int) -> None:
+        req = flow.request
+        if req.is_http2 or req.is_http3:
+            values = [req.authority] if req.authority else req.headers.get_all("host")
+        else:
+            values = req.headers.get_all("host")
+        default = 443 if req.scheme == "https" else 80
+        bad = eng.check_host_header(host, port, values, default, None)
+        if bad is not None:
+            final = eng.finalize(bad)
+            if not final.allowed:
+                raise _Blocked(final)
+
+    def tls_clienthello(self, data: ClientHelloData) -> None:
+        client = data.context.client
+        state = self._state(client)
+        try:
+            self._on_clienthello(data, state)
+        except Exception:
+            log.exception("egress-guard: internal error in tls_clienthello; blocking")
+            state.blocked = "internal_error"
+            data.ignore_connection = True
+            host = state.tunnel[0].value if state.tunnel else ""
+            self._record(
+                client.id, state, Decision(False, "block", "internal_error", None, host, None)
+            )
+
+    def _on_clienthello(self, data: ClientHelloData, state: ConnState) -> None:
+        if state.tunnel is None:
+            return  # TLS to the proxy itself; the requests inside are decided one by one
+        eng = self._engine()
+        host, port = state.tunnel
+        sni = data.client_hello.sni
+        state.sni = sni
+        dest = state.tunnel_decision.destination if state.tunnel_decision else None
+        bad = eng.check_sni(host, port, sni, dest)
+        if bad is not None:
+            final = eng.finalize(bad)
+            self._record(data.context.client.id, state, final)
+            if not final.allowed:
+                state.blocked = final.reason
+                data.ignore_connection = True
+                return
+        destination = eng.destination(dest)
+        inspect = bool(
+            ctx.options.egress_guard_inspect
+            and destination is not None
+            and destination.needs_inspection
+        )
+        data.ignore_connection = not inspect
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        try:
+            self._on_server_connect(data)
+        except Exception as e:
+            log.exception("egress-guard: internal error in server_connect; refusing")
+            data.server.error = f"egress-guard: internal error ({type(e).__name__})"
+
+    def _on_server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        state = self.conns.get(data.client.id)
+        if state is None or state.blocked:
+            data.server.error = (
+                f"egress-guard: blocked ({state.blocked if state else 'no decision'})"
+            )
+            return
+        if data.server.address is None:
+            data.server.error = "egress-guard: no destination"
+            return
+        raw_host, raw_port = data.server.address[0], data.server.address[1]
+        try:
+            key = (normalize_host(str(raw_host)).value, normalize_port(int(raw_port)))
+        except NormalizationError:
+            key = ("", 0)
+        approval = state.approved.get(key)
+        if approval is None:
+            log.error(
+                "egress-guard: refusing %s:%s, no allowing decision on this connection",
+                raw_host,
+                raw_port,
+            )
+            data.server.error = "egress-guard: no allowing decision for this destination"
+            return
+        if data.server.via is not None or approval.address is None:
+            return  # a parent proxy resolves and connects; we decided on the name
+        if data.server.sni is None and approval.host.kind == "name":
+            data.server.sni = approval.host.value
+        data.server.address = (str(approval.address), approval.port)
+
+    def client_disconnected(self, client: Client) -> None:
+        state = self.conns.pop(client.id, None)
+        if state is None or not state.approved:
+            return
+        eng = self.engine
+        for approval in state.approved.values():
+            d = approval.decision
+            self._emit(
+                "close",
+                CloseEvent(
+                    conn_id=client.id,
+                    client=state.client,
+                    host=d.host,
+                    port=d.port,
+                    destination=d.destination,
+                    decision=d.action,
+                    bytes_up=0,
+                    bytes_down=0,
+                    duration_s=time.monotonic() - state.started,
+                    mode=eng.policy.mode if eng else "enforce",
+                    policy_sha256=eng.policy.sha256 if eng else "",
+                ),
+            )
+
+
+def replace_engine(engine: Engine, self_endpoints: frozenset[tuple[str, int]]) -> Engine:
+    return Engine(engine.policy, engine.catalog, self_endpoints)
+
+
+def block_response(d: Decision) -> http.Response:
+    """The 403 (or 407) a blocked client sees: headers and a small JSON body that say why."""
+    status = {"proxy_auth_required": 407, "dns_failed": 502}.get(d.reason, 403)
+    body = {
+        "error": "blocked by egress-guard",
+        "host": d.host,
+        "port": d.port,
+        "reason": d.reason,
+        "hint": d.hint,
+    }
+    if d.detail:
+        body["detail"] = d.detail
+    headers = {
+        "Content-Type": "application/json",
+        "X-Egress-Guard-Decision": "block",
+        "X-Egress-Guard-Reason": d.reason,
+        "Connection": "close",
+    }
+    if status == 407:
+        headers["Proxy-Authenticate"] = 'Basic realm="egress-guard"'
+    return http.Response.make(status, json.dumps(body).encode() + b"\n", headers)
+
+
+def _safe_host(flow: http.HTTPFlow) -> str:
+    try:
+        return str(flow.request.host)[:200]
+    except Exception:
+        return ""
+
+
+def _stamp(path: str) -> tuple[Any, ...] | None:
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+        return (os.path.realpath(path), st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
+    except OSError as e:
+        return ("missing", e.errno)
+
+
+def _local_addresses() -> set[str]:
+    out = {"127.0.0.1", "::1", "0.0.0.0", "::"}
+    with contextlib.suppress(OSError):
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            out.add(str(canonical_ip(ipaddress.ip_address(str(info[4][0]).partition("%")[0]))))
+    return out
+
+
+def _read_users(policy: EffectivePolicy) -> dict[str, str]:
+    """``user:password`` or ``user:sha256:<hex>`` per line; # comments."""
+    if policy.clients.auth is None:
+        return {}
+    path = Path(policy.clients.auth.users_file)
+    if not path.is_absolute():
+        path = Path(policy.source).parent / path
+    users: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PolicyError(str(path), None, f"cannot read users_file: {e.strerror}") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, secret = line.partition(":")
+        if not sep or not user or not secret:
+            raise PolicyError(str(path), n, "expected user:password or user:sha256:<hex>")
+        users[user] = secret
+    return users
+
+
+def _check_password(expected: str, given: str) -> bool:
+    if expected.startswith("sha256:"):
+        digest = hashlib.sha256(given.encode()).hexdigest()
+        return hmac.compare_digest(expected[7:].lower(), digest)
+    return hmac.compare_digest(expected.encode(), given.encode())
+
+
+# ``mitmdump -s egress_guard/addon.py`` looks for this list; importing the module as part
+# of the package (the embedded CLI) builds its own instance instead.
+if __name__ != "egress_guard.addon":
+    addons = [EgressGuard()]

@@ -1,0 +1,433 @@
+"""The decision engine: pure functions from (policy, request facts) to a Decision.
+
+No sockets, no mitmproxy, no clocks. The proxy adapter gathers facts (the CONNECT target,
+the resolved addresses, the SNI, the Host header) and asks the engine at each stage; the
+engine alone says yes or no, and why. The checks run in a fixed order so the reason is
+the most specific one: bad input, then deny, then allow, then port, then addresses.
+
+Audit mode is applied last, by ``finalize``: a block becomes ``would_block`` except for
+the blocks audit mode must never lift (see NEVER_AUDITED).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from typing import Literal
+
+from egress_guard.engine.addresses import special_class
+from egress_guard.engine.matcher import HostIndex, networks_contain
+from egress_guard.normalize import (
+    Host,
+    IPAddress,
+    NormalizationError,
+    canonical_ip,
+    normalize_host,
+    normalize_port,
+    parse_authority,
+)
+from egress_guard.policy.loader import EffectivePolicy
+from egress_guard.policy.model import CatalogEntry, Destination
+from egress_guard.policy.patterns import parse_pattern
+
+Action = Literal["allow", "block", "would_block"]
+Reason = Literal[
+    "allowlisted",
+    "not_allowlisted",
+    "denylisted",
+    "port_not_allowed",
+    "private_address",
+    "ip_literal_not_allowed",
+    "sni_mismatch",
+    "host_header_mismatch",
+    "invalid_host",
+    "client_not_allowed",
+    "proxy_auth_required",
+    "path_not_allowed",
+    "method_not_allowed",
+    "model_not_allowed",
+    "internal_error",
+    "self_connection",
+    "dns_failed",
+]
+
+#: Blocks that audit mode does not turn into would_block: they are about who may use the
+#: proxy, input that has no destination at all, a request that would loop back into the
+#: proxy, or the proxy's own failure (fail closed, in every mode).
+NEVER_AUDITED: frozenset[str] = frozenset(
+    {
+        "client_not_allowed",
+        "proxy_auth_required",
+        "invalid_host",
+        "internal_error",
+        "self_connection",
+        "dns_failed",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    action: Action
+    reason: Reason
+    destination: str | None
+    host: str
+    port: int | None
+    hint: str | None = None
+    detail: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Metric label: the rule name, or ``unlisted`` (never a raw host)."""
+        return self.destination or "unlisted"
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """A target that passed the name checks and now needs its addresses checked."""
+
+    host: Host
+    port: int
+    destination: Destination
+    #: position of the destination in the policy (index into per-destination tables)
+    index: int
+
+
+def _block(
+    reason: Reason,
+    host: str,
+    port: int | None,
+    destination: str | None = None,
+    hint: str | None = None,
+    detail: str | None = None,
+) -> Decision:
+    return Decision(False, "block", reason, destination, host, port, hint, detail)
+
+
+@dataclass
+class Engine:
+    """A compiled policy. Build once per policy load; every method is read-only."""
+
+    policy: EffectivePolicy
+    catalog: Mapping[str, CatalogEntry] = field(default_factory=dict)
+    #: (address, port) pairs the proxy itself listens on: never a destination
+    self_endpoints: frozenset[tuple[str, int]] = frozenset()
+
+    def __post_init__(self) -> None:
+        dests = self.policy.destinations
+        self._dests: tuple[Destination, ...] = dests
+        self._by_name = {d.name: d for d in dests}
+        self._allow = HostIndex((i, d.hosts) for i, d in enumerate(dests))
+        self._deny = HostIndex((i, r.hosts) for i, r in enumerate(self.policy.deny))
+        self._dest_nets = [
+            tuple(p.network for p in map(parse_pattern, d.hosts) if p.network is not None)
+            for d in dests
+        ]
+        self._allow_cidrs = tuple(ipaddress.ip_network(c) for c in self.policy.network.allow_cidrs)
+        self._client_nets = tuple(ipaddress.ip_network(c) for c in self.policy.clients.allow_cidrs)
+        usable = [(n, e) for n, e in self.catalog.items() if e.usable is None]
+        self._catalog_names = [n for n, _ in usable]
+        self._catalog_index = HostIndex((i, e.hosts) for i, (_, e) in enumerate(usable))
+        self._catalog_ports = [e.ports for _, e in usable]
+        self._resolve: dict[str, tuple[IPAddress, ...]] = {}
+        for name, addrs in self.policy.network.resolve.items():
+            key = normalize_host(name).value
+            values = addrs if isinstance(addrs, list) else [addrs]
+            resolved = tuple(ip for ip in (normalize_host(a).ip for a in values) if ip is not None)
+            self._resolve[key] = resolved
+
+    # -- stage 0: who is asking ----------------------------------------------------------
+
+    def check_client(self, client_ip: str) -> Decision | None:
+        """None when the client may use the proxy; a block otherwise."""
+        try:
+            ip = canonical_ip(ipaddress.ip_address(client_ip.partition("%")[0]))
+        except ValueError:
+            return _block(
+                "client_not_allowed", "", None, detail=f"bad client address {client_ip!r}"
+            )
+        if networks_contain(self._client_nets, ip):
+            return None
+        return _block(
+            "client_not_allowed",
+            "",
+            None,
+            hint="add the client's network to clients.allow_cidrs",
+            detail=str(ip),
+        )
+
+    # -- stage 1: the target by name -----------------------------------------------------
+
+    def decide_target(self, raw_host: str, raw_port: str | int) -> Decision | Match:
+        """Check a target before any DNS lookup. A Match still needs ``decide_addresses``."""
+        try:
+            host = normalize_host(raw_host)
+            port = normalize_port(raw_port)
+        except NormalizationError as e:
+            return _block("invalid_host", _printable(raw_host), None, detail=str(e))
+        return self.decide_normalized(host, port)
+
+    def decide_normalized(self, host: Host, port: int) -> Decision | Match:
+        deny = self._deny_hit(host, port)
+        if deny is not None:
+            return deny
+        if host.ip is not None:
+            ids = self._allow.match_ip(host.ip)
+            if not ids:
+                cls = special_class(host.ip)
+                if (
+                    cls is not None
+                    and self.policy.network.block_private
+                    and not (networks_contain(self._allow_cidrs, host.ip))
+                ):
+                    return _block(
+                        "private_address",
+                        host.value,
+                        port,
+                        hint=self._hint(host, port),
+                        detail=cls,
+                    )
+                return _block(
+                    "ip_literal_not_allowed",
+                    host.value,
+                    port,
+                    hint=self._hint(host, port),
+                )
+        else:
+            ids = self._allow.match_name(host.value)
+            if not ids:
+                return _block("not_allowlisted", host.value, port, hint=self._hint(host, port))
+        for i in ids:
+            if port in self._dests[i].ports:
+                return Match(host, port, self._dests[i], i)
+        first = self._dests[ids[0]]
+        return _block(
+            "port_not_allowed",
+            host.value,
+            port,
+            destination=first.name,
+            hint=(
+                f"destination {first.name!r} ({self.policy.origins.get(first.name, '?')}) "
+                f"allows ports {first.ports}; add {port} there if it is needed"
+            ),
+        )
+
+    # -- stage 2: the addresses the target resolved to -----------------------------------
+
+    def static_addresses(self, host: Host) -> tuple[IPAddress, ...] | None:
+        """Addresses known without DNS: an IP literal, or a ``network.resolve`` override."""
+        if host.ip is not None:
+            return (host.ip,)
+        return self._resolve.get(host.value)
+
+    def decide_addresses(self, match: Match, addresses: Sequence[IPAddress]) -> Decision:
+        """Every address must pass; the caller must connect to one of exactly these."""
+        host, port, dest = match.host, match.port, match.destination
+        if not addresses:
+            return _block("dns_failed", host.value, port, dest.name, detail="no addresses")
+        dest_nets = self._dest_nets[match.index]
+        looped = self.check_self(addresses, host, port, dest.name)
+        if looped is not None:
+            return looped
+        for raw_ip in addresses:
+            ip = canonical_ip(raw_ip)
+            deny_ids = self._deny.match_ip(ip)
+            if any(self._deny_port_ok(i, port) for i in deny_ids):
+                i = next(i for i in deny_ids if self._deny_port_ok(i, port))
+                return _block(
+                    "denylisted",
+                    host.value,
+                    port,
+                    dest.name,
+                    hint=f"denied by {self.policy.deny_origins[i]} (resolved to {ip})",
+                )
+            if not self.policy.network.block_private:
+                continue
+            cls = special_class(ip)
+            if cls is None:
+                continue
+            if networks_contain(dest_nets, ip) or networks_contain(self._allow_cidrs, ip):
+                continue
+            return _block(
+                "private_address",
+                host.value,
+                port,
+                dest.name,
+                hint=(
+                    f"{host.value} resolved to {ip} ({cls}); if that is intended, add it to "
+                    "network.allow_cidrs or to the destination's hosts"
+                ),
+                detail=f"{ip} is {cls}",
+            )
+        return Decision(True, "allow", "allowlisted", dest.name, host.value, port)
+
+    def check_self(
+        self, addresses: Sequence[IPAddress], host: Host, port: int, dest: str | None = None
+    ) -> Decision | None:
+        """Never connect to the proxy's own listening address: one request would loop
+        through the proxy again and again. Checked in every mode."""
+        for raw_ip in addresses:
+            ip = canonical_ip(raw_ip)
+            if (str(ip), port) in self.self_endpoints:
+                return _block(
+                    "self_connection",
+                    host.value,
+                    port,
+                    dest,
+                    detail=f"{ip}:{port} is egress-guard's own listening address",
+                )
+        return None
+
+    # -- stage 3: other names for the same destination -----------------------------------
+
+    def check_sni(
+        self, authority: Host, port: int, sni: str | None, dest: str | None
+    ) -> Decision | None:
+        """The TLS SNI must name the CONNECT target (the CONNECT target is the authority)."""
+        if sni is None:
+            return None
+        try:
+            sni_host = normalize_host(sni)
+        except NormalizationError as e:
+            return _block("sni_mismatch", authority.value, port, dest, detail=f"invalid SNI: {e}")
+        if sni_host.value != authority.value:
+            return _block(
+                "sni_mismatch",
+                authority.value,
+                port,
+                dest,
+                detail=f"SNI {sni_host.value!r} does not match CONNECT {authority.value!r}",
+            )
+        return None
+
+    def check_host_header(
+        self,
+        authority: Host,
+        port: int,
+        host_headers: Sequence[str],
+        default_port: int,
+        dest: str | None,
+    ) -> Decision | None:
+        """Exactly one Host header, naming the request's authority (URI or CONNECT)."""
+        if len(host_headers) != 1:
+            return _block(
+                "host_header_mismatch",
+                authority.value,
+                port,
+                dest,
+                detail=f"{len(host_headers)} Host headers (exactly one is required)",
+            )
+        value = host_headers[0]
+        try:
+            h_host, h_port = parse_authority(value, default_port)
+        except NormalizationError as e:
+            return _block(
+                "host_header_mismatch", authority.value, port, dest, detail=f"invalid Host: {e}"
+            )
+        if h_host.value != authority.value or h_port != port:
+            return _block(
+                "host_header_mismatch",
+                authority.value,
+                port,
+                dest,
+                detail=f"Host {_printable(value)!r} does not match {authority.value}:{port}",
+            )
+        return None
+
+    # -- stage 4 (inspect mode): the request itself ---------------------------------------
+
+    def check_request(
+        self, dest: Destination, method: str, path: str, model: str | None, decision: Decision
+    ) -> Decision | None:
+        if dest.methods is not None and method not in dest.methods:
+            return replace(
+                decision,
+                allowed=False,
+                action="block",
+                reason="method_not_allowed",
+                hint=f"destination {dest.name!r} allows methods {dest.methods}",
+            )
+        if dest.paths is not None:
+            bare = path.split("?", 1)[0]
+            if not any(fnmatchcase(bare, g) for g in dest.paths):
+                return replace(
+                    decision,
+                    allowed=False,
+                    action="block",
+                    reason="path_not_allowed",
+                    hint=f"destination {dest.name!r} allows paths {dest.paths}",
+                )
+        if dest.models is not None and model is not None and model not in dest.models:
+            return replace(
+                decision,
+                allowed=False,
+                action="block",
+                reason="model_not_allowed",
+                hint=f"destination {dest.name!r} allows models {dest.models}",
+            )
+        return None
+
+    # -- mode --------------------------------------------------------------------------
+
+    def finalize(self, decision: Decision) -> Decision:
+        """Apply audit mode: let a block through as would_block, unless it must not be."""
+        if decision.allowed or self.policy.mode != "audit" or decision.reason in NEVER_AUDITED:
+            return decision
+        return replace(decision, allowed=True, action="would_block")
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def destination(self, name: str | None) -> Destination | None:
+        return self._by_name.get(name) if name is not None else None
+
+    def _deny_port_ok(self, rule_id: int, port: int) -> bool:
+        ports = self.policy.deny[rule_id].ports
+        return ports is None or port in ports
+
+    def _deny_hit(self, host: Host, port: int) -> Decision | None:
+        ids = self._deny_ids(host)
+        for i in ids:
+            if self._deny_port_ok(i, port):
+                return _block(
+                    "denylisted",
+                    host.value,
+                    port,
+                    hint=f"denied by {self.policy.deny_origins[i]}; deny rules win over every allow",
+                )
+        return None
+
+    def _deny_ids(self, host: Host) -> Iterable[int]:
+        if host.ip is not None:
+            return self._deny.match_ip(host.ip)
+        return self._deny.match_name(host.value)
+
+    def _hint(self, host: Host, port: int) -> str:
+        ids = (
+            self._catalog_index.match_ip(host.ip)
+            if host.ip is not None
+            else self._catalog_index.match_name(host.value)
+        )
+        names = [self._catalog_names[i] for i in ids if port in self._catalog_ports[i]]
+        if names:
+            uses = ", ".join(f"'- use: {n}'" for n in names)
+            return f"catalog entry covers {hostport(host, port)}: add {uses} to destinations in {self.policy.source}"
+        return (
+            f"no catalog entry covers {hostport(host, port)}; to allow it add a destination "
+            f"with hosts: [{host.value}] and ports: [{port}] to {self.policy.source}"
+        )
+
+
+def hostport(host: Host, port: int | None) -> str:
+    """``host:port`` with brackets around IPv6, as it would be written in a URL."""
+    h = f"[{host.value}]" if host.kind == "ipv6" else host.value
+    return h if port is None else f"{h}:{port}"
+
+
+def _printable(raw: object) -> str:
+    """A bounded, printable rendering of untrusted input for logs and headers."""
+    text = raw if isinstance(raw, str) else repr(raw)
+    text = "".join(c if c.isprintable() and c.isascii() else f"\\x{ord(c):02x}" for c in text[:200])
+    return text

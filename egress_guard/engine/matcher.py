@@ -1,0 +1,102 @@
+"""Host-pattern index whose lookup cost does not grow with the number of rules.
+
+A name is looked up once per suffix (a.b.c -> a.b.c, b.c, c) in three hash tables; an
+address once per distinct prefix length present. With 100k rules that is still a handful
+of dict probes, where a list of patterns would be 100k comparisons per connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable
+
+from egress_guard.normalize import IPAddress
+from egress_guard.policy.patterns import HostPattern, parse_pattern
+
+
+class HostIndex:
+    """Maps canonical hosts and addresses to the ids (policy order) of matching rules."""
+
+    __slots__ = ("_apex_sub", "_exact", "_ips", "_nets", "_prefixes", "_sub")
+
+    def __init__(self, rules: Iterable[tuple[int, Iterable[str | HostPattern]]]) -> None:
+        exact: dict[str, list[int]] = defaultdict(list)
+        sub: dict[str, list[int]] = defaultdict(list)
+        apex_sub: dict[str, list[int]] = defaultdict(list)
+        ips: dict[IPAddress, list[int]] = defaultdict(list)
+        nets: dict[tuple[int, int], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for rule_id, patterns in rules:
+            for raw in patterns:
+                pat = raw if isinstance(raw, HostPattern) else parse_pattern(raw)
+                if pat.kind == "exact":
+                    exact[pat.value].append(rule_id)
+                elif pat.kind == "sub":
+                    sub[pat.value].append(rule_id)
+                elif pat.kind == "apex_sub":
+                    apex_sub[pat.value].append(rule_id)
+                else:
+                    assert pat.network is not None
+                    net = pat.network
+                    if net.num_addresses == 1:
+                        ips[net.network_address].append(rule_id)
+                    else:
+                        key = (net.version, net.prefixlen)
+                        nets[key][int(net.network_address)].append(rule_id)
+        self._exact = {k: tuple(sorted(set(v))) for k, v in exact.items()}
+        self._sub = {k: tuple(sorted(set(v))) for k, v in sub.items()}
+        self._apex_sub = {k: tuple(sorted(set(v))) for k, v in apex_sub.items()}
+        self._ips = {k: tuple(sorted(set(v))) for k, v in ips.items()}
+        self._nets = {
+            k: {n: tuple(sorted(set(ids))) for n, ids in v.items()} for k, v in nets.items()
+        }
+        self._prefixes: dict[int, tuple[tuple[int, int], ...]] = {
+            4: tuple(sorted((p, _mask(4, p)) for (v, p) in self._nets if v == 4)),
+            6: tuple(sorted((p, _mask(6, p)) for (v, p) in self._nets if v == 6)),
+        }
+
+    def match_name(self, name: str) -> tuple[int, ...]:
+        """Rule ids whose name patterns cover the canonical name, in policy order."""
+        found: list[int] = []
+        hit = self._exact.get(name)
+        if hit:
+            found.extend(hit)
+        hit = self._apex_sub.get(name)
+        if hit:
+            found.extend(hit)
+        dot = name.find(".")
+        while dot >= 0:
+            suffix = name[dot + 1 :]
+            hit = self._sub.get(suffix)
+            if hit:
+                found.extend(hit)
+            hit = self._apex_sub.get(suffix)
+            if hit:
+                found.extend(hit)
+            dot = name.find(".", dot + 1)
+        if len(found) > 1:
+            return tuple(sorted(set(found)))
+        return tuple(found)
+
+    def match_ip(self, ip: IPAddress) -> tuple[int, ...]:
+        """Rule ids whose IP or CIDR patterns contain the address, in policy order."""
+        found: list[int] = list(self._ips.get(ip, ()))
+        value = int(ip)
+        for prefixlen, mask in self._prefixes[ip.version]:
+            hit = self._nets[(ip.version, prefixlen)].get(value & mask)
+            if hit:
+                found.extend(hit)
+        if len(found) > 1:
+            return tuple(sorted(set(found)))
+        return tuple(found)
+
+
+def _mask(version: int, prefixlen: int) -> int:
+    bits = 32 if version == 4 else 128
+    return ((1 << prefixlen) - 1) << (bits - prefixlen)
+
+
+def networks_contain(
+    nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network], ip: IPAddress
+) -> bool:
+    return any(ip.version == n.version and ip in n for n in nets)

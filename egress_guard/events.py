@@ -1,0 +1,68 @@
+"""What the proxy tells its sinks (audit log, metrics): plain records, no mitmproxy types.
+
+The addon builds these; sinks consume them. Keeping them plain means sinks can be tested
+without a proxy and the addon never leaks a header, a body or a query value to a sink:
+the fields below are the whole contract, and none of them can hold a secret (``path``
+is stored without its query string).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from egress_guard.engine import Decision
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionEvent:
+    conn_id: str
+    client: str
+    decision: Decision
+    mode: str
+    policy_sha256: str
+    sni: str | None = None
+    method: str | None = None
+    #: request path without the query string (query values may carry API keys)
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CloseEvent:
+    conn_id: str
+    client: str
+    host: str
+    port: int | None
+    destination: str | None
+    decision: str
+    bytes_up: int
+    bytes_down: int
+    duration_s: float
+    mode: str
+    policy_sha256: str
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyEvent:
+    ok: bool
+    source: str
+    sha256: str | None
+    version: int
+    mode: str | None
+    error: str | None = None
+
+
+class Sink(Protocol):
+    """A consumer of proxy events. Must not block the event loop; must not raise for
+    ordinary input. ``healthy`` False makes the proxy refuse new connections (an audit
+    sink that cannot write must not let traffic through unrecorded)."""
+
+    def decision(self, event: DecisionEvent) -> None: ...
+
+    def close(self, event: CloseEvent) -> None: ...
+
+    def policy(self, event: PolicyEvent) -> None: ...
+
+    @property
+    def healthy(self) -> bool: ...

@@ -1,0 +1,268 @@
+"""Load a policy file into an effective policy: includes and catalog references resolved.
+
+Every error names ``file:line`` and carries a hint. Loading has no side effects, so a
+reload that fails leaves the running proxy exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path as FsPath
+from typing import Any
+
+from pydantic import ValidationError
+
+from egress_guard.normalize import NormalizationError, normalize_host
+from egress_guard.policy.model import (
+    Catalog,
+    CatalogEntry,
+    Clients,
+    DenyRule,
+    Destination,
+    Network,
+    PolicyFile,
+    UseRef,
+)
+from egress_guard.policy.yamlsrc import Path, SourceDoc, SourceError, parse_yaml
+
+MAX_FILE_BYTES = 4 * 1024 * 1024
+
+
+class PolicyError(SourceError):
+    """A policy that cannot be loaded; ``render()`` gives ``file:line: message``."""
+
+
+@dataclass(frozen=True)
+class EffectivePolicy:
+    """What the engine enforces: a flat list of destinations and deny rules."""
+
+    mode: str
+    destinations: tuple[Destination, ...]
+    deny: tuple[DenyRule, ...]
+    network: Network
+    clients: Clients
+    source: str
+    sha256: str
+    #: destination name -> "file:line" where it was written (for block hints)
+    origins: dict[str, str] = field(default_factory=dict)
+    deny_origins: tuple[str, ...] = ()
+
+
+def policies_dir() -> FsPath:
+    """The shipped ``policies/`` folder (catalog and presets), installed or in a checkout."""
+    return FsPath(str(resources.files("egress_guard._policies")))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in policies_dir().glob("*.yaml") if p.stem != "catalog")
+
+
+def _read(path: FsPath) -> str:
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise PolicyError(str(path), None, f"file is larger than {MAX_FILE_BYTES} bytes")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PolicyError(str(path), None, f"cannot read policy: {e.strerror or e}") from e
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise PolicyError(str(path), line, "file is not valid UTF-8") from e
+
+
+def _validation_error(doc: SourceDoc, err: ValidationError) -> PolicyError:
+    first = err.errors(include_url=False)[0]
+    loc: list[str | int] = list(first["loc"])
+    if len(loc) > 2 and loc[0] == "destinations" and loc[2] in ("use", "destination"):
+        del loc[2]
+    path: Path = tuple(loc)
+    msg = first["msg"].removeprefix("Value error, ")
+    hint = None
+    if first["type"] == "extra_forbidden":
+        msg = f"unknown key {loc[-1]!r}"
+        hint = "check the spelling; see docs/policy-reference.md for the keys of each section"
+    elif first["type"] == "missing":
+        msg = f"missing required key {loc[-1]!r}"
+    elif first["type"] == "literal_error" and loc == ["version"]:
+        hint = "this egress-guard reads policy version 1"
+    where = ".".join(str(p) for p in loc)
+    more = len(err.errors()) - 1
+    suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    return PolicyError(doc.file, doc.line_of(path), f"{where}: {msg}{suffix}", hint)
+
+
+def _validate_file(doc: SourceDoc) -> PolicyFile:
+    if not isinstance(doc.data, dict):
+        raise PolicyError(doc.file, 1, "a policy must be a mapping", "start with 'version: 1'")
+    try:
+        return PolicyFile.model_validate(doc.data)
+    except ValidationError as e:
+        raise _validation_error(doc, e) from None
+
+
+@lru_cache(maxsize=4)
+def _load_catalog_cached(path: str, mtime_ns: int) -> dict[str, CatalogEntry]:
+    doc = parse_yaml(_read(FsPath(path)), path)
+    try:
+        cat = Catalog.model_validate(doc.data)
+    except ValidationError as e:
+        raise _validation_error(doc, e) from None
+    entries: dict[str, CatalogEntry] = {}
+    for i, entry in enumerate(cat.entries):
+        if entry.name in entries:
+            raise doc.error(("entries", i, "name"), f"duplicate catalog entry {entry.name!r}")
+        entries[entry.name] = entry
+    return entries
+
+
+def load_catalog(path: FsPath | None = None) -> dict[str, CatalogEntry]:
+    """OpenCode's destination table, by entry name."""
+    p = path or policies_dir() / "catalog.yaml"
+    try:
+        mtime = p.stat().st_mtime_ns
+    except OSError as e:
+        raise PolicyError(str(p), None, f"cannot read catalog: {e.strerror or e}") from e
+    return _load_catalog_cached(str(p), mtime)
+
+
+@dataclass
+class _Collected:
+    destinations: list[Destination] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)
+    deny: list[DenyRule] = field(default_factory=list)
+    deny_origins: list[str] = field(default_factory=list)
+
+
+def _collect(
+    doc: SourceDoc,
+    pf: PolicyFile,
+    catalog: dict[str, CatalogEntry],
+    out: _Collected,
+    stack: tuple[str, ...],
+) -> None:
+    for i, name in enumerate(pf.include):
+        if name in stack:
+            raise doc.error(("include", i), f"include cycle: {' -> '.join((*stack, name))}")
+        preset = policies_dir() / f"{name}.yaml"
+        if name == "catalog" or not preset.is_file():
+            raise doc.error(
+                ("include", i),
+                f"unknown preset {name!r}",
+                f"shipped presets: {', '.join(preset_names())}",
+            )
+        sub_doc = parse_yaml(_read(preset), str(preset))
+        sub = _validate_file(sub_doc)
+        before = len(out.destinations)
+        _collect(sub_doc, sub, catalog, out, (*stack, name))
+        where = f"{doc.file}:{doc.line_of(('include', i))}"
+        for dest in out.destinations[before:]:
+            out.origins[dest.name] = f"{out.origins[dest.name]} (included from {where})"
+
+    for i, item in enumerate(pf.destinations):
+        path: Path = ("destinations", i)
+        if isinstance(item, UseRef):
+            entry = catalog.get(item.use)
+            if entry is None:
+                raise doc.error(
+                    (*path, "use"),
+                    f"no catalog entry named {item.use!r}",
+                    f"catalog entries: {', '.join(sorted(catalog))}",
+                )
+            if (why := entry.usable) is not None:
+                raise doc.error((*path, "use"), f"cannot use {item.use!r}", why)
+            dest = entry.as_destination()
+        else:
+            dest = item
+        existing = next((d for d in out.destinations if d.name == dest.name), None)
+        if existing is not None:
+            if existing == dest:
+                continue  # the same catalog entry reached twice (e.g. a preset and a use:)
+            raise doc.error(
+                (*path, "name") if not isinstance(item, UseRef) else (*path, "use"),
+                f"duplicate destination name {dest.name!r} (first at {out.origins[dest.name]})",
+                "names label audit records and metrics, so each must be unique",
+            )
+        out.destinations.append(dest)
+        out.origins[dest.name] = f"{doc.file}:{doc.line_of(path)}"
+
+    for i, rule in enumerate(pf.deny):
+        out.deny.append(rule)
+        out.deny_origins.append(f"{doc.file}:{doc.line_of(('deny', i))}")
+
+
+def _fingerprint(pol: dict[str, Any]) -> str:
+    blob = json.dumps(pol, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def load_policy_text(text: str, file: str, catalog_path: FsPath | None = None) -> EffectivePolicy:
+    doc = parse_yaml(text, file)
+    pf = _validate_file(doc)
+    catalog = load_catalog(catalog_path)
+    out = _Collected()
+    _collect(doc, pf, catalog, out, ())
+    for host, addrs in pf.network.resolve.items():
+        _check_resolve_entry(doc, host, addrs)
+    if pf.clients.auth is not None:
+        users = FsPath(pf.clients.auth.users_file)
+        if not users.is_absolute():
+            users = FsPath(file).parent / users
+        if not users.is_file():
+            raise doc.error(
+                ("clients", "auth", "users_file"), f"users_file {str(users)!r} does not exist"
+            )
+    effective = {
+        "mode": pf.mode,
+        "destinations": [d.model_dump(mode="json") for d in out.destinations],
+        "deny": [d.model_dump(mode="json") for d in out.deny],
+        "network": pf.network.model_dump(mode="json"),
+        "clients": pf.clients.model_dump(mode="json"),
+    }
+    return EffectivePolicy(
+        mode=pf.mode,
+        destinations=tuple(out.destinations),
+        deny=tuple(out.deny),
+        network=pf.network,
+        clients=pf.clients,
+        source=file,
+        sha256=_fingerprint(effective),
+        origins=out.origins,
+        deny_origins=tuple(out.deny_origins),
+    )
+
+
+def _check_resolve_entry(doc: SourceDoc, host: str, value: str | list[str]) -> None:
+    path: Path = ("network", "resolve", host)
+    try:
+        if normalize_host(host).ip is not None:
+            raise doc.error(path, f"{host!r} is an address; resolve maps names to addresses")
+    except NormalizationError as e:
+        raise doc.error(path, f"invalid host {host!r}: {e}") from None
+    addrs = value if isinstance(value, list) else [value]
+    if not addrs:
+        raise doc.error(path, f"{host!r} maps to no address")
+    for a in addrs:
+        try:
+            h = normalize_host(a)
+        except NormalizationError as e:
+            raise doc.error(path, f"{a!r} is not an IP address: {e}") from None
+        if h.ip is None:
+            raise doc.error(path, f"{a!r} is not an IP address")
+
+
+def load_policy(path: str | FsPath, catalog_path: FsPath | None = None) -> EffectivePolicy:
+    """Load a policy file, or raise PolicyError naming ``file:line``."""
+    p = FsPath(path)
+    return load_policy_text(_read(p), str(p), catalog_path)
+
+
+def load_preset(name: str) -> EffectivePolicy:
+    p = policies_dir() / f"{name}.yaml"
+    if not p.is_file():
+        raise PolicyError(name, None, f"unknown preset {name!r}", ", ".join(preset_names()))
+    return load_policy(p)

@@ -1,0 +1,127 @@
+"""Host patterns in a policy: exact names, ``*.`` and ``**.`` wildcards, IPs and CIDRs.
+
+Patterns are canonicalised by the same normaliser the engine uses for requests, so a
+pattern written ``API.Example.COM.`` or in Unicode matches the request spelled any other
+way. Patterns that would allow far more than their author meant are refused at load.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+from publicsuffixlist import PublicSuffixList
+
+from egress_guard.normalize import NormalizationError, canonical_ip, normalize_host
+
+PatternKind = Literal["exact", "sub", "apex_sub", "ip", "cidr"]
+
+_REGEX_HINTS = re.compile(r"[\^$()|\\+?{}\[\]]|\.\*|\*\*\*")
+
+
+class PatternError(ValueError):
+    """A host pattern that the policy language refuses, with a hint on how to write it."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPattern:
+    kind: PatternKind
+    #: canonical host (exact/sub/apex_sub: A-label name without the wildcard prefix)
+    value: str
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "sub":
+            return f"*.{self.value}"
+        if self.kind == "apex_sub":
+            return f"**.{self.value}"
+        return self.value
+
+
+@lru_cache(maxsize=1)
+def _psl() -> PublicSuffixList:
+    # The list ships inside the publicsuffixlist wheel: no network access at run time.
+    return PublicSuffixList()
+
+
+def is_public_suffix(name: str) -> bool:
+    """True for ``com``, ``co.uk``, ``github.io``, and any unknown TLD (PSL's ``*`` rule)."""
+    return bool(_psl().is_public(name))
+
+
+def parse_pattern(raw: object) -> HostPattern:
+    """Parse and canonicalise one ``hosts:`` entry, or raise PatternError with a hint."""
+    if not isinstance(raw, str):
+        raise PatternError(f"host pattern must be a string, got {type(raw).__name__}")
+    text = raw.strip()
+    if text != raw:
+        raise PatternError(f"host pattern {raw!r} has surrounding spaces")
+    if not text:
+        raise PatternError("empty host pattern")
+    if text in ("*", "**", "*.", "**."):
+        raise PatternError(
+            f"{text!r} would allow every host; list the hosts you need "
+            "(see policies/catalog.yaml) or use audit mode to discover them"
+        )
+    if _REGEX_HINTS.search(text):
+        raise PatternError(
+            f"{text!r} looks like a regular expression; patterns are host names: "
+            "'api.example.com', '*.example.com' (subdomains) or '**.example.com' "
+            "(apex and subdomains)"
+        )
+    if "/" in text:
+        return _parse_cidr(text)
+    kind: PatternKind = "exact"
+    body = text
+    if text.startswith("**."):
+        kind, body = "apex_sub", text[3:]
+    elif text.startswith("*."):
+        kind, body = "sub", text[2:]
+    if "*" in body:
+        raise PatternError(
+            f"{text!r}: a wildcard may only be the whole leftmost label ('*.' or '**.')"
+        )
+    try:
+        host = normalize_host(body)
+    except NormalizationError as e:
+        raise PatternError(f"{text!r}: {e}") from e
+    if host.ip is not None:
+        if kind != "exact":
+            raise PatternError(f"{text!r}: wildcards apply to names, not IP addresses")
+        return HostPattern("ip", host.value, ipaddress.ip_network(host.ip))
+    if kind != "exact" and is_public_suffix(host.value):
+        raise PatternError(
+            f"{text!r} covers the public suffix {host.value!r} (every domain registered "
+            "under it); name the registrable domain, e.g. '*.example.com'"
+        )
+    return HostPattern(kind, host.value)
+
+
+def _parse_cidr(text: str) -> HostPattern:
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        raise PatternError(
+            f"{text!r} is not a valid CIDR (host bits must be zero, e.g. 10.0.0.0/8): {e}"
+        ) from e
+    if net.prefixlen == 0:
+        raise PatternError(f"{text!r} would allow every address")
+    if (
+        isinstance(net, ipaddress.IPv6Network)
+        and net.network_address.ipv4_mapped
+        and (net.prefixlen >= 96)
+    ):
+        mapped = canonical_ip(net.network_address)
+        net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+    return HostPattern("cidr", str(net), net)
+
+
+def parse_network(raw: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR or single address for allow_cidrs / client ACLs (an address means /32 or /128)."""
+    try:
+        return ipaddress.ip_network(raw, strict=True)
+    except ValueError as e:
+        raise PatternError(f"{raw!r} is not a valid CIDR: {e}") from e
