@@ -28,14 +28,19 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.connection import Client
-from mitmproxy.proxy import server_hooks
+from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy import layer, server_hooks
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.http import HttpStream
+from mitmproxy.proxy.layers.tcp import TCPLayer
+from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
 from egress_guard.engine import Decision, Engine, Match
@@ -49,37 +54,13 @@ from egress_guard.normalize import (
     normalize_port,
 )
 from egress_guard.policy import EffectivePolicy, PolicyError, load_catalog, load_policy, load_preset
-from egress_guard.policy.model import Destination
+from egress_guard.state import Approval, ConnState
+from egress_guard.tunnel import CountingTCPLayer
 
 log = logging.getLogger("egress_guard")
 
 DNS_TIMEOUT_S = 5.0
 RELOAD_POLL_S = 1.0
-
-
-@dataclass(slots=True)
-class Approval:
-    """An allowing decision for one upstream (host, port) on one client connection."""
-
-    decision: Decision
-    host: Host
-    port: int
-    #: the checked address to connect to; None only when a parent proxy resolves names
-    address: IPAddress | None
-    destination: Destination | None
-
-
-@dataclass(slots=True)
-class ConnState:
-    client: str
-    started: float
-    #: CONNECT authority: (host, port) the tunnel was decided for
-    tunnel: tuple[Host, int] | None = None
-    tunnel_decision: Decision | None = None
-    approved: dict[tuple[str, int], Approval] = field(default_factory=dict)
-    #: reason this connection must not reach any upstream any more
-    blocked: str | None = None
-    sni: str | None = None
 
 
 class _Blocked(Exception):
@@ -180,7 +161,16 @@ class EgressGuard:
             len(policy.destinations),
             policy.sha256[:16],
         )
-        self._emit_policy(PolicyEvent(True, policy.source, policy.sha256, 1, policy.mode))
+        self._emit_policy(
+            PolicyEvent(
+                True,
+                policy.source,
+                policy.sha256,
+                1,
+                policy.mode,
+                destinations=tuple(d.name for d in policy.destinations),
+            )
+        )
 
     def reload(self) -> bool:
         """Load the policy again; on any error keep the one in force. True on success."""
@@ -258,6 +248,7 @@ class EgressGuard:
         *,
         method: str | None = None,
         path: str | None = None,
+        opens: bool = False,
     ) -> None:
         eng = self.engine
         self._emit(
@@ -271,6 +262,7 @@ class EgressGuard:
                 sni=state.sni,
                 method=method,
                 path=path.split("?", 1)[0] if path else None,
+                opens=opens,
             ),
         )
 
@@ -347,13 +339,15 @@ class EgressGuard:
             self_hit = eng.check_self(addrs, host, port)
             if self_hit is not None:
                 raise _Blocked(self_hit)
-            return Approval(final, host, port, addrs[0], None)
+            return Approval(final, host, port, addrs[0], None, time.monotonic())
         match: Match = verdict
         addrs = await self._addresses(eng, match.host, match.port)
         final = eng.finalize(eng.decide_addresses(match, addrs))
         if not final.allowed:
             raise _Blocked(final)
-        return Approval(final, match.host, match.port, addrs[0], match.destination)
+        return Approval(
+            final, match.host, match.port, addrs[0], match.destination, time.monotonic()
+        )
 
     async def _addresses(self, eng: Engine, host: Host, port: int) -> tuple[IPAddress, ...]:
         static = eng.static_addresses(host)
@@ -448,7 +442,7 @@ class EgressGuard:
         state.tunnel = (approval.host, approval.port)
         state.tunnel_decision = approval.decision
         state.approved[(approval.host.value, approval.port)] = approval
-        self._record(flow.client_conn.id, state, approval.decision, method="CONNECT")
+        self._record(flow.client_conn.id, state, approval.decision, method="CONNECT", opens=True)
 
     async def _on_request(self, flow: http.HTTPFlow, state: ConnState) -> None:
         eng = self._engine()
@@ -480,6 +474,74 @@ class EgressGuard:
             if not final.allowed:
                 raise _Blocked(final)
 
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        context = nextlayer.context
+        state = self.conns.get(context.client.id)
+        if state is None or state.tunnel is None or not _is_tunnel_start(context):
+            return
+        try:
+            self._on_tunnel_start(nextlayer, state)
+        except Exception:
+            log.exception("egress-guard: internal error starting a tunnel; blocking")
+            state.blocked = "internal_error"
+            host = state.tunnel[0].value
+            self._record(
+                context.client.id,
+                state,
+                Decision(False, "block", "internal_error", None, host, None),
+            )
+            nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
+
+    def _on_tunnel_start(self, nextlayer: layer.NextLayer, state: ConnState) -> None:
+        """Decide how an allowed tunnel's bytes are handled, from its first bytes."""
+        assert state.tunnel is not None
+        context = nextlayer.context
+        data = nextlayer.data_client()
+        if not data:
+            return  # wait for the client to speak
+        approval = state.approved.get((state.tunnel[0].value, state.tunnel[1]))
+        if starts_like_tls_record(data):
+            try:
+                hello = parse_client_hello(data)
+            except ValueError:
+                hello = None
+                state.blocked = "invalid_tls"
+            if hello is None and state.blocked is None:
+                return  # ClientHello incomplete: ask again with more data
+            if hello is not None:
+                state.sni = hello.sni
+                if not self._sni_ok(context.client.id, state, hello.sni):
+                    nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
+                    return
+                if self._inspect(state):
+                    return  # mitmproxy's TLS layers intercept; requests are checked one by one
+        if approval is None or state.blocked:
+            nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
+            return
+        nextlayer.layer = CountingTCPLayer(context, approval)
+
+    def _sni_ok(self, conn_id: str, state: ConnState, sni: str | None) -> bool:
+        """Check the SNI against the CONNECT target; record and mark a block."""
+        assert state.tunnel is not None
+        eng = self._engine()
+        host, port = state.tunnel
+        dest = state.tunnel_decision.destination if state.tunnel_decision else None
+        bad = eng.check_sni(host, port, sni, dest)
+        if bad is None:
+            return True
+        final = eng.finalize(bad)
+        self._record(conn_id, state, final)
+        if final.allowed:
+            return True
+        state.blocked = final.reason
+        return False
+
+    def _inspect(self, state: ConnState) -> bool:
+        if not ctx.options.egress_guard_inspect or state.tunnel_decision is None:
+            return False
+        destination = self._engine().destination(state.tunnel_decision.destination)
+        return destination is not None and destination.needs_inspection
+
     def tls_clienthello(self, data: ClientHelloData) -> None:
         client = data.context.client
         state = self._state(client)
@@ -495,28 +557,14 @@ class EgressGuard:
             )
 
     def _on_clienthello(self, data: ClientHelloData, state: ConnState) -> None:
+        """Reached when the tunnel fast path left TLS to mitmproxy (inspect mode)."""
         if state.tunnel is None:
             return  # TLS to the proxy itself; the requests inside are decided one by one
-        eng = self._engine()
-        host, port = state.tunnel
-        sni = data.client_hello.sni
-        state.sni = sni
-        dest = state.tunnel_decision.destination if state.tunnel_decision else None
-        bad = eng.check_sni(host, port, sni, dest)
-        if bad is not None:
-            final = eng.finalize(bad)
-            self._record(data.context.client.id, state, final)
-            if not final.allowed:
-                state.blocked = final.reason
-                data.ignore_connection = True
-                return
-        destination = eng.destination(dest)
-        inspect = bool(
-            ctx.options.egress_guard_inspect
-            and destination is not None
-            and destination.needs_inspection
-        )
-        data.ignore_connection = not inspect
+        state.sni = data.client_hello.sni
+        if not self._sni_ok(data.context.client.id, state, state.sni):
+            data.ignore_connection = True  # and server_connect refuses it
+            return
+        data.ignore_connection = not self._inspect(state)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         try:
@@ -560,6 +608,7 @@ class EgressGuard:
         if state is None or not state.approved:
             return
         eng = self.engine
+        now = time.monotonic()
         for approval in state.approved.values():
             d = approval.decision
             self._emit(
@@ -571,13 +620,30 @@ class EgressGuard:
                     port=d.port,
                     destination=d.destination,
                     decision=d.action,
-                    bytes_up=0,
-                    bytes_down=0,
-                    duration_s=time.monotonic() - state.started,
+                    bytes_up=approval.bytes_up,
+                    bytes_down=approval.bytes_down,
+                    duration_s=now - (approval.opened or state.started),
                     mode=eng.policy.mode if eng else "enforce",
                     policy_sha256=eng.policy.sha256 if eng else "",
                 ),
             )
+
+
+_APPROVAL_KEY = "egress_guard_approval"
+
+
+def _head_size(first: str, second: str, headers: http.Headers) -> int:
+    """Bytes of an HTTP/1 message head as relayed: start line, headers, blank line."""
+    size = len(first) + len(second) + 13  # " ", " HTTP/1.1", CRLF
+    for k, v in headers.fields:
+        size += len(k) + len(v) + 4
+    return size + 2
+
+
+def _is_tunnel_start(context: Context) -> bool:
+    """The layer right beneath an accepted CONNECT (not one deeper inside it)."""
+    top = context.layers[-1] if context.layers else None
+    return isinstance(top, HttpStream) and top.flow.request.method == "CONNECT"
 
 
 def replace_engine(engine: Engine, self_endpoints: frozenset[tuple[str, int]]) -> Engine:

@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     from egress_guard.run import add_run_parser
 
     add_run_parser(sub)
+    __import__("egress_guard.audit_cli", fromlist=["_"]).add_audit_parser(sub)  # audit ...
     return p
 
 

@@ -25,6 +25,8 @@ class DecisionEvent:
     method: str | None = None
     #: request path without the query string (query values may carry API keys)
     path: str | None = None
+    #: this decision lets an upstream connection open (a CloseEvent will follow)
+    opens: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,8 @@ class PolicyEvent:
     version: int
     mode: str | None
     error: str | None = None
+    #: destination names of the policy now in force (bounds metric label values)
+    destinations: tuple[str, ...] = ()
 
 
 class Sink(Protocol):

@@ -23,7 +23,9 @@ from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfi
 from mitmproxy.master import Master
 
 from egress_guard.addon import EgressGuard
+from egress_guard.audit import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, FSYNC_POLICIES, AuditLog
 from egress_guard.events import Sink
+from egress_guard.metrics import Metrics, start_http_server
 from egress_guard.normalize import NormalizationError, parse_authority
 
 log = logging.getLogger("egress_guard")
@@ -77,6 +79,38 @@ def add_run_parser(sub: Any) -> None:
         metavar="FILE",
         help="extra CA certificates (PEM) trusted for upstream TLS in inspect mode",
     )
+    r.add_argument(
+        "--audit-log",
+        default="-",
+        metavar="FILE|-",
+        help="audit log (JSON Lines, hash-chained); '-' is standard output (default)",
+    )
+    r.add_argument(
+        "--audit-fsync",
+        choices=FSYNC_POLICIES,
+        default="interval",
+        help="when the audit log is fsynced (default: interval, every second)",
+    )
+    r.add_argument(
+        "--audit-max-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        metavar="N",
+        help=f"rotate the audit log at this size, 0 never (default {DEFAULT_MAX_BYTES})",
+    )
+    r.add_argument(
+        "--audit-backups",
+        type=int,
+        default=DEFAULT_BACKUPS,
+        metavar="N",
+        help=f"rotated audit files to keep (default {DEFAULT_BACKUPS})",
+    )
+    r.add_argument(
+        "--metrics",
+        type=listen_address,
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics and /healthz here (e.g. 127.0.0.1:9090)",
+    )
     r.add_argument("--verbose", "-v", action="store_true", help="log mitmproxy's own messages")
     r.set_defaults(func=cmd_run)
 
@@ -86,14 +120,15 @@ def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, E
     opts = options.Options()
     master = Master(opts, with_termlog=False)
     guard = EgressGuard(sinks)
+    # The guard comes before NextLayer so its tunnel fast path decides first.
     master.addons.add(
         core.Core(),
         proxyserver.Proxyserver(),
+        guard,
         next_layer.NextLayer(),
         tlsconfig.TlsConfig(),
         upstream_auth.UpstreamAuth(),
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
-        guard,
     )
     host, port = args.listen
     mode = ["regular"]
@@ -140,13 +175,53 @@ async def serve(args: argparse.Namespace, sinks: list[Sink]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(sig, master.shutdown)  # fails off the main thread
+    server = None
+    if args.metrics is not None:
+        metrics = next(s for s in sinks if isinstance(s, Metrics))
+        mhost, mport = args.metrics
+        server = start_http_server(
+            metrics, mhost, mport, health=lambda: all(s.healthy for s in sinks)
+        )
+        log.info("egress-guard metrics on http://%s/metrics", _hostport(mhost, server.port))
     host, port = args.listen
-    log.info("egress-guard listening on %s:%d", host, port)
-    await master.run()
+    log.info("egress-guard listening on %s", _hostport(host, port))
+    try:
+        await master.run()
+    finally:
+        if server is not None:
+            server.stop()
     return 0
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def make_sinks(args: argparse.Namespace) -> list[Sink]:
+    sinks: list[Sink] = []
+    if args.audit_log:
+        path = args.audit_log if args.audit_log == "-" else os.path.abspath(args.audit_log)
+        sinks.append(
+            AuditLog(
+                path,
+                fsync=args.audit_fsync,
+                max_bytes=args.audit_max_bytes,
+                backups=args.audit_backups,
+            )
+        )
+    if args.metrics is not None:
+        sinks.append(Metrics())
+    return sinks
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     Path(os.path.expanduser(args.confdir)).mkdir(parents=True, exist_ok=True, mode=0o700)
-    return asyncio.run(serve(args, []))
+    sinks = make_sinks(args)
+    try:
+        return asyncio.run(serve(args, sinks))
+    finally:
+        # Graceful stop: every queued audit record reaches the file before we exit.
+        for sink in sinks:
+            if isinstance(sink, AuditLog):
+                sink.shutdown()

@@ -27,7 +27,10 @@ METADATA: tuple[IPAddress, ...] = (
     ipaddress.IPv6Address("fd00:ec2::254"),  # AWS IPv6
 )
 
-_NAT64 = (V6("64:ff9b::/96"), V6("64:ff9b:1::/48"))
+#: RFC 6052 well-known prefix: globally routable (IANA "Global: True"); an address in it is
+#: as public as the IPv4 address it carries. 64:ff9b:1::/48 (RFC 8215) is local-use.
+_NAT64_WKP = V6("64:ff9b::/96")
+_NAT64 = (_NAT64_WKP, V6("64:ff9b:1::/48"))
 _6TO4 = V6("2002::/16")
 _TEREDO = V6("2001::/32")
 _COMPAT = V6("::/96")
@@ -72,6 +75,10 @@ def special_class(ip: IPAddress) -> str | None:
             cls = special_class(inner)
             if cls is not None:
                 return f"{cls} (embedded in {ip})"
+        if ip in _NAT64_WKP:
+            # A DNS64 answer for a public IPv4 host. ipaddress calls all of ::/8
+            # "reserved", which would block every IPv4-only site on an IPv6-only network.
+            return None
         if any(ip in net for net in _EXTRA_V6):
             return _v6_name(ip)
         if ip.ipv4_mapped is None and ip in _TEREDO:

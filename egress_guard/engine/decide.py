@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Literal
 
-from egress_guard.engine.addresses import special_class
+from egress_guard.engine.addresses import embedded_ipv4, special_class
 from egress_guard.engine.matcher import HostIndex, networks_contain
 from egress_guard.normalize import (
     Host,
@@ -117,6 +117,11 @@ class Engine:
     self_endpoints: frozenset[tuple[str, int]] = frozenset()
 
     def __post_init__(self) -> None:
+        self._self = frozenset(_canonical_endpoint(h, p) for h, p in self.self_endpoints)
+        self._self_local_ports = frozenset(
+            p for h, p in self._self if h in _LOOPBACK_OR_ANY or h.startswith("127.")
+        )
+        self._self_any_ports = frozenset(p for h, p in self._self if h in ("0.0.0.0", "::"))
         dests = self.policy.destinations
         self._dests: tuple[Destination, ...] = dests
         self._by_name = {d.name: d for d in dests}
@@ -234,7 +239,7 @@ class Engine:
             return looped
         for raw_ip in addresses:
             ip = canonical_ip(raw_ip)
-            deny_ids = self._deny.match_ip(ip)
+            deny_ids = self._deny_ip_ids(ip)
             if any(self._deny_port_ok(i, port) for i in deny_ids):
                 i = next(i for i in deny_ids if self._deny_port_ok(i, port))
                 return _block(
@@ -271,13 +276,13 @@ class Engine:
         through the proxy again and again. Checked in every mode."""
         for raw_ip in addresses:
             ip = canonical_ip(raw_ip)
-            if (str(ip), port) in self.self_endpoints:
+            if self._is_self(ip, port):
                 return _block(
                     "self_connection",
                     host.value,
                     port,
                     dest,
-                    detail=f"{ip}:{port} is egress-guard's own listening address",
+                    detail=f"{_ip_port(ip, port)} is egress-guard's own listening address",
                 )
         return None
 
@@ -401,8 +406,27 @@ class Engine:
 
     def _deny_ids(self, host: Host) -> Iterable[int]:
         if host.ip is not None:
-            return self._deny.match_ip(host.ip)
+            return self._deny_ip_ids(host.ip)
         return self._deny.match_name(host.value)
+
+    def _deny_ip_ids(self, ip: IPAddress) -> tuple[int, ...]:
+        """Deny rules covering ``ip`` or an IPv4 address it carries (NAT64, 6to4, ...):
+        on a DNS64 network a denied IPv4 host is reached as 64:ff9b::a.b.c.d."""
+        ids = self._deny.match_ip(ip)
+        if isinstance(ip, ipaddress.IPv6Address):
+            for inner in embedded_ipv4(ip):
+                ids += self._deny.match_ip(inner)
+        return tuple(sorted(set(ids)))
+
+    def _is_self(self, ip: IPAddress, port: int) -> bool:
+        """Would connecting to ip:port reach one of the proxy's own listeners?"""
+        if (str(ip), port) in self._self:
+            return True
+        # 0.0.0.0 and :: as a destination mean "this host": they reach a loopback listener.
+        if ip.is_unspecified and port in self._self_local_ports:
+            return True
+        # A listener on 0.0.0.0 / :: answers on every local address, 127.0.0.2 included.
+        return ip.is_loopback and port in self._self_any_ports
 
     def _hint(self, host: Host, port: int) -> str:
         ids = (
@@ -418,6 +442,21 @@ class Engine:
             f"no catalog entry covers {hostport(host, port)}; to allow it add a destination "
             f"with hosts: [{host.value}] and ports: [{port}] to {self.policy.source}"
         )
+
+
+_LOOPBACK_OR_ANY = frozenset({"127.0.0.1", "::1", "0.0.0.0", "::"})
+
+
+def _canonical_endpoint(host: str, port: int) -> tuple[str, int]:
+    """A listening address as check_self compares it: canonical IP text, no zone id."""
+    try:
+        return str(canonical_ip(ipaddress.ip_address(host.partition("%")[0]))), int(port)
+    except ValueError:
+        return host, int(port)
+
+
+def _ip_port(ip: IPAddress, port: int) -> str:
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 def hostport(host: Host, port: int | None) -> str:

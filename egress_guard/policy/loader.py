@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -34,6 +36,22 @@ MAX_FILE_BYTES = 4 * 1024 * 1024
 
 class PolicyError(SourceError):
     """A policy that cannot be loaded; ``render()`` gives ``file:line: message``."""
+
+
+@contextmanager
+def _policy_errors() -> Iterator[None]:
+    """Raise every file:line error of loading as PolicyError.
+
+    The YAML reader and ``SourceDoc.error`` raise the base SourceError; callers (the CLI,
+    the reload path) catch PolicyError, so a duplicate key or an unknown preset must not
+    escape as anything else.
+    """
+    try:
+        yield
+    except PolicyError:
+        raise
+    except SourceError as e:
+        raise PolicyError(e.file, e.line, e.message, e.hint) from None
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,8 @@ def _validation_error(doc: SourceDoc, err: ValidationError) -> PolicyError:
         msg = f"missing required key {loc[-1]!r}"
     elif first["type"] == "literal_error" and loc == ["version"]:
         hint = "this egress-guard reads policy version 1"
+    elif first["type"] == "int_type":
+        hint = "write numbers in plain decimal without quotes, sign or leading zeros, e.g. 443"
     where = ".".join(str(p) for p in loc)
     more = len(err.errors()) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
@@ -127,7 +147,8 @@ def load_catalog(path: FsPath | None = None) -> dict[str, CatalogEntry]:
         mtime = p.stat().st_mtime_ns
     except OSError as e:
         raise PolicyError(str(p), None, f"cannot read catalog: {e.strerror or e}") from e
-    return _load_catalog_cached(str(p), mtime)
+    with _policy_errors():
+        return _load_catalog_cached(str(p), mtime)
 
 
 @dataclass
@@ -201,6 +222,12 @@ def _fingerprint(pol: dict[str, Any]) -> str:
 
 
 def load_policy_text(text: str, file: str, catalog_path: FsPath | None = None) -> EffectivePolicy:
+    """Load policy text, or raise PolicyError naming ``file:line``."""
+    with _policy_errors():
+        return _load_policy_text(text, file, catalog_path)
+
+
+def _load_policy_text(text: str, file: str, catalog_path: FsPath | None) -> EffectivePolicy:
     doc = parse_yaml(text, file)
     pf = _validate_file(doc)
     catalog = load_catalog(catalog_path)

@@ -107,15 +107,18 @@ def _parse_cidr(text: str) -> HostPattern:
         raise PatternError(
             f"{text!r} is not a valid CIDR (host bits must be zero, e.g. 10.0.0.0/8): {e}"
         ) from e
-    if net.prefixlen == 0:
-        raise PatternError(f"{text!r} would allow every address")
     if (
         isinstance(net, ipaddress.IPv6Network)
-        and net.network_address.ipv4_mapped
-        and (net.prefixlen >= 96)
+        and net.network_address.ipv4_mapped is not None
+        and net.prefixlen >= 96
     ):
+        # ::ffff:a.b.c.d/N is the IPv4 network a.b.c.d/(N-96): requests are matched in
+        # their canonical (IPv4) form, so the pattern must be too.
         mapped = canonical_ip(net.network_address)
         net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+    # Checked after the mapping: ::ffff:0:0/96 is 0.0.0.0/0, every IPv4 address.
+    if net.prefixlen == 0:
+        raise PatternError(f"{text!r} would allow every address")
     return HostPattern("cidr", str(net), net)
 
 

@@ -8,6 +8,7 @@ because in a security policy the second ``deny:`` silently replacing the first i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,9 @@ class SourceDoc:
     file: str
     data: Any
     lines: dict[Path, int] = field(default_factory=dict)
+    #: values still allowed to be built; aliases (``*name``) must not multiply a small
+    #: file into millions of values ("billion laughs")
+    budget: int = field(default=0, repr=False)
 
     def line_of(self, path: Path) -> int | None:
         """The line of ``path``, or of its nearest ancestor that has one."""
@@ -57,15 +61,32 @@ class _StrictSafeLoader(yaml.SafeLoader):
     """SafeLoader without timestamp/date magic: every scalar stays str, int, float, bool."""
 
 
+_INT_TAG = "tag:yaml.org,2002:int"
+#: Plain decimal only. YAML 1.1 would read ``ports: [0443]`` as octal 291, ``0x1bb`` as
+#: 443, ``+443`` and ``4_43`` as 443 and ``1:30`` as 90: a port is written one way, or
+#: it stays a string and validation rejects it.
+_DECIMAL_INT = re.compile(r"^(?:0|-?[1-9][0-9]*)$")
+
 # Dates and other implicit types would turn "2024-01-01" or "1:30" into non-strings.
 _StrictSafeLoader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:timestamp", _INT_TAG)]
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+for _first in "-0123456789":
+    _StrictSafeLoader.yaml_implicit_resolvers.setdefault(_first, []).insert(
+        0, (_INT_TAG, _DECIMAL_INT)
+    )
 
 
 def _convert(node: yaml.Node, path: Path, doc: SourceDoc, loader: _StrictSafeLoader) -> Any:
     doc.lines[path] = node.start_mark.line + 1
+    doc.budget -= 1
+    if doc.budget < 0:
+        raise doc.error(
+            path,
+            "the document expands to more values than the file has characters",
+            "YAML aliases (*name) may not multiply the document; write the values out",
+        )
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
@@ -94,7 +115,8 @@ def _convert(node: yaml.Node, path: Path, doc: SourceDoc, loader: _StrictSafeLoa
 
 def parse_yaml(text: str, file: str) -> SourceDoc:
     """Parse one YAML document into data plus a path-to-line map."""
-    doc = SourceDoc(file=file, data=None)
+    # Without aliases a document cannot hold more values than characters.
+    doc = SourceDoc(file=file, data=None, budget=len(text) + 1000)
     loader = _StrictSafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -107,6 +129,8 @@ def parse_yaml(text: str, file: str) -> SourceDoc:
         raise SourceError(file, line, f"YAML syntax error: {e.problem or e}") from e
     except yaml.YAMLError as e:
         raise SourceError(file, None, f"YAML error: {e}") from e
+    except RecursionError:
+        raise SourceError(file, None, "the document is nested too deeply") from None
     finally:
         loader.dispose()
     return doc

@@ -1,0 +1,731 @@
+"""The audit log: a tamper-evident JSON Lines sink (DESIGN section 6).
+
+One JSON object per line, append-only. Every line carries ``seq`` (its line number in the
+chain, continuing across rotations and restarts) and ``prev``, the sha256 of the exact
+bytes of the previous line (without its newline); the first line of a brand-new log
+chains from 64 zeros. ``egress-guard audit verify`` recomputes the chain, so an edited,
+deleted, inserted or reordered line breaks it at a named place.
+
+What the chain does and does not prove: it is unkeyed, so it detects edits made by
+someone who did not rewrite every later line as well, and it cannot detect lines cut off
+the end of the newest file. Anchor it outside the machine when that matters: ship the
+lines to a remote collector, or record ``AuditLog.head`` (the hash of the last line, also
+printed by ``audit verify``) somewhere the agent cannot write.
+
+Events (``event`` field)
+    ``startup``        the sink opened: version, pid, policy_sha256 (when known), and
+                       ``recovered: "torn_line"`` when the previous run left a partial line
+    ``policy_loaded``  from PolicyEvent: result ok|error, source, policy_sha256, error
+    ``decision``       from DecisionEvent: id, client, host, port, sni, method, path,
+                       decision (allow|block|would_block), reason, destination, mode,
+                       policy_sha256, detail
+    ``close``          from CloseEvent: the decision fields that apply, plus bytes_up,
+                       bytes_down, duration_ms, error
+    ``dropped``        events that could not be logged: count and reason (queue_full,
+                       closed, encode_error). Written as soon as the writer can.
+
+Never written: header values (Authorization, Proxy-Authorization, x-api-key, api-key,
+cookies), bodies, query strings. The events do not carry them; as a second line of
+defence ``path`` loses everything from the first ``?`` or ``#`` (and userinfo of an
+absolute URL), and free-text fields lose ``?name=value`` queries.
+
+Threading and back-pressure: the Sink methods never block and never raise for ordinary
+input; they put the event on a bounded queue (``queue_size``) read by one writer thread
+that serialises, hashes, writes and fsyncs. When the queue is full the event cannot be
+kept without unbounded memory or without blocking the proxy's event loop, so it is
+*counted* as lost and ``healthy`` turns False at once: the proxy refuses new connections
+(reason internal_error) instead of letting traffic through unrecorded. The loss is written
+into the chain as a ``dropped`` line when the writer catches up, after which the sink is
+healthy again. Nothing is dropped silently.
+
+Write failures (permission, disk full, any OSError): ``healthy`` turns False, the failure
+is printed on stderr once per episode, ``write_errors`` counts every failed attempt, and
+the writer retries every ``retry_interval`` seconds. Bytes already committed to the chain
+are kept and written on recovery (a short write resumes where it stopped), so a recovered
+log still verifies. While it fails the writer stops taking events off the queue, so
+memory stays bounded; overflow is counted as above.
+
+fsync: ``always`` (after every batch the writer writes; the caller never waits, so this
+bounds the loss to the events in flight), ``interval`` (default: at most every
+``fsync_interval`` seconds while there is unsynced data), ``never`` (leave it to the OS; a
+proxy crash still loses nothing that reached the writer, a machine crash may).
+
+Rotation by size: when the next line would take ``audit.log`` past ``max_bytes`` it is
+renamed ``audit.log.1`` (``.1`` -> ``.2`` ..., keeping ``backups`` files) and a new file
+started. The chain runs on across files. On restart the sink reads the last line of the
+existing file (or of ``.1`` if the current file is empty) and chains from it; it never
+rewrites a byte. A partial last line left by a crash is sealed with a newline and named in
+the next ``startup`` line, which verify reports as a note rather than tampering.
+
+Path ``-`` writes to standard output (container log pipelines): no rotation, no fsync,
+and each process start begins a new chain from 64 zeros.
+
+Lifecycle: the Sink method ``close(event)`` records a CloseEvent (the protocol's name);
+shutting the log down is ``shutdown()``. ``flush()`` waits until everything queued so far
+is written and synced. An ``atexit`` hook shuts the log down at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import math
+import os
+import queue
+import re
+import stat
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, BinaryIO, Final, Literal
+
+from egress_guard import __version__
+from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent
+
+FsyncPolicy = Literal["always", "interval", "never"]
+FSYNC_POLICIES: Final = ("always", "interval", "never")
+
+#: ``prev`` of the first line of a brand-new chain
+GENESIS: Final = "0" * 64
+
+DEFAULT_MAX_BYTES: Final = 100 * 1024 * 1024
+DEFAULT_BACKUPS: Final = 10
+DEFAULT_QUEUE_SIZE: Final = 10_000
+
+_MAX_PATH = 2048
+_MAX_TEXT = 1024
+_BATCH = 256
+_PENDING_HIGH_WATER = 64 * 1024
+_TAIL_WINDOW = 256 * 1024
+_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+_QUERY_RE = re.compile(r"\?[^\s'\"]*=[^\s'\"]*")
+
+
+def line_hash(raw: bytes) -> str:
+    """The chain hash of one line: sha256 hex of its exact bytes, without the newline."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def rfc3339(t: float) -> str:
+    """RFC 3339 UTC with milliseconds and ``Z``: ``2025-01-31T12:00:00.123Z``."""
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def scrub_path(path: str | None) -> str | None:
+    """A request path fit for the log: no query, no fragment, no userinfo, bounded."""
+    if path is None:
+        return None
+    p = path.split("?", 1)[0].split("#", 1)[0]
+    scheme, sep, rest = p.partition("://")
+    if sep:  # absolute-form: keep scheme://host/path, drop user:password@
+        authority, slash, tail = rest.partition("/")
+        p = f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
+    return _clip(p, _MAX_PATH)
+
+
+def scrub_text(text: str | None) -> str | None:
+    """Free text (details, error messages): drop ``?name=value`` queries, bound the size."""
+    if text is None:
+        return None
+    return _clip(_QUERY_RE.sub("?<query removed>", text), _MAX_TEXT)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _encode(obj: dict[str, Any]) -> bytes:
+    # ensure_ascii: every line is plain ASCII, so no byte-level ambiguity and no raw
+    # newline can ever appear inside a line.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    kind: Literal["decision", "close", "policy"]
+    t: float
+    event: DecisionEvent | CloseEvent | PolicyEvent
+
+
+@dataclass(frozen=True, slots=True)
+class _Flush:
+    done: threading.Event
+
+
+_Item = _Entry | _Flush | None  # None only wakes the writer
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """What a restart needs from the existing log."""
+
+    prev: str
+    seq: int
+    #: bytes of a partial last line (no newline) that must be sealed before appending
+    torn: bytes | None = None
+
+
+def read_tail(path: str) -> Tail | None:
+    """The chain state at the end of an existing log file; None if empty or missing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return None
+        start = max(0, st.st_size - _TAIL_WINDOW)
+        data = os.pread(fd, st.st_size - start, start)
+    finally:
+        os.close(fd)
+    parts = data.split(b"\n")
+    torn: bytes | None = None
+    if parts[-1]:
+        torn = parts[-1]
+    parts = parts[:-1]
+    if start > 0 and parts:
+        parts = parts[1:]  # the window's first line may be cut
+    last = torn if torn is not None else (parts[-1] if parts else b"")
+    seq = 0
+    for raw in reversed(parts):
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("seq"), int):
+            seq = int(obj["seq"])
+            break
+    return Tail(line_hash(last), seq, torn)
+
+
+class AuditLog:
+    """JSON Lines audit sink with a hash chain, a writer thread and size rotation.
+
+    Sink protocol: ``decision(event)``, ``close(event)``, ``policy(event)``, ``healthy``.
+    Lifecycle: ``flush(timeout)``, ``shutdown(timeout)`` (also a context manager).
+    For metrics: ``write_errors``, ``events_dropped``, ``lines_written``, ``bytes_written``,
+    ``fsyncs``, ``rotations``, ``queue_depth``, ``last_error``, ``head``, ``last_seq``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: FsyncPolicy = "interval",
+        fsync_interval: float = 1.0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        backups: int = DEFAULT_BACKUPS,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        policy_sha256: str | None = None,
+        retry_interval: float = 1.0,
+        stream: BinaryIO | None = None,
+    ) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
+        if not fsync_interval > 0 or not retry_interval > 0:
+            raise ValueError("fsync_interval and retry_interval must be positive")
+        if max_bytes < 0 or (max_bytes and backups < 1):
+            raise ValueError("max_bytes must be >= 0 (0: no rotation) and backups >= 1")
+        if queue_size < 1:
+            raise ValueError("queue_size must be >= 1")
+        self.path: str = os.fspath(path)
+        self.fsync_policy: FsyncPolicy = fsync
+        self.fsync_interval = fsync_interval
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.retry_interval = retry_interval
+        self.policy_sha256 = policy_sha256
+        if stream is not None and self.path != "-":
+            raise ValueError("stream is only for path '-'")
+        self._stream: BinaryIO | None = (
+            (stream if stream is not None else sys.stdout.buffer) if self.path == "-" else None
+        )
+
+        # -- counters for metrics (written by the writer thread, read anywhere) ----------
+        #: failed write/open/fsync/rotate attempts (each retry of a failing write counts)
+        self.write_errors = 0
+        #: lines on disk (or on stdout)
+        self.lines_written = 0
+        self.bytes_written = 0
+        self.fsyncs = 0
+        self.rotations = 0
+        #: the most recent write failure, "path: reason"; stays set after recovery
+        self.last_error: str | None = None
+
+        # -- writer-thread state ---------------------------------------------------------
+        self._q: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
+        self._backlog: deque[_Item] = deque()
+        self._fd: int | None = None
+        self._opened = False
+        self._regular = False
+        self._size = 0
+        self._pending = bytearray()
+        self._pending_lines = 0
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        self._seq = 0
+        self._prev = GENESIS
+        self._failing: str | None = None
+        self._started_at = time.time()
+
+        # -- loss accounting (written by callers under the lock, logged by the writer) ----
+        self._lock = threading.Lock()
+        self._lost: dict[str, int] = {}
+        self._lost_logged: dict[str, int] = {}
+        self._lost_total = 0
+        self._logged_total = 0
+        self._lost_since = 0.0
+        self._closing = False
+        self._stop = threading.Event()
+
+        self._clean_exit = False
+        # Open and write the startup line now, so a log that cannot be written is
+        # unhealthy (and said so on stderr) before the first connection arrives. The
+        # writer thread takes over from here, retrying if this failed.
+        self._service()
+        self._thread = threading.Thread(target=self._run, name="egress-guard-audit", daemon=True)
+        self._atexit = self._at_exit
+        atexit.register(self._atexit)
+        self._thread.start()
+
+    # -- Sink protocol (event loop side: never blocks, never raises) ---------------------
+
+    def decision(self, event: DecisionEvent) -> None:
+        self._put(_Entry("decision", time.time(), event))
+
+    def close(self, event: CloseEvent) -> None:
+        """Record a connection's close (Sink protocol). To stop the log, ``shutdown()``."""
+        self._put(_Entry("close", time.time(), event))
+
+    def policy(self, event: PolicyEvent) -> None:
+        self._put(_Entry("policy", time.time(), event))
+
+    @property
+    def healthy(self) -> bool:
+        """False while the log cannot be written, while events are being lost, and after
+        shutdown: the proxy must then refuse new connections."""
+        return (
+            self._failing is None
+            and not self._closing
+            and self._lost_total == self._logged_total
+            and self._thread.is_alive()
+        )
+
+    # -- metrics helpers -----------------------------------------------------------------
+
+    @property
+    def events_dropped(self) -> int:
+        """Events that never reached the log (queue full, after shutdown, unencodable)."""
+        return self._lost_total
+
+    @property
+    def queue_depth(self) -> int:
+        return self._q.qsize()
+
+    @property
+    def head(self) -> str:
+        """sha256 of the last line committed to the chain (anchor it elsewhere)."""
+        return self._prev
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until every event queued before this call is written (and synced, unless
+        fsync is never). False if that did not happen within ``timeout`` seconds."""
+        if not self._thread.is_alive():
+            return False
+        marker = _Flush(threading.Event())
+        try:
+            self._q.put(marker, timeout=timeout)
+        except queue.Full:
+            return False
+        return marker.done.wait(timeout)
+
+    def shutdown(self, timeout: float | None = 10.0) -> bool:
+        """Write everything queued, sync, close the file. Events arriving afterwards are
+        counted as dropped. True if everything queued was written. Idempotent."""
+        with self._lock:
+            self._closing = True
+        self._stop.set()
+        with contextlib.suppress(queue.Full):
+            self._q.put_nowait(None)
+        self._thread.join(timeout)
+        with contextlib.suppress(Exception):
+            atexit.unregister(self._atexit)
+        return not self._thread.is_alive() and self._clean_exit
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        return f"AuditLog({self.path!r}, fsync={self.fsync_policy!r})"
+
+    def _at_exit(self) -> None:
+        self.shutdown(timeout=5.0)
+
+    # -- enqueue side ----------------------------------------------------------------------
+
+    def _put(self, item: _Entry) -> None:
+        if self._closing:
+            self._lose("closed")
+            return
+        try:
+            self._q.put_nowait(item)
+        except queue.Full:
+            self._lose("queue_full")
+
+    def _lose(self, reason: str) -> None:
+        with self._lock:
+            first = self._lost_total == self._logged_total
+            if first:
+                self._lost_since = time.monotonic()
+            self._lost[reason] = self._lost.get(reason, 0) + 1
+            self._lost_total += 1
+        if first:
+            _warn(
+                f"audit log {self.path}: event lost ({reason}); "
+                "new connections are refused until the loss is recorded"
+            )
+
+    # -- writer thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self._service():
+                    if self._stop.is_set():
+                        break
+                    self._stop.wait(self.retry_interval)
+                    continue
+                if self._stop.is_set() and self._q.empty():
+                    self._clean_exit = True
+                    break
+                try:
+                    item = self._q.get(timeout=self._wait_time())
+                except queue.Empty:
+                    try:
+                        self._sync_if_due()
+                    except OSError as e:
+                        self._fail(e)
+                    continue
+                self._backlog.append(item)
+                while len(self._backlog) < _BATCH:
+                    try:
+                        self._backlog.append(self._q.get_nowait())
+                    except queue.Empty:
+                        break
+        except BaseException as e:  # a bug: make it loud; healthy turns False (thread dead)
+            _warn(f"audit log {self.path}: writer thread died: {e!r}")
+            raise
+        finally:
+            self._finish()
+
+    def _service(self) -> bool:
+        """Open, write what is pending, process the backlog. False while failing."""
+        try:
+            if not self._opened:
+                self._open()
+            self._drain()
+            while self._backlog:
+                self._handle(self._backlog[0])
+                self._backlog.popleft()
+            self._log_losses()
+            self._drain()
+            if self.fsync_policy == "always":
+                self._sync()
+            else:
+                self._sync_if_due()
+        except OSError as e:
+            self._fail(e)
+            return False
+        if self._failing is not None:
+            _warn(f"audit log {self.path}: writable again; resuming")
+            self._failing = None
+        return True
+
+    def _wait_time(self) -> float:
+        if self.fsync_policy == "interval" and self._dirty:
+            due = self._last_sync + self.fsync_interval - time.monotonic()
+            return min(1.0, max(0.0, due))
+        return 1.0
+
+    def _fail(self, e: OSError) -> None:
+        self.write_errors += 1
+        msg = f"{self.path}: {e.strerror or e}"
+        self.last_error = msg
+        if self._failing is None:
+            _warn(
+                f"audit log cannot be written ({msg}); new connections are refused "
+                f"until it can (retrying every {self.retry_interval:g}s)"
+            )
+        self._failing = msg
+
+    def _finish(self) -> None:
+        left = sum(isinstance(i, _Entry) for i in self._backlog)
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            left += isinstance(item, _Entry)
+        if self._pending:
+            self._clean_exit = False
+            _warn(
+                f"audit log {self.path}: shut down with {len(self._pending)} bytes "
+                "committed to the chain but not written"
+            )
+        with contextlib.suppress(OSError):
+            if self.fsync_policy != "never" and self._dirty:
+                self._sync()
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                self._stream.flush()
+        if left:
+            self._clean_exit = False
+            _warn(f"audit log {self.path}: shut down with {left} events not written")
+
+    # -- file handling ---------------------------------------------------------------------
+
+    def _open(self) -> None:
+        """Open the file, pick up the chain where the last run left it, commit the startup
+        line. All or nothing: on failure the next attempt starts again from scratch."""
+        try:
+            tail: Tail | None = None
+            if self._stream is None:
+                self._fd = os.open(self.path, _OPEN_FLAGS, 0o600)
+                st = os.fstat(self._fd)
+                self._regular = stat.S_ISREG(st.st_mode)
+                self._size = st.st_size if self._regular else 0
+                if self._regular:
+                    tail = read_tail(self.path)
+                    if tail is None and self.max_bytes:
+                        tail = read_tail(f"{self.path}.1")
+            startup: dict[str, Any] = {
+                "version": __version__,
+                "pid": os.getpid(),
+                "policy_sha256": self.policy_sha256,
+            }
+            if tail is not None:
+                self._prev, self._seq = tail.prev, tail.seq
+                if tail.torn is not None:
+                    # seal the partial line so nothing is appended to it; it stays in the
+                    # chain (hashed as it is) and verify reports it as an interrupted write
+                    self._pending += b"\n"
+                    startup["recovered"] = "torn_line"
+            self._commit("startup", self._started_at, startup)
+        except BaseException:
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = None
+            self._pending.clear()
+            self._pending_lines = 0
+            self._prev, self._seq = GENESIS, 0
+            raise
+        self._opened = True
+        if tail is not None and tail.torn is not None:
+            _warn(
+                f"audit log {self.path}: the last line was incomplete "
+                f"({len(tail.torn)} bytes, an interrupted write); sealed it and carried on"
+            )
+
+    def _drain(self) -> None:
+        while self._pending:
+            if self._fd is not None:
+                n = os.write(self._fd, self._pending)
+            else:
+                assert self._stream is not None
+                n = len(self._pending)
+                self._stream.write(bytes(self._pending))
+                self._stream.flush()
+            del self._pending[:n]
+            self._size += n
+            self.bytes_written += n
+            self._dirty = True
+        self.lines_written += self._pending_lines
+        self._pending_lines = 0
+
+    def _sync(self) -> None:
+        if self._dirty and self._fd is not None and self._regular:
+            os.fsync(self._fd)
+            self.fsyncs += 1
+        self._dirty = False
+        self._last_sync = time.monotonic()
+
+    def _sync_if_due(self) -> None:
+        if (
+            self.fsync_policy == "interval"
+            and self._dirty
+            and time.monotonic() - self._last_sync >= self.fsync_interval
+        ):
+            self._sync()
+
+    def _rotate(self) -> None:
+        assert self._fd is not None
+        self._drain()
+        if self.fsync_policy != "never":
+            self._sync()
+        for i in range(self.backups - 1, 0, -1):
+            src = f"{self.path}.{i}"
+            if os.path.lexists(src):
+                os.replace(src, f"{self.path}.{i + 1}")
+        if os.path.lexists(self.path):
+            os.replace(self.path, f"{self.path}.1")
+        fd = os.open(self.path, _OPEN_FLAGS, 0o600)
+        old, self._fd, self._size = self._fd, fd, 0
+        with contextlib.suppress(OSError):
+            os.close(old)
+        if self.fsync_policy != "never":
+            _sync_dir(os.path.dirname(os.path.abspath(self.path)))
+        self.rotations += 1
+
+    # -- records ---------------------------------------------------------------------------
+
+    def _commit(self, event: str, t: float, fields: dict[str, Any]) -> None:
+        """Add one line to the chain. Raises OSError (and changes nothing) if a rotation
+        it needs fails; the caller retries the same record later."""
+        obj: dict[str, Any] = {"ts": rfc3339(t), "seq": self._seq + 1, "event": event}
+        obj.update(fields)
+        obj["prev"] = self._prev
+        raw = _encode(obj)
+        if (
+            self.max_bytes
+            and self._regular
+            and self._size + len(self._pending) > 0
+            and self._size + len(self._pending) + len(raw) + 1 > self.max_bytes
+        ):
+            self._rotate()
+        self._pending += raw + b"\n"
+        self._pending_lines += 1
+        self._seq += 1
+        self._prev = line_hash(raw)
+        if len(self._pending) >= _PENDING_HIGH_WATER:
+            self._drain()
+
+    def _handle(self, item: _Item) -> None:
+        if item is None:
+            return
+        if isinstance(item, _Flush):
+            self._drain()
+            if self.fsync_policy != "never":
+                self._sync()
+            item.done.set()
+            return
+        try:
+            fields = _fields(item.event)
+        except Exception as e:  # never wedge the writer on one odd event
+            _warn(f"audit log {self.path}: cannot encode {item.kind} event: {e!r}")
+            self._lose("encode_error")
+            return
+        if item.kind == "policy" and isinstance(item.event, PolicyEvent) and item.event.ok:
+            self.policy_sha256 = item.event.sha256
+        name = "policy_loaded" if item.kind == "policy" else item.kind
+        self._commit(name, item.t, fields)
+
+    def _log_losses(self) -> None:
+        """Put losses on record once the events queued before them are written (the
+        queue is empty), or after a second if the queue never empties."""
+        if self._lost_total == self._logged_total:
+            return
+        if not self._q.empty() and time.monotonic() - self._lost_since < 1.0:
+            return
+        with self._lock:
+            lost = dict(self._lost)
+        for reason, count in sorted(lost.items()):
+            delta = count - self._lost_logged.get(reason, 0)
+            if delta > 0:
+                self._commit("dropped", time.time(), {"count": delta, "reason": reason})
+                with self._lock:
+                    self._lost_logged[reason] = count
+                    self._logged_total += delta
+
+
+def _fields(ev: DecisionEvent | CloseEvent | PolicyEvent) -> dict[str, Any]:
+    if isinstance(ev, DecisionEvent):
+        d = ev.decision
+        return {
+            "id": ev.conn_id,
+            "client": ev.client,
+            "host": d.host,
+            "port": d.port,
+            "sni": ev.sni,
+            "method": ev.method,
+            "path": scrub_path(ev.path),
+            "decision": d.action,
+            "reason": d.reason,
+            "destination": d.destination,
+            "mode": ev.mode,
+            "policy_sha256": ev.policy_sha256 or None,
+            "detail": scrub_text(d.detail),
+        }
+    if isinstance(ev, CloseEvent):
+        dur = ev.duration_s
+        return {
+            "id": ev.conn_id,
+            "client": ev.client,
+            "host": ev.host,
+            "port": ev.port,
+            "decision": ev.decision,
+            "destination": ev.destination,
+            "mode": ev.mode,
+            "policy_sha256": ev.policy_sha256 or None,
+            "bytes_up": int(ev.bytes_up),
+            "bytes_down": int(ev.bytes_down),
+            "duration_ms": round(max(0.0, dur) * 1000) if math.isfinite(dur) else None,
+            "error": scrub_text(ev.error),
+        }
+    return {
+        "result": "ok" if ev.ok else "error",
+        "source": ev.source,
+        "policy_sha256": ev.sha256,
+        "policy_version": ev.version,
+        "mode": ev.mode,
+        "error": scrub_text(ev.error),
+    }
+
+
+def _sync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _warn(message: str) -> None:
+    with contextlib.suppress(Exception):
+        print(f"egress-guard: {message}", file=sys.stderr, flush=True)
+
+
+def rotated_set(path: str) -> list[str]:
+    """The existing files of a rotated log, oldest first: ``path.N`` ... ``path.1``, ``path``."""
+    base = os.path.basename(path)
+    folder = os.path.dirname(path) or "."
+    numbered: list[tuple[int, str]] = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            suffix = name[len(base) + 1 :] if name.startswith(base + ".") else ""
+            if suffix.isdigit() and not suffix.startswith("0"):
+                numbered.append((int(suffix), os.path.join(os.path.dirname(path), name)))
+    out = [p for _, p in sorted(numbered, reverse=True)]
+    if os.path.exists(path):
+        out.append(path)
+    return out

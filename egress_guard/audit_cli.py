@@ -1,0 +1,709 @@
+"""``egress-guard audit verify|summary|learn``: read audit logs written by ``AuditLog``.
+
+verify   recompute the hash chain over the files in chain order (a rotated set given in
+         any order, e.g. ``audit.log*``, is put oldest first). Exit 0 intact, 1 at the first
+         break, naming file:line and what happened: edited, deleted, reordered, truncated
+         or invalid. A chain whose first lines were rotated away is accepted with a note
+         (``--require-start`` makes that an error). Deleting lines from the very end of
+         the newest file cannot be seen by any unkeyed chain: compare the printed head hash
+         with one recorded elsewhere.
+summary  per destination and per blocked host: counts by decision, bytes, first/last seen.
+learn    the smallest version-1 policy that would have allowed every host:port seen in
+         decision events, using catalog entries (``- use:``) where one covers the target.
+
+Exit codes as elsewhere: 0 ok, 1 something found wrong, 2 usage or I/O error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from egress_guard.audit import GENESIS, line_hash
+from egress_guard.engine import HostIndex
+from egress_guard.normalize import Host, NormalizationError, normalize_host
+from egress_guard.policy import CatalogEntry, PolicyError, load_catalog, load_policy_text
+
+EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+DECISIONS = ("allow", "block", "would_block")
+
+# -- reading -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    file: str
+    lineno: int
+    raw: bytes
+    #: False for a last line without its newline (a cut-off write or a truncated file)
+    complete: bool
+    #: the parsed object when it is a chain line (a JSON object with seq and prev)
+    obj: dict[str, Any] | None
+    problem: str | None
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.lineno}"
+
+
+def _parse(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    if not raw:
+        return None, "empty line"
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None, "not valid JSON"
+    if not isinstance(obj, dict):
+        return None, "not a JSON object"
+    seq, prev = obj.get("seq"), obj.get("prev")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        return None, "no valid seq field"
+    if not isinstance(prev, str) or not _HEX64.match(prev):
+        return None, "no valid prev field"
+    return obj, None
+
+
+def read_lines(path: str) -> list[Line]:
+    """Every line of one file (``-``: standard input). Raises OSError."""
+    if path == "-":
+        data = sys.stdin.buffer.read()
+        name = "<stdin>"
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+        name = path
+    if not data:
+        return []
+    parts = data.split(b"\n")
+    last_complete = parts[-1] == b""
+    if last_complete:
+        parts.pop()
+    out = []
+    for i, raw in enumerate(parts):
+        complete = last_complete or i < len(parts) - 1
+        obj, problem = _parse(raw)
+        out.append(Line(name, i + 1, raw, complete, obj, problem))
+    return out
+
+
+_ROTATED = re.compile(r"^(?P<base>.+)\.(?P<n>[1-9][0-9]*)$")
+
+
+def order_files(paths: Sequence[str]) -> list[str]:
+    """Put a rotated set (``log``, ``log.1``, ``log.2`` ...) oldest first: ``log.2``,
+    ``log.1``, ``log``. Any other list is kept in the order given (chain order)."""
+    if len(paths) < 2:
+        return list(paths)
+    keyed: list[tuple[str, int, str]] = []
+    for p in paths:
+        m = _ROTATED.match(p)
+        keyed.append((m.group("base"), int(m.group("n")), p) if m else (p, 0, p))
+    if len({base for base, _, _ in keyed}) != 1:
+        return list(paths)
+    return [p for _, _, p in sorted(keyed, key=lambda k: -k[1])]
+
+
+# -- verify --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Break:
+    where: str
+    kind: str  # edited | deleted | reordered | truncated | invalid | incomplete
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.kind}: {self.message}"
+
+
+@dataclass
+class VerifyResult:
+    files: list[str]
+    lines: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    head: str | None = None
+    broken: Break | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.broken is None
+
+
+def verify(paths: Sequence[str], require_start: bool = False) -> VerifyResult:
+    """Check the hash chain across ``paths`` (already in chain order). Raises OSError."""
+    lines: list[Line] = []
+    for p in paths:
+        lines.extend(read_lines(p))
+    res = VerifyResult(files=list(paths), lines=len(lines))
+    res.broken = _walk(lines, res, require_start)
+    return res
+
+
+def _walk(lines: list[Line], res: VerifyResult, require_start: bool) -> Break | None:
+    expected_prev: str | None = None
+    expected_seq: int | None = None
+    before: Line | None = None
+    for i, ln in enumerate(lines):
+        h = line_hash(ln.raw)
+        nxt = lines[i + 1] if i + 1 < len(lines) else None
+        if not ln.complete:
+            return Break(
+                ln.where,
+                "truncated",
+                f"partial last line ({len(ln.raw)} bytes, no newline): the file was "
+                "truncated or the last write was cut short",
+            )
+        if ln.obj is None:
+            if (
+                nxt is not None
+                and nxt.obj is not None
+                and nxt.obj.get("event") == "startup"
+                and nxt.obj.get("recovered") == "torn_line"
+                and nxt.obj["prev"] == h
+            ):
+                res.notes.append(
+                    f"{ln.where}: partial line from an interrupted write, sealed at the "
+                    f"restart recorded at {nxt.where}"
+                )
+                expected_prev, before = h, ln
+                continue
+            return Break(
+                ln.where,
+                "invalid",
+                f"{ln.problem}: the line was edited, corrupted or cut short",
+            )
+        seq: int = ln.obj["seq"]
+        prev: str = ln.obj["prev"]
+        if expected_prev is None:
+            if prev == GENESIS:
+                if seq != 1:
+                    return Break(ln.where, "edited", f"the chain's first line has seq {seq}, not 1")
+            else:
+                msg = (
+                    f"the chain starts at seq {seq} with prev {prev[:16]}...: the earlier "
+                    "lines are not in these files (rotated away, or cut off)"
+                )
+                if require_start:
+                    return Break(ln.where, "incomplete", msg)
+                res.notes.append(f"{ln.where}: {msg}")
+            res.first_seq = seq
+        elif prev != expected_prev:
+            return _diagnose(lines, i, ln, nxt, before, expected_seq)
+        elif expected_seq is not None and seq != expected_seq:
+            return Break(
+                ln.where,
+                "edited",
+                f"seq is {seq}, expected {expected_seq} (the chain itself is intact, so the "
+                "seq field was changed)",
+            )
+        if res.first_seq is None:
+            res.first_seq = seq
+        expected_prev, expected_seq, before = h, seq + 1, ln
+        res.last_seq = seq
+    res.head = expected_prev
+    return None
+
+
+def _diagnose(
+    lines: list[Line],
+    i: int,
+    ln: Line,
+    nxt: Line | None,
+    before: Line | None,
+    expected_seq: int | None,
+) -> Break:
+    assert ln.obj is not None
+    seq: int = ln.obj["seq"]
+    boundary = ""
+    if ln.lineno == 1 and before is not None and before.file != ln.file:
+        boundary = f" (first line of {ln.file}: is a rotated file missing or out of order?)"
+    if expected_seq is not None and seq != expected_seq:
+        if seq > expected_seq:
+            later = next(
+                (x for x in lines[i + 1 :] if x.obj is not None and x.obj["seq"] == expected_seq),
+                None,
+            )
+            if later is not None:
+                return Break(
+                    ln.where,
+                    "reordered",
+                    f"seq {seq} where {expected_seq} was expected; seq {expected_seq} comes "
+                    f"later, at {later.where}: lines were moved",
+                )
+            missing = seq - expected_seq
+            return Break(
+                ln.where,
+                "deleted",
+                f"{missing} line(s) missing before this one (seq {seq} follows seq "
+                f"{expected_seq - 1}){boundary}",
+            )
+        return Break(
+            ln.where,
+            "reordered",
+            f"seq {seq} where {expected_seq} was expected: lines were moved or duplicated"
+            f"{boundary}",
+        )
+    # The sequence is continuous, so no line is missing: a line's bytes changed. Either the
+    # previous line (its hash no longer matches this line's prev) or this line's prev.
+    if nxt is not None and nxt.obj is not None and nxt.obj["prev"] != line_hash(ln.raw):
+        return Break(
+            ln.where,
+            "edited",
+            "neither does this line chain to the previous one nor the next to this: "
+            "this line was edited",
+        )
+    where = before.where if before is not None else ln.where
+    return Break(
+        where,
+        "edited",
+        f"its content no longer matches the hash recorded as prev in the next line ({ln.where})",
+    )
+
+
+# -- records for summary and learn ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    where: str
+    obj: dict[str, Any]
+
+
+def load_records(paths: Sequence[str]) -> tuple[list[Record], int]:
+    """Parsed JSON objects with their file:line, and the count of unreadable lines."""
+    out: list[Record] = []
+    bad = 0
+    for p in paths:
+        for ln in read_lines(p):
+            if ln.obj is None:
+                try:
+                    obj = json.loads(ln.raw)
+                except (ValueError, UnicodeDecodeError):
+                    obj = None
+                if not isinstance(obj, dict) or not ln.complete:
+                    bad += 1
+                    continue
+                out.append(Record(ln.where, obj))
+            else:
+                out.append(Record(ln.where, ln.obj))
+    return out, bad
+
+
+def _hostport(host: str, port: object) -> str:
+    h = f"[{host}]" if ":" in host else host
+    return h if port is None else f"{h}:{port}"
+
+
+def _int(v: object) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def _seen(entry: dict[str, Any], ts: object) -> None:
+    if not isinstance(ts, str):
+        return
+    if entry["first_seen"] is None or ts < entry["first_seen"]:
+        entry["first_seen"] = ts
+    if entry["last_seen"] is None or ts > entry["last_seen"]:
+        entry["last_seen"] = ts
+
+
+def summarize(records: Iterable[Record]) -> dict[str, Any]:
+    dests: dict[str, dict[str, Any]] = {}
+    blocked: dict[tuple[str, int | None], dict[str, Any]] = {}
+    total: dict[str, Any] = {"events": 0, "first_seen": None, "last_seen": None}
+    loads = {"ok": 0, "error": 0}
+    dropped = 0
+    startups = 0
+    for rec in records:
+        o = rec.obj
+        ev, ts = o.get("event"), o.get("ts")
+        total["events"] += 1
+        _seen(total, ts)
+        if ev == "startup":
+            startups += 1
+        elif ev == "policy_loaded":
+            loads["ok" if o.get("result") == "ok" else "error"] += 1
+        elif ev == "dropped":
+            dropped += _int(o.get("count"))
+        if ev not in ("decision", "close"):
+            continue
+        label = o.get("destination") or "unlisted"
+        d = dests.setdefault(
+            str(label),
+            {
+                **dict.fromkeys(DECISIONS, 0),
+                "connections": 0,
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "first_seen": None,
+                "last_seen": None,
+            },
+        )
+        _seen(d, ts)
+        decision = o.get("decision")
+        if ev == "close":
+            d["connections"] += 1
+            d["bytes_up"] += _int(o.get("bytes_up"))
+            d["bytes_down"] += _int(o.get("bytes_down"))
+            continue
+        if decision in DECISIONS:
+            d[decision] += 1
+        if decision in ("block", "would_block"):
+            port = o.get("port")
+            key = (str(o.get("host") or ""), port if isinstance(port, int) else None)
+            b = blocked.setdefault(
+                key,
+                {
+                    "host": key[0],
+                    "port": key[1],
+                    "block": 0,
+                    "would_block": 0,
+                    "reasons": {},
+                    "first_seen": None,
+                    "last_seen": None,
+                },
+            )
+            b[decision] += 1
+            reason = str(o.get("reason"))
+            b["reasons"][reason] = b["reasons"].get(reason, 0) + 1
+            _seen(b, ts)
+    return {
+        **total,
+        "startups": startups,
+        "policy_loads": loads,
+        "dropped": dropped,
+        "destinations": dict(sorted(dests.items())),
+        "blocked_hosts": sorted(
+            blocked.values(), key=lambda b: (-(b["block"] + b["would_block"]), b["host"])
+        ),
+    }
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    cells = [[str(h) for h in header]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+
+
+def render_summary(s: Mapping[str, Any]) -> str:
+    out = [
+        f"{s['events']} events from {s['first_seen'] or '-'} to {s['last_seen'] or '-'}; "
+        f"{s['startups']} start(s); policy loads: {s['policy_loads']['ok']} ok, "
+        f"{s['policy_loads']['error']} failed; events lost: {s['dropped']}",
+        "",
+    ]
+    dest_rows = [
+        [
+            name,
+            d["allow"],
+            d["block"],
+            d["would_block"],
+            d["connections"],
+            d["bytes_up"],
+            d["bytes_down"],
+            d["first_seen"],
+            d["last_seen"],
+        ]
+        for name, d in s["destinations"].items()
+    ]
+    out += _table(
+        [
+            "DESTINATION",
+            "ALLOW",
+            "BLOCK",
+            "WOULD_BLOCK",
+            "CONNS",
+            "BYTES_UP",
+            "BYTES_DOWN",
+            "FIRST_SEEN",
+            "LAST_SEEN",
+        ],
+        dest_rows,
+    )
+    out.append("")
+    if s["blocked_hosts"]:
+        rows = [
+            [
+                _hostport(b["host"], b["port"]),
+                b["block"],
+                b["would_block"],
+                ",".join(f"{r}={n}" for r, n in sorted(b["reasons"].items())),
+                b["first_seen"],
+                b["last_seen"],
+            ]
+            for b in s["blocked_hosts"]
+        ]
+        out += _table(
+            ["BLOCKED HOST", "BLOCK", "WOULD_BLOCK", "REASONS", "FIRST_SEEN", "LAST_SEEN"], rows
+        )
+    else:
+        out.append("no blocked hosts")
+    return "\n".join(out) + "\n"
+
+
+# -- learn ---------------------------------------------------------------------------------
+
+#: decisions that say nothing about whether the destination should be allowed
+_NOT_LEARNED = frozenset({"invalid_host", "self_connection"})
+
+
+@dataclass
+class _Target:
+    host: Host
+    port: int
+    first: str
+    counts: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return _hostport(self.host.value, self.port)
+
+    def describe(self) -> str:
+        n = sum(self.counts.values())
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+        refused = {r: c for r, c in self.reasons.items() if r != "allowlisted"}
+        why = f"; {', '.join(sorted(refused))}" if refused else ""
+        return f"{self.label} - {n} event(s): {counts}{why}; first at {self.first}"
+
+
+def _targets(records: Iterable[Record]) -> tuple[list[_Target], list[str]]:
+    found: dict[tuple[str, int], _Target] = {}
+    skipped: list[str] = []
+    for rec in records:
+        o = rec.obj
+        if o.get("event") != "decision":
+            continue
+        host, port, reason = o.get("host"), o.get("port"), str(o.get("reason"))
+        if reason in _NOT_LEARNED:
+            skipped.append(f"{rec.where} ({reason})")
+            continue
+        if not isinstance(host, str) or not host or not isinstance(port, int) or port < 1:
+            continue  # client-level decisions (client_not_allowed ...) name no target
+        try:
+            h = normalize_host(host)
+        except NormalizationError:
+            skipped.append(f"{rec.where} (invalid host)")
+            continue
+        t = found.setdefault((h.value, port), _Target(h, port, rec.where))
+        decision = str(o.get("decision"))
+        t.counts[decision] = t.counts.get(decision, 0) + 1
+        t.reasons[reason] = t.reasons.get(reason, 0) + 1
+    return list(found.values()), skipped
+
+
+def _covering(
+    targets: Sequence[_Target], catalog: Mapping[str, CatalogEntry]
+) -> dict[str, list[int]]:
+    usable = [(n, e) for n, e in catalog.items() if e.usable is None]
+    index = HostIndex((i, e.hosts) for i, (_, e) in enumerate(usable))
+    covers: dict[str, list[int]] = {}
+    for ti, t in enumerate(targets):
+        ids = index.match_ip(t.host.ip) if t.host.ip is not None else index.match_name(t.host.value)
+        for i in ids:
+            name, entry = usable[i]
+            if t.port in entry.ports:
+                covers.setdefault(name, []).append(ti)
+    return covers
+
+
+def _choose(
+    targets: Sequence[_Target], catalog: Mapping[str, CatalogEntry]
+) -> tuple[list[tuple[str, list[int]]], list[int]]:
+    """Greedy cover: the catalog entry covering most unexplained targets first; on a tie
+    the narrower entry (fewer hosts x ports), then the name. Returns (entry, targets) in
+    order of first appearance, and the targets no catalog entry covers."""
+    covers = _covering(targets, catalog)
+    left = {i for ids in covers.values() for i in ids}
+    chosen: list[tuple[str, list[int]]] = []
+    while left:
+        name = min(
+            covers,
+            key=lambda n: (
+                -len(left.intersection(covers[n])),
+                len(catalog[n].hosts) * len(catalog[n].ports),
+                n,
+            ),
+        )
+        got = sorted(left.intersection(covers[name]))
+        chosen.append((name, got))
+        left.difference_update(got)
+    chosen.sort(key=lambda c: c[1][0])
+    covered = {i for _, ids in chosen for i in ids}
+    return chosen, [i for i in range(len(targets)) if i not in covered]
+
+
+def _dest_name(host: str, taken: set[str]) -> str:
+    base = re.sub(r"[^a-z0-9_-]+", "-", host.lower()).strip("-_")[:56] or "destination"
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}-{n}", n + 1
+    taken.add(name)
+    return name
+
+
+def learn(
+    records: Sequence[Record],
+    catalog: Mapping[str, CatalogEntry],
+    sources: Sequence[str],
+) -> str:
+    """A version-1 policy allowing every host:port in the decision events, as YAML text."""
+    targets, skipped = _targets(records)
+    chosen, uncovered = _choose(targets, catalog)
+    times = [str(r.obj["ts"]) for r in records if isinstance(r.obj.get("ts"), str)]
+    decisions = sum(1 for r in records if r.obj.get("event") == "decision")
+    out = [
+        f"# Learned by `egress-guard audit learn` from {', '.join(sources)}",
+        f"# {decisions} decision event(s)"
+        + (f" from {min(times)} to {max(times)}" if times else "")
+        + f"; {len(targets)} host:port target(s).",
+        "# It allows what was contacted or attempted in that window, nothing else known.",
+        "# Review every line before use: an attempt is not proof that a destination is needed.",
+    ]
+    if skipped:
+        out.append(f"# Not learned ({len(skipped)}): {', '.join(skipped[:10])}")
+        if len(skipped) > 10:
+            out.append(f"#   ... and {len(skipped) - 10} more")
+    out += ["version: 1", "mode: enforce"]
+    if not targets:
+        out.append("destinations: []  # nothing seen: this policy blocks everything")
+        return "\n".join(out) + "\n"
+    out.append("destinations:")
+    for name, ids in chosen:
+        entry = catalog[name]
+        out.append(f"  # catalog entry {name!r} ({entry.purpose}) covers:")
+        out += [f"  #   {targets[i].describe()}" for i in ids]
+        out.append(f"  - use: {name}")
+    by_host: dict[str, list[_Target]] = {}
+    for i in uncovered:
+        by_host.setdefault(targets[i].host.value, []).append(targets[i])
+    taken = set(catalog)
+    for host, group in by_host.items():
+        ports = sorted(t.port for t in group)
+        out.append("  # no catalog entry covers:")
+        out += [f"  #   {t.describe()}" for t in group]
+        if any("private_address" in t.reasons for t in group):
+            out.append(
+                "  # note: it resolved to a private address; that stays blocked unless the "
+                "address is also in network.allow_cidrs"
+            )
+        out += [
+            f"  - name: {_dest_name(host, taken)}",
+            f"    purpose: {json.dumps('learned: first seen at ' + group[0].first)}",
+            f"    hosts: [{json.dumps(host)}]",
+            f"    ports: [{', '.join(str(p) for p in ports)}]",
+        ]
+    return "\n".join(out) + "\n"
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def _files(args: argparse.Namespace) -> list[str]:
+    files = order_files(args.files)
+    if files != list(args.files):
+        print(f"reading in rotation order: {' '.join(files)}", file=sys.stderr)
+    return files
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    files = _files(args)
+    try:
+        res = verify(files, require_start=args.require_start)
+    except OSError as e:
+        print(f"egress-guard audit verify: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    for note in res.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if res.broken is not None:
+        print(f"FAIL {res.broken}")
+        return EXIT_FAIL
+    if res.lines == 0:
+        print("OK: no lines")
+        return EXIT_OK
+    print(
+        f"OK: {res.lines} lines in {len(files)} file(s), seq {res.first_seq}..{res.last_seq}, "
+        f"head {res.head}"
+    )
+    return EXIT_OK
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    try:
+        records, bad = load_records(_files(args))
+    except OSError as e:
+        print(f"egress-guard audit summary: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if bad:
+        print(f"warning: {bad} unreadable line(s) skipped", file=sys.stderr)
+    s = summarize(records)
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        sys.stdout.write(render_summary(s))
+    return EXIT_OK
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    files = _files(args)
+    try:
+        records, bad = load_records(files)
+    except OSError as e:
+        print(f"egress-guard audit learn: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if bad:
+        print(f"warning: {bad} unreadable line(s) skipped", file=sys.stderr)
+    text = learn(records, load_catalog(), files)
+    try:  # never hand out a policy that does not load
+        load_policy_text(text, args.output or "learned.yaml")
+    except PolicyError as e:
+        print(
+            "egress-guard audit learn: the learned policy does not load (a bug):", file=sys.stderr
+        )
+        print(e.render(), file=sys.stderr)
+        return EXIT_ERROR
+    if args.output:
+        tmp = f"{args.output}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, args.output)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def add_audit_parser(sub: Any) -> None:
+    a = sub.add_parser("audit", help="verify, summarise or learn a policy from audit logs")
+    asub = a.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    files_help = (
+        "audit log files in chain order (a rotated set such as audit.log* is sorted); - for stdin"
+    )
+
+    v = asub.add_parser("verify", help="check the hash chain; exit 1 naming the first broken line")
+    v.add_argument("files", nargs="+", metavar="FILE", help=files_help)
+    v.add_argument(
+        "--require-start",
+        action="store_true",
+        help="fail unless the chain starts at its first line ever written (seq 1)",
+    )
+    v.set_defaults(func=cmd_verify)
+
+    s = asub.add_parser("summary", help="per destination and per blocked host counts")
+    s.add_argument("files", nargs="+", metavar="FILE", help=files_help)
+    s.add_argument("--json", action="store_true", help="JSON instead of tables")
+    s.set_defaults(func=cmd_summary)
+
+    lp = asub.add_parser("learn", help="a minimal policy allowing every host:port seen")
+    lp.add_argument("files", nargs="+", metavar="FILE", help=files_help)
+    lp.add_argument("-o", "--output", metavar="FILE", help="write the policy here (default stdout)")
+    lp.set_defaults(func=cmd_learn)

@@ -1,0 +1,406 @@
+"""Prometheus metrics: a sink for proxy events, and a small HTTP server for scraping.
+
+The series are the contract in DESIGN.md section 7, and nothing else::
+
+    egress_guard_decisions_total{destination, decision}     decision: allow | block | would_block
+    egress_guard_bytes_total{destination, direction}        direction: up | down
+    egress_guard_connection_duration_seconds{destination}   histogram, 5 ms .. 1 h
+    egress_guard_active_connections{destination}            gauge
+    egress_guard_policy_reloads_total{result}               result: ok | error
+    egress_guard_policy_info{sha256, version}               1 for the policy in force only
+
+Label cardinality is bounded by the policy, whatever clients send: ``destination`` is a
+rule name from the policy in force (``set_destinations``) or ``unlisted``, never a
+hostname. A name the policy does not define is recorded as ``unlisted`` even if a caller
+passes it, so a bug upstream cannot turn client input into new series.
+
+The metrics live in their own ``CollectorRegistry`` (never the process-wide default one),
+and the ``*_created`` samples prometheus-client adds to counters and histograms are
+dropped for this registry only, without touching the library's global switch.
+
+This module knows nothing about mitmproxy. Every sink method is cheap and never raises
+for ordinary input; ``healthy`` is always True (losing a metric must not stop traffic).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from math import isfinite
+from typing import Final
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+
+from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent
+
+__all__ = [
+    "CONTENT_TYPE",
+    "DURATION_BUCKETS",
+    "UNLISTED",
+    "Metrics",
+    "MetricsServer",
+    "start_http_server",
+]
+
+log = logging.getLogger(__name__)
+
+#: The label for any destination that is not a rule of the policy in force.
+UNLISTED: Final = "unlisted"
+
+#: What ``generate_latest`` writes: the classic Prometheus text format.
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Connection duration buckets (seconds): API round trips from 5 ms, streamed LLM
+#: responses in the seconds-to-minutes range, long-lived tunnels up to an hour.
+DURATION_BUCKETS: Final[tuple[float, ...]] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+)
+
+_ACTIONS: Final = frozenset({"allow", "block", "would_block"})
+
+
+class _WithoutCreated:
+    """Collects a set of metrics, dropping their ``*_created`` samples.
+
+    prometheus-client's own switch (``disable_created_metrics``) is process-wide; this
+    keeps the choice local to our registry. ``lock`` is held while collecting so a scrape
+    never sees a half-applied update (e.g. ``policy_info`` between clear and set).
+    """
+
+    def __init__(self, metrics: Iterable[Counter | Gauge | Histogram], lock: threading.Lock):
+        self._metrics = tuple(metrics)
+        self._lock = lock
+
+    def describe(self) -> Iterable[Metric]:
+        for m in self._metrics:
+            yield from m.describe()
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            families = [f for m in self._metrics for f in m.collect()]
+        for family in families:
+            created = family.name + "_created"
+            family.samples = [s for s in family.samples if s.name != created]
+        return families
+
+
+class Metrics:
+    """The metrics sink (implements ``egress_guard.events.Sink``).
+
+    The proxy calls, besides the sink methods ``decision``/``close``/``policy``:
+
+    * ``set_destinations(names)`` on every successful policy load, with the policy's
+      destination names (until the first call every destination is ``unlisted``);
+    * ``connection_opened(destination)`` / ``connection_closed(destination)`` around each
+      allowed upstream connection, for the active-connections gauge;
+    * ``render()`` (or ``start_http_server``) to expose the text format.
+
+    Thread-safe: sink methods run on the proxy's event loop, scrapes on server threads.
+    """
+
+    def __init__(self, destinations: Iterable[str] = ()) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._lock = threading.Lock()
+        self._allowed: frozenset[str] = frozenset()
+        #: open connections per label, so a close never drives the gauge negative and a
+        #: connection opened under an older policy is closed under the label it opened with
+        self._active: dict[str, int] = {}
+
+        self._decisions = Counter(
+            "egress_guard_decisions",
+            "Policy decisions, by destination rule and action.",
+            ["destination", "decision"],
+            registry=None,
+        )
+        self._bytes = Counter(
+            "egress_guard_bytes",
+            "Bytes relayed, by destination rule and direction (up: client to upstream).",
+            ["destination", "direction"],
+            registry=None,
+        )
+        self._duration = Histogram(
+            "egress_guard_connection_duration_seconds",
+            "Duration of closed client connections, by destination rule.",
+            ["destination"],
+            buckets=DURATION_BUCKETS,
+            registry=None,
+        )
+        self._active_gauge = Gauge(
+            "egress_guard_active_connections",
+            "Upstream connections currently open, by destination rule.",
+            ["destination"],
+            registry=None,
+        )
+        self._reloads = Counter(
+            "egress_guard_policy_reloads",
+            "Policy loads (the first one included), by result.",
+            ["result"],
+            registry=None,
+        )
+        self._policy_info = Gauge(
+            "egress_guard_policy_info",
+            "The policy in force: 1 for its sha256 and version.",
+            ["sha256", "version"],
+            registry=None,
+        )
+        # Present from the start, so increase() sees the first error.
+        self._reloads.labels(result="ok")
+        self._reloads.labels(result="error")
+
+        self.registry.register(
+            _WithoutCreated(
+                (
+                    self._decisions,
+                    self._bytes,
+                    self._duration,
+                    self._active_gauge,
+                    self._reloads,
+                    self._policy_info,
+                ),
+                self._lock,
+            )
+        )
+        self.set_destinations(destinations)
+
+    # -- labels ------------------------------------------------------------------------
+
+    def set_destinations(self, names: Iterable[str]) -> None:
+        """Set the destination names allowed as labels (the policy in force's rules).
+
+        Series of destinations that are no longer in the policy are kept (counters do
+        not go backwards); the set of series grows only with names operators wrote.
+        """
+        allowed = frozenset(n for n in names if isinstance(n, str))
+        with self._lock:
+            self._allowed = allowed
+
+    def label(self, destination: str | None) -> str:
+        """The label recorded for ``destination``: itself if the policy defines it,
+        ``unlisted`` otherwise."""
+        if destination is not None and destination in self._allowed:
+            return destination
+        return UNLISTED
+
+    # -- Sink --------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    def decision(self, event: DecisionEvent) -> None:
+        action = event.decision.action
+        if action not in _ACTIONS:
+            log.warning("metrics: ignoring decision with unknown action %r", action)
+            return
+        dest = self.label(event.decision.destination)
+        self._decisions.labels(destination=dest, decision=action).inc()
+        if event.opens:
+            self.connection_opened(event.decision.destination)
+
+    def close(self, event: CloseEvent) -> None:
+        dest = self.label(event.destination)
+        self._bytes.labels(destination=dest, direction="up").inc(_non_negative(event.bytes_up))
+        self._bytes.labels(destination=dest, direction="down").inc(_non_negative(event.bytes_down))
+        self._duration.labels(destination=dest).observe(_non_negative(event.duration_s))
+        self.connection_closed(event.destination)
+
+    def policy(self, event: PolicyEvent) -> None:
+        if not event.ok:
+            # The old policy stays in force, and so does its policy_info sample.
+            self._reloads.labels(result="error").inc()
+            return
+        self._reloads.labels(result="ok").inc()
+        if event.destinations:
+            self.set_destinations(event.destinations)
+        with self._lock:
+            self._policy_info.clear()
+            self._policy_info.labels(sha256=event.sha256 or "", version=str(event.version)).set(1)
+
+    # -- active connections ------------------------------------------------------------
+
+    def connection_opened(self, destination: str | None) -> None:
+        with self._lock:
+            dest = self.label(destination)
+            self._active[dest] = self._active.get(dest, 0) + 1
+            self._active_gauge.labels(destination=dest).inc()
+
+    def connection_closed(self, destination: str | None) -> None:
+        """Pair of ``connection_opened``. A close with no matching open is ignored."""
+        with self._lock:
+            if destination is not None and self._active.get(destination, 0) > 0:
+                dest = destination
+            elif self._active.get(UNLISTED, 0) > 0:
+                dest = UNLISTED
+            else:
+                log.debug("metrics: connection_closed(%r) without an open", destination)
+                return
+            self._active[dest] -= 1
+            self._active_gauge.labels(destination=dest).dec()
+
+    # -- exposition --------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition format (``CONTENT_TYPE``)."""
+        return generate_latest(self.registry)
+
+
+def _non_negative(value: float) -> float:
+    """Counters reject negative increments; a bad measurement must not raise."""
+    if not isfinite(value) or value < 0:
+        return 0.0
+    return float(value)
+
+
+# -- HTTP server -------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "egress-guard"
+    sys_version = ""
+    # HTTP/1.0: one request per connection, so no idle keep-alive thread outlives stop()
+    protocol_version = "HTTP/1.0"
+    #: seconds a client may take to send its request (bounds idle server threads)
+    timeout = 10
+
+    def do_GET(self) -> None:
+        self._respond(head=False)
+
+    def do_HEAD(self) -> None:
+        self._respond(head=True)
+
+    def _respond(self, head: bool) -> None:
+        path = urlsplit(self.path).path
+        if path == "/metrics":
+            try:
+                body = self.server.metrics.render()
+            except Exception:
+                log.exception("metrics: render failed")
+                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"error\n", head)
+                return
+            self._send(HTTPStatus.OK, body, head, CONTENT_TYPE)
+        elif path == "/healthz":
+            try:
+                ok = bool(self.server.health())
+            except Exception:
+                log.exception("metrics: health check raised")
+                ok = False
+            if ok:
+                self._send(HTTPStatus.OK, b"ok\n", head)
+            else:
+                self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"unhealthy\n", head)
+        else:
+            self._send(HTTPStatus.NOT_FOUND, b"not found\n", head)
+
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes,
+        head: bool,
+        content_type: str = "text/plain; charset=utf-8",
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("metrics http: %s - %s", self.address_string(), format % args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        family: socket.AddressFamily,
+        metrics: Metrics,
+        health: Callable[[], bool],
+    ) -> None:
+        self.address_family = family
+        self.metrics = metrics
+        self.health = health
+        super().__init__(address, _Handler)
+
+
+@dataclass
+class MetricsServer:
+    """A running metrics server. ``port`` is the bound port (useful with port 0)."""
+
+    host: str
+    port: int
+    _server: _Server
+    _thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket. Idempotent."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+        self._server.server_close()
+
+
+def _family(host: str, port: int) -> socket.AddressFamily:
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        return infos[0][0]
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+def start_http_server(
+    metrics: Metrics, host: str, port: int, health: Callable[[], bool]
+) -> MetricsServer:
+    """Serve ``/metrics`` and ``/healthz`` on ``host:port`` from a daemon thread.
+
+    ``host`` may be an IPv4 or IPv6 literal (with or without brackets) or a name; it is
+    bound exactly as given. ``/healthz`` answers 200 when ``health()`` returns True and
+    503 otherwise (or when it raises). Anything else is 404.
+    """
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    server = _Server((host, port), _family(host, port), metrics, health)
+    bound_host, bound_port = server.server_address[:2]
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": 0.1},
+        name=f"egress-guard-metrics-{bound_port}",
+        daemon=True,
+    )
+    thread.start()
+    return MetricsServer(str(bound_host), int(bound_port), server, thread)

@@ -1,0 +1,60 @@
+"""Shared fixtures: a test CA, real loopback upstreams, and the real proxy process."""
+
+from __future__ import annotations
+
+import ssl
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from support.proxy import ProxyFactory, ProxyProcess
+from support.upstream import Upstream
+
+TEST_NAMES = ["api.test", "other.test", "private.test", "localhost", "127.0.0.1", "::1"]
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture
+def tls_upstream(ca: trustme.CA) -> Iterator[Upstream]:
+    cert = ca.issue_cert(*TEST_NAMES)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(ctx)
+    with Upstream(ctx) as up:
+        yield up
+
+
+@pytest.fixture
+def http_upstream() -> Iterator[Upstream]:
+    with Upstream(None) as up:
+        yield up
+
+
+@pytest.fixture
+def proxy(tmp_path: Path) -> Iterator[ProxyFactory]:
+    """``proxy(policy_text, *extra_args)`` starts egress-guard; stopped at teardown."""
+    started: list[ProxyProcess] = []
+
+    def start(policy: str | Callable[[int], str] | None, *extra: str, **kw: object) -> ProxyProcess:
+        p = ProxyProcess(tmp_path / f"proxy{len(started)}", policy, list(extra), **kw)  # type: ignore[arg-type]
+        started.append(p)
+        return p.start()
+
+    yield start
+    for p in started:
+        p.stop()

@@ -1,0 +1,299 @@
+"""The enforcing proxy end to end: real egress-guard process, real clients, real upstreams.
+
+Every block asserts three things: the client got the documented answer, the reason is
+the right one, and the upstream saw nothing (not even a TCP connection).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ssl
+from pathlib import Path
+
+import httpx
+import pytest
+from support.clients import connect, curl, openssl_s_client, send_raw, tls_get
+from support.policies import make_policy
+from support.proxy import ProxyFactory
+from support.upstream import Upstream
+
+
+def assert_blocked_json(resp_headers: dict[str, str], body: dict[str, object], reason: str) -> None:
+    assert resp_headers["x-egress-guard-decision"] == "block"
+    assert resp_headers["x-egress-guard-reason"] == reason
+    assert body["reason"] == reason
+    assert set(body) >= {"error", "host", "port", "reason", "hint"}
+
+
+# --- allowed traffic, three real clients ---------------------------------------------------
+
+
+def test_allowed_host_reaches_upstream_with_curl(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    p = proxy(make_policy(tls_upstream.port))
+    r = curl(p.url, f"https://api.test:{tls_upstream.port}/hello", ca_file=ca_file)
+    assert r.code == 200, r.stderr
+    assert "upstream-ok GET /hello" in r.stdout
+    assert tls_upstream.seen.snis == ["api.test"]
+    assert tls_upstream.seen.requests[0][:2] == ("GET", "/hello")
+
+
+def test_allowed_host_with_openssl_s_client(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    p = proxy(make_policy(tls_upstream.port))
+    out = openssl_s_client(
+        p.port,
+        f"api.test:{tls_upstream.port}",
+        "api.test",
+        ca_file,
+        send=b"GET /s_client HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n",
+    )
+    text = out.stdout.decode(errors="replace")
+    assert "Verify return code: 0 (ok)" in text
+    assert "upstream-ok GET /s_client" in text
+    assert tls_upstream.seen.requests[0][1] == "/s_client"
+
+
+def test_allowed_host_with_httpx(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    p = proxy(make_policy(tls_upstream.port))
+    # httpx resolves nothing itself through a proxy: the name goes in the CONNECT line.
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    with httpx.Client(proxy=p.url, verify=ctx, trust_env=False) as client:
+        r = client.get(f"https://api.test:{tls_upstream.port}/via-httpx")
+    assert r.status_code == 200
+    assert r.text.startswith("upstream-ok GET /via-httpx")
+
+
+def test_plain_http_absolute_uri_allowed(proxy: ProxyFactory, http_upstream: Upstream) -> None:
+    p = proxy(make_policy(http_upstream.port))
+    r = curl(p.url, f"http://api.test:{http_upstream.port}/api/tags")
+    assert r.code == 200
+    assert http_upstream.seen.requests == [("GET", "/api/tags", f"api.test:{http_upstream.port}")]
+
+
+# --- blocked, one test per reason --------------------------------------------------------------
+
+
+def test_unlisted_host_gets_403_and_upstream_sees_nothing(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    p = proxy(make_policy(tls_upstream.port))
+    sock, resp = connect(p.port, f"other.test:{tls_upstream.port}")
+    sock.close()
+    assert resp.status == 403
+    body = resp.json()
+    assert_blocked_json(resp.headers, body, "not_allowlisted")
+    assert body["host"] == "other.test" and body["port"] == tls_upstream.port
+    assert "hosts: [other.test]" in str(body["hint"])
+    r = curl(p.url, f"https://other.test:{tls_upstream.port}/", ca_file=ca_file)
+    assert r.exit != 0 and "403" in r.stderr
+    assert tls_upstream.seen.connections == 0
+
+
+def test_catalog_hint_names_the_entry(proxy: ProxyFactory, tls_upstream: Upstream) -> None:
+    p = proxy(make_policy(tls_upstream.port))
+    sock, resp = connect(p.port, "models.opencode.ai:443")
+    sock.close()
+    assert resp.status == 403
+    assert "use: models-catalog" in resp.json()["hint"]
+
+
+def test_wrong_port(proxy: ProxyFactory, tls_upstream: Upstream) -> None:
+    p = proxy(make_policy(tls_upstream.port))
+    sock, resp = connect(p.port, f"api.test:{tls_upstream.port + 1}")
+    sock.close()
+    assert resp.status == 403
+    body = resp.json()
+    assert_blocked_json(resp.headers, body, "port_not_allowed")
+    assert tls_upstream.seen.connections == 0
+
+
+def test_denylisted(proxy: ProxyFactory, tls_upstream: Upstream) -> None:
+    policy = make_policy(tls_upstream.port).replace(
+        "hosts: [api.test]", "hosts: [api.test, x.denied.test]"
+    )
+    p = proxy(policy)
+    sock, resp = connect(p.port, f"X.Denied.Test.:{tls_upstream.port}")
+    sock.close()
+    assert_blocked_json(resp.headers, resp.json(), "denylisted")
+    assert tls_upstream.seen.connections == 0
+
+
+def test_private_address_from_static_resolve(proxy: ProxyFactory, tls_upstream: Upstream) -> None:
+    p = proxy(make_policy(tls_upstream.port))
+    sock, resp = connect(p.port, f"private.test:{tls_upstream.port}")
+    sock.close()
+    body = resp.json()
+    assert_blocked_json(resp.headers, body, "private_address")
+    assert "127.0.0.2" in body["hint"]
+    assert tls_upstream.seen.connections == 0
+
+
+def test_private_address_after_real_dns(proxy: ProxyFactory, tls_upstream: Upstream) -> None:
+    """``localhost`` is allowed by name but the system resolver says 127.0.0.1 / ::1."""
+    p = proxy(make_policy(tls_upstream.port, allow="10.255.255.0/24"))
+    sock, resp = connect(p.port, f"localhost:{tls_upstream.port}")
+    sock.close()
+    assert_blocked_json(resp.headers, resp.json(), "private_address")
+    assert tls_upstream.seen.connections == 0
+
+
+@pytest.mark.parametrize(
+    "spelling", ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "[::ffff:127.0.0.1]"]
+)
+def test_ip_literal_not_allowed(proxy: ProxyFactory, tls_upstream: Upstream, spelling: str) -> None:
+    p = proxy(make_policy(tls_upstream.port))
+    sock, resp = connect(p.port, f"{spelling}:{tls_upstream.port}")
+    sock.close()
+    body = resp.json()
+    assert_blocked_json(resp.headers, body, "ip_literal_not_allowed")
+    assert body["host"] == "127.0.0.1"
+    assert tls_upstream.seen.connections == 0
+
+
+def test_sni_mismatch_is_refused_before_upstream(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    p = proxy(make_policy(tls_upstream.port))
+    out = openssl_s_client(p.port, f"api.test:{tls_upstream.port}", "other.test", ca_file, send=b"")
+    assert b"BEGIN CERTIFICATE" not in out.stdout and b"no peer certificate" in out.stdout
+    assert tls_upstream.seen.connections == 0
+    recs = p.wait_audit(lambda r: r["reason"] == "sni_mismatch")
+    assert recs and recs[0]["decision"] == "block" and recs[0]["sni"] == "other.test"
+
+
+def test_host_header_must_match_absolute_uri(proxy: ProxyFactory, http_upstream: Upstream) -> None:
+    p = proxy(make_policy(http_upstream.port))
+    r = curl(p.url, f"http://api.test:{http_upstream.port}/", "-H", "Host: other.test", "-i")
+    assert r.code == 403
+    assert "X-Egress-Guard-Reason: host_header_mismatch" in r.stdout
+    assert http_upstream.seen.connections == 0
+
+
+def test_duplicate_host_headers_blocked(proxy: ProxyFactory, http_upstream: Upstream) -> None:
+    p = proxy(make_policy(http_upstream.port))
+    req = (
+        f"GET http://api.test:{http_upstream.port}/ HTTP/1.1\r\n"
+        f"Host: api.test:{http_upstream.port}\r\nHost: other.test\r\n\r\n"
+    ).encode()
+    sock, resp = send_raw(p.port, req)
+    sock.close()
+    assert resp.status in (400, 403)
+    if resp.status == 403:
+        assert resp.headers["x-egress-guard-reason"] == "host_header_mismatch"
+    assert http_upstream.seen.connections == 0
+
+
+def test_client_outside_acl(proxy: ProxyFactory, tls_upstream: Upstream) -> None:
+    p = proxy(make_policy(tls_upstream.port, extra="clients:\n  allow_cidrs: [10.0.0.0/8]\n"))
+    sock, resp = connect(p.port, f"api.test:{tls_upstream.port}")
+    sock.close()
+    assert_blocked_json(resp.headers, resp.json(), "client_not_allowed")
+    assert tls_upstream.seen.connections == 0
+
+
+def test_proxy_auth_required(
+    proxy: ProxyFactory, tls_upstream: Upstream, tmp_path: Path, ca_file: Path
+) -> None:
+    users = tmp_path / "users"
+    users.write_text(
+        "# test users\nalice:sha256:" + hashlib.sha256(b"s3cret").hexdigest() + "\nbob:plain\n"
+    )
+    extra = f"clients:\n  auth:\n    users_file: {users}\n"
+    p = proxy(make_policy(tls_upstream.port, extra=extra))
+    sock, resp = connect(p.port, f"api.test:{tls_upstream.port}")
+    sock.close()
+    assert resp.status == 407
+    assert resp.headers["proxy-authenticate"].startswith("Basic")
+    assert resp.headers["x-egress-guard-reason"] == "proxy_auth_required"
+    bad = base64.b64encode(b"alice:wrong").decode()
+    sock, resp = connect(
+        p.port, f"api.test:{tls_upstream.port}", {"Proxy-Authorization": f"Basic {bad}"}
+    )
+    sock.close()
+    assert resp.status == 407
+    assert tls_upstream.seen.connections == 0
+    good = base64.b64encode(b"alice:s3cret").decode()
+    sock, resp = connect(
+        p.port, f"api.test:{tls_upstream.port}", {"Proxy-Authorization": f"Basic {good}"}
+    )
+    assert resp.status == 200
+    assert tls_get(sock, ca_file, "api.test").status == 200
+    sock.close()
+
+
+def test_self_connection_refused(proxy: ProxyFactory, tls_upstream: Upstream) -> None:
+    """A policy that allows the guard's own address still never loops into itself."""
+
+    def policy(own_port: int) -> str:
+        return make_policy(tls_upstream.port, own_port)
+
+    p = proxy(policy)
+    sock, resp = connect(p.port, f"api.test:{p.port}")
+    sock.close()
+    assert resp.status == 403
+    assert resp.headers["x-egress-guard-reason"] == "self_connection"
+
+
+def test_malformed_request_gets_4xx_and_proxy_survives(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    p = proxy(make_policy(tls_upstream.port))
+    for junk in (
+        b"GARBAGE\r\n\r\n",
+        b"CONNECT\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"CONNECT a:b:c HTTP/1.1\r\n\r\n",
+    ):
+        try:
+            sock, resp = send_raw(p.port, junk)
+            sock.close()
+            assert 400 <= resp.status < 500, (junk, resp.status)
+        except ConnectionError:
+            pass  # closing the connection is an acceptable answer to garbage
+    r = curl(p.url, f"https://api.test:{tls_upstream.port}/after", ca_file=ca_file)
+    assert r.code == 200
+    assert tls_upstream.seen.requests[-1][1] == "/after"
+
+
+# --- audit mode --------------------------------------------------------------------------------
+
+
+def test_audit_mode_lets_through_and_records_would_block(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    p = proxy(make_policy(tls_upstream.port, mode="audit"))
+    r = curl(p.url, f"https://other.test:{tls_upstream.port}/unlisted", ca_file=ca_file)
+    assert r.code == 200
+    r = curl(p.url, f"https://api.test:{tls_upstream.port}/listed", ca_file=ca_file)
+    assert r.code == 200
+    assert [q[1] for q in tls_upstream.seen.requests] == ["/unlisted", "/listed"]
+    recs = p.wait_audit(lambda r: r["host"] == "other.test")
+    assert recs[0]["decision"] == "would_block" and recs[0]["reason"] == "not_allowlisted"
+    assert recs[0]["mode"] == "audit"
+    allowed = p.wait_audit(lambda r: r["host"] == "api.test")
+    assert allowed[0]["decision"] == "allow"
+
+
+def test_audit_mode_still_refuses_client_acl(proxy: ProxyFactory, tls_upstream: Upstream) -> None:
+    p = proxy(
+        make_policy(
+            tls_upstream.port, mode="audit", extra="clients:\n  allow_cidrs: [10.0.0.0/8]\n"
+        )
+    )
+    sock, resp = connect(p.port, f"api.test:{tls_upstream.port}")
+    sock.close()
+    assert resp.status == 403 and resp.headers["x-egress-guard-reason"] == "client_not_allowed"
+
+
+def test_mode_flag_overrides_policy(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    p = proxy(make_policy(tls_upstream.port), "--mode", "audit")
+    r = curl(p.url, f"https://other.test:{tls_upstream.port}/", ca_file=ca_file)
+    assert r.code == 200

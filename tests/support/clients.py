@@ -1,0 +1,129 @@
+"""Real clients: raw sockets for exact bytes, curl and openssl as users run them."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RawResponse:
+    status: int
+    reason: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def read_response(sock: socket.socket, timeout: float = 10.0) -> RawResponse:
+    sock.settimeout(timeout)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    if not head:
+        raise ConnectionError("connection closed without a response")
+    lines = head.decode("latin-1").split("\r\n")
+    _version, status, *reason = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    length = int(headers.get("content-length", "0") or 0)
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return RawResponse(int(status), reason[0] if reason else "", headers, rest[:length])
+
+
+def send_raw(
+    proxy_port: int, data: bytes, host: str = "127.0.0.1"
+) -> tuple[socket.socket, RawResponse]:
+    """Send bytes to the proxy and read one HTTP response. The socket stays open."""
+    sock = socket.create_connection((host, proxy_port), timeout=10)
+    sock.sendall(data)
+    return sock, read_response(sock)
+
+
+def connect(
+    proxy_port: int, authority: str, headers: dict[str, str] | None = None
+) -> tuple[socket.socket, RawResponse]:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    req = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{extra}\r\n".encode()
+    return send_raw(proxy_port, req)
+
+
+def tls_get(
+    sock: socket.socket, ca_file: Path, sni: str, path: str = "/", host: str | None = None
+) -> RawResponse:
+    """TLS over an established tunnel, then one GET."""
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    tls = ctx.wrap_socket(sock, server_hostname=sni)
+    tls.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: {host or sni}\r\nConnection: keep-alive\r\n\r\n".encode()
+    )
+    return read_response(tls)  # type: ignore[arg-type]
+
+
+@dataclass
+class CurlResult:
+    code: int  # HTTP status of the final response (0 if none)
+    exit: int
+    stdout: str
+    stderr: str
+
+
+def curl(
+    proxy_url: str, url: str, *args: str, ca_file: Path | None = None, timeout: int = 15
+) -> CurlResult:
+    cmd = [
+        "curl",
+        "-sS",
+        "--max-time",
+        str(timeout),
+        "-x",
+        proxy_url,
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+    ]
+    if ca_file is not None:
+        cmd += ["--cacert", str(ca_file)]
+    cmd += [*args, url]
+    env = {"PATH": "/usr/bin:/bin", "NO_PROXY": "", "no_proxy": ""}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 5, env=env)
+    out, _, code = p.stdout.rpartition("\n")
+    return CurlResult(int(code) if code.isdigit() else 0, p.returncode, out, p.stderr)
+
+
+def openssl_s_client(
+    proxy_port: int, target: str, servername: str, ca_file: Path, send: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    cmd = [
+        "openssl",
+        "s_client",
+        "-proxy",
+        f"127.0.0.1:{proxy_port}",
+        "-connect",
+        target,
+        "-servername",
+        servername,
+        "-CAfile",
+        str(ca_file),
+        "-verify_return_error",
+        "-ign_eof",
+    ]
+    return subprocess.run(cmd, input=send, capture_output=True, timeout=20)

@@ -1,0 +1,145 @@
+"""Start the real ``egress-guard run`` (a real mitmproxy) as a child process on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BIN_DIR = Path(sys.executable).parent
+EGRESS_GUARD = str(BIN_DIR / "egress-guard")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(
+    host: str, port: int, proc: subprocess.Popen[bytes] | None, log: Path, timeout: float = 20.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"proxy exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"proxy did not listen on {host}:{port} in {timeout}s:\n{log.read_text()}")
+
+
+class ProxyProcess:
+    """One egress-guard process. ``argv`` replaces the command for wrappers (mitmdump)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        policy: str | Callable[[int], str] | None,
+        extra_args: list[str] | None = None,
+        argv: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        audit: bool = True,
+        launcher: list[str] | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.policy_path = workdir / "policy.yaml"
+        if callable(policy):
+            policy = policy(self.port)  # a policy that needs to know the proxy's own port
+        if policy is not None:
+            self.policy_path.write_text(policy)
+        self.audit_path = workdir / "audit.log"
+        self.log_path = workdir / "proxy.log"
+        if argv is None:
+            argv = [
+                *(launcher or [EGRESS_GUARD]),
+                "run",
+                "--listen",
+                f"{self.host}:{self.port}",
+                "--confdir",
+                str(workdir / "conf"),
+            ]
+            if policy is not None:
+                argv += ["--policy", str(self.policy_path)]
+            if audit:
+                argv += ["--audit-log", str(self.audit_path), "--audit-fsync", "always"]
+            argv += extra_args or []
+        self.argv = argv
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ProxyProcess:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.workdir,
+        )
+        wait_listening(self.host, self.port, self.proc, self.log_path)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def audit(self, event: str | None = "decision") -> list[dict[str, Any]]:
+        if not self.audit_path.exists():
+            return []
+        out = []
+        for line in self.audit_path.read_text().splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if event is None or rec.get("event") == event:
+                out.append(rec)
+        return out
+
+    def wait_audit(
+        self, pred: Any, timeout: float = 10.0, event: str | None = "decision"
+    ) -> list[dict[str, Any]]:
+        """Audit records satisfying ``pred`` (writes are asynchronous; poll briefly)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.audit(event) if pred(r)]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self._log.close()
+        return self.proc.returncode
+
+
+ProxyFactory = Callable[..., ProxyProcess]
