@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -44,6 +43,7 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
 from egress_guard.engine import Decision, Engine, Match
+from egress_guard.engine.models import ModelUnknown, api_kind, requested_model
 from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent, Sink
 from egress_guard.normalize import (
     Host,
@@ -54,6 +54,7 @@ from egress_guard.normalize import (
     normalize_port,
 )
 from egress_guard.policy import EffectivePolicy, PolicyError, load_catalog, load_policy, load_preset
+from egress_guard.responses import block_response, provider_block_response
 from egress_guard.state import Approval, ConnState
 from egress_guard.tunnel import CountingTCPLayer
 
@@ -421,7 +422,8 @@ class EgressGuard:
             self._deny_flow(flow, state, d)
 
     def _deny_flow(self, flow: http.HTTPFlow, state: ConnState, d: Decision) -> None:
-        if flow.request.method == "CONNECT":
+        connect = flow.request.method == "CONNECT"
+        if connect:
             state.blocked = state.blocked or d.reason
         try:
             self._record(
@@ -429,10 +431,14 @@ class EgressGuard:
                 state,
                 d,
                 method=flow.request.method,
-                path=None if flow.request.method == "CONNECT" else flow.request.path,
+                path=None if connect else flow.request.path,
             )
         finally:
-            flow.response = block_response(d)
+            if state.tunnel is not None and not connect:
+                # inside an inspected API tunnel: answer in the provider's error format
+                flow.response = provider_block_response(d, api_kind(flow.request.path))
+            else:
+                flow.response = block_response(d)
 
     async def _on_connect(self, flow: http.HTTPFlow, state: ConnState) -> None:
         eng = self._engine()
@@ -448,18 +454,117 @@ class EgressGuard:
         eng = self._engine()
         req = flow.request
         if state.tunnel is not None:
-            # A request inside a CONNECT tunnel: the CONNECT target is the authority.
+            # A request inside an intercepted CONNECT tunnel: the CONNECT target is the
+            # authority, and the destination's request rules apply.
             host, port = state.tunnel
             self._check_host_header(eng, flow, host, port)
+            approval = state.approved.get((host.value, port))
+            if approval is None or state.tunnel_decision is None:
+                raise RuntimeError("request in a tunnel without an allowing decision")
+            dest = eng.destination(state.tunnel_decision.destination)
+            decision = state.tunnel_decision
+            if dest is not None:
+                bad = eng.check_request(dest, req.method, req.path, None, decision)
+                if bad is not None:
+                    final = eng.finalize(bad)
+                    if not final.allowed:
+                        raise _Blocked(final)
+                    decision = final
+                if dest.models is not None and api_kind(req.path) is not None:
+                    # the model is in the body: keep it whole for the request hook
+                    flow.metadata[_MODEL_CHECK_KEY] = dest.name
+                    approval.bytes_up += _head_size(req.method, req.path, req.headers)
+                    flow.metadata[_APPROVAL_KEY] = approval
+                    return
+            self._record(flow.client_conn.id, state, decision, method=req.method, path=req.path)
+            self._count_http(flow, approval)
             return
         self._gate(eng, state, req.headers, req.host)
         req.headers.pop("proxy-authorization", None)
         approval = await self._authorize(eng, req.host, req.port)
         self._check_host_header(eng, flow, approval.host, approval.port)
-        state.approved[(approval.host.value, approval.port)] = approval
+        key = (approval.host.value, approval.port)
+        known = state.approved.get(key)
+        if known is not None:
+            approval = known  # keep-alive: one close record per upstream, bytes added up
+        else:
+            state.approved[key] = approval
         self._record(
-            flow.client_conn.id, state, approval.decision, method=req.method, path=req.path
+            flow.client_conn.id,
+            state,
+            approval.decision,
+            method=req.method,
+            path=req.path,
+            opens=known is None,
         )
+        self._count_http(flow, approval)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if _MODEL_CHECK_KEY in flow.metadata and flow.response is None:
+            await self._guard_flow(flow, self._on_request_body)
+
+    async def _on_request_body(self, flow: http.HTTPFlow, state: ConnState) -> None:
+        """Inspect mode: the whole request body is here; check the model it asks for."""
+        eng = self._engine()
+        req = flow.request
+        dest = eng.destination(flow.metadata[_MODEL_CHECK_KEY])
+        decision = state.tunnel_decision
+        if dest is None or decision is None:
+            raise RuntimeError("model check without a destination")
+        approval = flow.metadata.get(_APPROVAL_KEY)
+        if approval is not None:
+            approval.bytes_up += len(req.raw_content or b"")
+        try:
+            model = requested_model(req.path, req.raw_content)
+        except ModelUnknown as e:
+            bad: Decision | None = replace(
+                decision,
+                allowed=False,
+                action="block",
+                reason="model_not_allowed",
+                hint=f"destination {dest.name!r} allows models {dest.models}",
+                detail=str(e),
+            )
+        else:
+            bad = eng.check_request(dest, req.method, req.path, model, decision)
+            if bad is not None:
+                bad = replace(bad, detail=f"model {model!r}")
+        if bad is not None:
+            final = eng.finalize(bad)
+            if not final.allowed:
+                raise _Blocked(final)
+            decision = final
+        self._record(flow.client_conn.id, state, decision, method=req.method, path=req.path)
+
+    def _count_http(self, flow: http.HTTPFlow, approval: Approval | None) -> None:
+        """Count an HTTP exchange's bytes (head + body) as they stream through."""
+        if approval is None:
+            return
+        req = flow.request
+        approval.bytes_up += _head_size(req.method, req.path, req.headers)
+        flow.metadata[_APPROVAL_KEY] = approval
+
+        def up(chunk: bytes) -> bytes:
+            approval.bytes_up += len(chunk)
+            return chunk
+
+        req.stream = up
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        approval = flow.metadata.get(_APPROVAL_KEY)
+        resp = flow.response
+        if approval is None or resp is None:
+            return
+        try:
+            approval.bytes_down += _head_size(str(resp.status_code), resp.reason, resp.headers)
+
+            def down(chunk: bytes) -> bytes:
+                approval.bytes_down += len(chunk)
+                return chunk
+
+            resp.stream = down
+        except Exception:
+            log.exception("egress-guard: cannot count response bytes")
 
     def _check_host_header(self, eng: Engine, flow: http.HTTPFlow, host: Host, port: int) -> None:
         req = flow.request
@@ -630,6 +735,7 @@ class EgressGuard:
 
 
 _APPROVAL_KEY = "egress_guard_approval"
+_MODEL_CHECK_KEY = "egress_guard_model_check"
 
 
 def _head_size(first: str, second: str, headers: http.Headers) -> int:
@@ -648,29 +754,6 @@ def _is_tunnel_start(context: Context) -> bool:
 
 def replace_engine(engine: Engine, self_endpoints: frozenset[tuple[str, int]]) -> Engine:
     return Engine(engine.policy, engine.catalog, self_endpoints)
-
-
-def block_response(d: Decision) -> http.Response:
-    """The 403 (or 407) a blocked client sees: headers and a small JSON body that say why."""
-    status = {"proxy_auth_required": 407, "dns_failed": 502}.get(d.reason, 403)
-    body = {
-        "error": "blocked by egress-guard",
-        "host": d.host,
-        "port": d.port,
-        "reason": d.reason,
-        "hint": d.hint,
-    }
-    if d.detail:
-        body["detail"] = d.detail
-    headers = {
-        "Content-Type": "application/json",
-        "X-Egress-Guard-Decision": "block",
-        "X-Egress-Guard-Reason": d.reason,
-        "Connection": "close",
-    }
-    if status == 407:
-        headers["Proxy-Authenticate"] = 'Basic realm="egress-guard"'
-    return http.Response.make(status, json.dumps(body).encode() + b"\n", headers)
 
 
 def _safe_host(flow: http.HTTPFlow) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 import sys
 from collections.abc import Callable, Iterator
@@ -16,6 +17,19 @@ from support.proxy import ProxyFactory, ProxyProcess
 from support.upstream import Upstream
 
 TEST_NAMES = ["api.test", "other.test", "private.test", "localhost", "127.0.0.1", "::1"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_confdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The proxies of one test session share one interception CA (see ProxyProcess)."""
+    path = tmp_path_factory.mktemp("confdir")
+    old = os.environ.get("EG_TEST_CONFDIR")
+    os.environ["EG_TEST_CONFDIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("EG_TEST_CONFDIR", None)
+    else:
+        os.environ["EG_TEST_CONFDIR"] = old
 
 
 @pytest.fixture(scope="session")

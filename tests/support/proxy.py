@@ -63,6 +63,8 @@ class ProxyProcess:
         if policy is not None:
             self.policy_path.write_text(policy)
         self.audit_path = workdir / "audit.log"
+        #: one CA for the whole test session: generating a key per proxy costs ~0.5 s
+        self.confdir = Path(os.environ.get("EG_TEST_CONFDIR") or workdir / "conf")
         self.log_path = workdir / "proxy.log"
         if argv is None:
             argv = [
@@ -71,7 +73,7 @@ class ProxyProcess:
                 "--listen",
                 f"{self.host}:{self.port}",
                 "--confdir",
-                str(workdir / "conf"),
+                str(self.confdir),
             ]
             if policy is not None:
                 argv += ["--policy", str(self.policy_path)]

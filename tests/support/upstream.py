@@ -36,6 +36,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.server.seen.requests.append((self.command, self.path, self.headers.get("Host")))
             self.server.seen.headers.append({k.lower(): v for k, v in self.headers.items()})
             self.server.seen.bodies.append(body)
+        if self.path.endswith("/sse"):
+            self._sse()
+            return
         if self.path.startswith("/bytes/"):
             n = int(self.path.split("/")[2])
             payload = b"x" * n
@@ -48,6 +51,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(payload)
 
+    def _sse(self) -> None:
+        """Server-sent events: the second event waits until the test has seen the first,
+        so a proxy that buffers the response deadlocks the exchange instead of passing."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i, event in enumerate((b"data: first\n\n", b"data: second\n\n")):
+            if i == 1 and not self.server.gate.wait(20):
+                break
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
     do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _serve
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -58,6 +76,7 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     seen: Seen
     tls: ssl.SSLContext | None
+    gate: threading.Event
 
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = self.socket.accept()
@@ -92,6 +111,9 @@ class Upstream:
 
         self._server = Server((host, 0), _Handler)
         self._server.seen = self.seen
+        #: released by a test to let a streaming response continue
+        self.gate = threading.Event()
+        self._server.gate = self.gate
         self._server.tls = tls_ctx
         if tls_ctx is not None:
 

@@ -1,0 +1,54 @@
+"""``egress-guard ca export``: the interception CA certificate, for NODE_EXTRA_CA_CERTS.
+
+Inspect mode terminates TLS with a CA that mitmproxy keeps in the confdir. Clients must
+trust it; OpenCode (Bun) reads extra CAs from ``NODE_EXTRA_CA_CERTS``. Exporting creates
+the CA when the confdir has none yet, so the file can be handed out before the first run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import certs
+
+from egress_guard.run import DEFAULT_CONFDIR
+
+CA_BASENAME = "mitmproxy"
+KEY_SIZE = 2048
+
+
+def ca_certificate_pem(confdir: str) -> bytes:
+    path = Path(os.path.expanduser(confdir))
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = certs.CertStore.from_store(path, CA_BASENAME, KEY_SIZE)
+    return store.default_ca.to_pem()
+
+
+def cmd_ca_export(args: argparse.Namespace) -> int:
+    pem = ca_certificate_pem(args.confdir)
+    if args.output in (None, "-"):
+        sys.stdout.write(pem.decode())
+    else:
+        Path(args.output).write_bytes(pem)
+        print(
+            f"wrote {args.output}; trust it with NODE_EXTRA_CA_CERTS={args.output}", file=sys.stderr
+        )
+    return 0
+
+
+def add_ca_parser(sub: Any) -> None:
+    ca = sub.add_parser("ca", help="the interception CA used in inspect mode")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
+    export = ca_sub.add_parser("export", help="write the CA certificate (PEM)")
+    export.add_argument(
+        "--confdir",
+        default=DEFAULT_CONFDIR,
+        metavar="DIR",
+        help=f"the proxy's confdir (default {DEFAULT_CONFDIR})",
+    )
+    export.add_argument("-o", "--output", metavar="FILE", help="output file (default stdout)")
+    export.set_defaults(func=cmd_ca_export)

@@ -1,0 +1,217 @@
+"""Inspect mode: TLS interception for destinations with request rules; model allowlist;
+provider-format errors; streaming passes through unbuffered; secrets never recorded."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from support.policies import make_policy
+from support.proxy import EGRESS_GUARD, ProxyFactory, ProxyProcess
+from support.upstream import Upstream
+
+RULES = """\
+    methods: [GET, POST]
+    paths: ["/v1/*", "/v1beta/*"]
+    models: [good-model, gemini-ok]
+"""
+
+
+def inspect_policy(port: int, mode: str = "enforce") -> str:
+    text = make_policy(port, mode=mode)
+    return text.replace(
+        "    ports: [%d]\n  - name: private-api" % port,
+        "    ports: [%d]\n%s  - name: private-api" % (port, RULES),
+        1,
+    )
+
+
+@pytest.fixture
+def guard(proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path) -> ProxyProcess:
+    return proxy(inspect_policy(tls_upstream.port), "--inspect", "--upstream-ca", str(ca_file))
+
+
+def guard_ca(p: ProxyProcess) -> ssl.SSLContext:
+    pem = subprocess.run(
+        [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    path = p.workdir / "guard-ca.pem"
+    path.write_bytes(pem)
+    return ssl.create_default_context(cafile=str(path))
+
+
+def client(p: ProxyProcess) -> httpx.Client:
+    return httpx.Client(proxy=p.url, verify=guard_ca(p), trust_env=False, timeout=20)
+
+
+def test_policy_text_validates(tls_upstream: Upstream) -> None:
+    from egress_guard.policy import load_policy_text
+
+    pol = load_policy_text(inspect_policy(tls_upstream.port), "inspect.yaml")
+    assert pol.destinations[0].models == ["good-model", "gemini-ok"]
+
+
+def test_allowed_model_passes_and_upstream_cert_is_verified(
+    guard: ProxyProcess, tls_upstream: Upstream
+) -> None:
+    url = f"https://api.test:{tls_upstream.port}/v1/chat/completions"
+    with client(guard) as c:
+        r = c.post(url, json={"model": "good-model", "messages": []})
+    assert r.status_code == 200, r.text
+    assert tls_upstream.seen.requests[0][:2] == ("POST", "/v1/chat/completions")
+    assert json.loads(tls_upstream.seen.bodies[0])["model"] == "good-model"
+    recs = guard.wait_audit(lambda r: r.get("path") == "/v1/chat/completions")
+    assert recs[0]["decision"] == "allow"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "shape"),
+    [
+        ("/v1/chat/completions", {"model": "gpt-evil", "messages": []}, "openai"),
+        ("/v1/responses", {"model": "gpt-evil", "input": "hi"}, "openai"),
+        ("/v1/messages", {"model": "claude-evil", "max_tokens": 1, "messages": []}, "anthropic"),
+        ("/v1beta/models/gemini-evil:generateContent", {"contents": []}, "gemini"),
+    ],
+)
+def test_disallowed_model_refused_in_provider_format(
+    guard: ProxyProcess, tls_upstream: Upstream, path: str, body: dict[str, object], shape: str
+) -> None:
+    with client(guard) as c:
+        r = c.post(f"https://api.test:{tls_upstream.port}{path}", json=body)
+    assert r.status_code == 403
+    assert r.headers["x-egress-guard-reason"] == "model_not_allowed"
+    err = r.json()
+    if shape == "openai":
+        assert err["error"]["code"] == "model_not_allowed" and "message" in err["error"]
+    elif shape == "anthropic":
+        assert err["type"] == "error" and err["error"]["type"] == "permission_error"
+    else:
+        assert err["error"]["status"] == "PERMISSION_DENIED" and err["error"]["code"] == 403
+    assert tls_upstream.seen.requests == []
+    recs = guard.wait_audit(lambda r: r["reason"] == "model_not_allowed")
+    assert recs and recs[0]["decision"] == "block" and recs[0]["path"] == path
+
+
+def test_unreadable_or_ambiguous_model_is_refused(
+    guard: ProxyProcess, tls_upstream: Upstream
+) -> None:
+    url = f"https://api.test:{tls_upstream.port}/v1/chat/completions"
+    with client(guard) as c:
+        r1 = c.post(url, content=b"not json", headers={"content-type": "application/json"})
+        r2 = c.post(url, content=b'{"model": "good-model", "model": "gpt-evil"}')
+        r3 = c.post(url, json={"messages": []})
+    assert [r1.status_code, r2.status_code, r3.status_code] == [403, 403, 403]
+    assert tls_upstream.seen.requests == []
+
+
+def test_gemini_model_in_path_allowed(guard: ProxyProcess, tls_upstream: Upstream) -> None:
+    with client(guard) as c:
+        r = c.post(
+            f"https://api.test:{tls_upstream.port}/v1beta/models/gemini-ok:generateContent", json={}
+        )
+    assert r.status_code == 200
+
+
+def test_method_and_path_rules(guard: ProxyProcess, tls_upstream: Upstream) -> None:
+    with client(guard) as c:
+        r1 = c.delete(f"https://api.test:{tls_upstream.port}/v1/models/x")
+        r2 = c.get(f"https://api.test:{tls_upstream.port}/admin/keys")
+        r3 = c.get(f"https://api.test:{tls_upstream.port}/v1/models")
+    assert r1.status_code == 403 and r1.headers["x-egress-guard-reason"] == "method_not_allowed"
+    assert r2.status_code == 403 and r2.headers["x-egress-guard-reason"] == "path_not_allowed"
+    assert r3.status_code == 200
+    assert [q[1] for q in tls_upstream.seen.requests] == ["/v1/models"]
+
+
+def test_sse_response_streams_unbuffered(guard: ProxyProcess, tls_upstream: Upstream) -> None:
+    """The upstream sends its second event only after the client has seen the first."""
+    received = b""
+    with (
+        client(guard) as c,
+        c.stream(
+            "POST", f"https://api.test:{tls_upstream.port}/v1/sse", json={"model": "good-model"}
+        ) as r,
+    ):
+        assert r.status_code == 200
+        for chunk in r.iter_bytes():
+            received += chunk
+            if b"data: first" in received:
+                tls_upstream.gate.set()
+            if b"data: second" in received:
+                break
+    assert b"data: first" in received and b"data: second" in received
+
+
+def test_not_inspected_destination_stays_a_tunnel(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    """Without request rules the tunnel is not intercepted: the client sees the real cert."""
+    p = proxy(make_policy(tls_upstream.port), "--inspect")
+    ctx = ssl.create_default_context(cafile=str(ca_file))  # the upstream's CA, not the guard's
+    with httpx.Client(proxy=p.url, verify=ctx, trust_env=False) as c:
+        r = c.get(f"https://api.test:{tls_upstream.port}/plain")
+    assert r.status_code == 200
+
+
+def test_upstream_cert_not_trusted_without_upstream_ca(
+    proxy: ProxyFactory, tls_upstream: Upstream
+) -> None:
+    p = proxy(inspect_policy(tls_upstream.port), "--inspect")
+    with client(p) as c:
+        r = c.post(
+            f"https://api.test:{tls_upstream.port}/v1/chat/completions",
+            json={"model": "good-model"},
+        )
+    assert r.status_code == 502
+    assert tls_upstream.seen.requests == []
+
+
+def test_no_secrets_recorded_in_inspect_mode(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    from support.proxy import free_port
+
+    mport = free_port()
+    p = proxy(
+        inspect_policy(tls_upstream.port),
+        "--inspect",
+        "--upstream-ca",
+        str(ca_file),
+        "--metrics",
+        f"127.0.0.1:{mport}",
+        "--audit-log",
+        "-",
+        audit=False,
+    )
+    headers = {
+        "Authorization": "Bearer sk-SECRET1",
+        "x-api-key": "SECRET2",
+        "api-key": "SECRET6",
+        "Cookie": "session=SECRET3",
+    }
+    with client(p) as c:
+        ok = c.post(
+            f"https://api.test:{tls_upstream.port}/v1/chat/completions?key=SECRET4",
+            json={"model": "good-model", "prompt": "SECRET7"},
+            headers=headers,
+        )
+        bad = c.post(
+            f"https://api.test:{tls_upstream.port}/v1/chat/completions?key=SECRET4",
+            json={"model": "gpt-evil", "prompt": "SECRET7"},
+            headers=headers,
+        )
+    assert ok.status_code == 200 and bad.status_code == 403
+    metrics_text = httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=5).text
+    p.stop()
+    out = p.log()
+    assert "/v1/chat/completions" in out
+    for secret in ("SECRET1", "SECRET2", "SECRET3", "SECRET4", "SECRET6", "SECRET7"):
+        assert secret not in out, secret
+        assert secret not in metrics_text, secret
