@@ -57,6 +57,10 @@ existing file (or of ``.1`` if the current file is empty) and chains from it; it
 rewrites a byte. A partial last line left by a crash is sealed with a newline and named in
 the next ``startup`` line, which verify reports as a note rather than tampering.
 
+One process per file: the sink takes an exclusive ``flock`` on the file it appends to,
+and a second guard pointed at the same file stays unhealthy (two writers would fork the
+chain). Rotation is the sink's own; an external logrotate would cut the chain.
+
 Path ``-`` writes to standard output (container log pipelines): no rotation, no fsync,
 and each process start begins a new chain from 64 zeros.
 
@@ -69,6 +73,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -416,11 +422,7 @@ class AuditLog:
                 try:
                     item = self._q.get(timeout=self._wait_time())
                 except queue.Empty:
-                    try:
-                        self._sync_if_due()
-                    except OSError as e:
-                        self._fail(e)
-                    continue
+                    continue  # _service() syncs when the interval is due
                 self._backlog.append(item)
                 while len(self._backlog) < _BATCH:
                     try:
@@ -510,6 +512,7 @@ class AuditLog:
             tail: Tail | None = None
             if self._stream is None:
                 self._fd = os.open(self.path, _OPEN_FLAGS, 0o600)
+                _lock(self._fd, self.path)
                 st = os.fstat(self._fd)
                 self._regular = stat.S_ISREG(st.st_mode)
                 self._size = st.st_size if self._regular else 0
@@ -589,6 +592,11 @@ class AuditLog:
         if os.path.lexists(self.path):
             os.replace(self.path, f"{self.path}.1")
         fd = os.open(self.path, _OPEN_FLAGS, 0o600)
+        try:
+            _lock(fd, self.path)
+        except OSError:
+            os.close(fd)
+            raise
         old, self._fd, self._size = self._fd, fd, 0
         with contextlib.suppress(OSError):
             os.close(old)
@@ -699,6 +707,18 @@ def _fields(ev: DecisionEvent | CloseEvent | PolicyEvent) -> dict[str, Any]:
         "mode": ev.mode,
         "error": scrub_text(ev.error),
     }
+
+
+def _lock(fd: int, path: str) -> None:
+    """One writer per file: a second guard appending to the same log would fork the
+    chain. Where the filesystem has no locks (some network filesystems) carry on."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise OSError(e.errno, "in use by another egress-guard process (locked)") from e
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
 
 
 def _sync_dir(path: str) -> None:

@@ -463,6 +463,8 @@ class _Target:
     first: str
     counts: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
+    #: the policy destinations it was decided under (the rule names in force then)
+    dests: set[str] = field(default_factory=set)
 
     @property
     def label(self) -> str:
@@ -473,7 +475,8 @@ class _Target:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
         refused = {r: c for r, c in self.reasons.items() if r != "allowlisted"}
         why = f"; {', '.join(sorted(refused))}" if refused else ""
-        return f"{self.label} - {n} event(s): {counts}{why}; first at {self.first}"
+        under = f"; policy destination {', '.join(sorted(self.dests))}" if self.dests else ""
+        return f"{self.label} - {n} event(s): {counts}{why}{under}; first at {self.first}"
 
 
 def _targets(records: Iterable[Record]) -> tuple[list[_Target], list[str]]:
@@ -498,6 +501,8 @@ def _targets(records: Iterable[Record]) -> tuple[list[_Target], list[str]]:
         decision = str(o.get("decision"))
         t.counts[decision] = t.counts.get(decision, 0) + 1
         t.reasons[reason] = t.reasons.get(reason, 0) + 1
+        if isinstance(o.get("destination"), str):
+            t.dests.add(o["destination"])
     return list(found.values()), skipped
 
 
@@ -593,8 +598,8 @@ def learn(
         out += [f"  #   {t.describe()}" for t in group]
         if any("private_address" in t.reasons for t in group):
             out.append(
-                "  # note: it resolved to a private address; that stays blocked unless the "
-                "address is also in network.allow_cidrs"
+                "  # note: a private address (or it resolved to one): that stays blocked "
+                "unless the address is also in network.allow_cidrs"
             )
         out += [
             f"  - name: {_dest_name(host, taken)}",

@@ -114,7 +114,7 @@ def test_run_records_every_decision_and_close_and_metrics_match(
     for variant, line_no in (
         (edited, 4),
         (lines[:2] + lines[3:], 3),  # a deletion
-        (lines[:2] + [lines[3], lines[2]] + lines[4:], 3),  # a swap
+        ([*lines[:2], lines[3], lines[2], *lines[4:]], 3),  # a swap
     ):
         bad = p.workdir / "tampered.log"
         bad.write_text("".join(variant))

@@ -24,8 +24,8 @@ RULES = """\
 def inspect_policy(port: int, mode: str = "enforce") -> str:
     text = make_policy(port, mode=mode)
     return text.replace(
-        "    ports: [%d]\n  - name: private-api" % port,
-        "    ports: [%d]\n%s  - name: private-api" % (port, RULES),
+        f"    ports: [{port}]\n  - name: private-api",
+        f"    ports: [{port}]\n{RULES}  - name: private-api",
         1,
     )
 
