@@ -17,7 +17,8 @@ Events (``event`` field)
                        ``recovered: "torn_line"`` when the previous run left a partial line
     ``policy_loaded``  from PolicyEvent: result ok|error, source, policy_sha256, error
     ``decision``       from DecisionEvent: id, client, host, port, sni, method, path,
-                       decision (allow|block|would_block), reason, destination, mode,
+                       decision (allow|block|would_block), reason, destination, catalog
+                       (the catalog entry covering an unlisted target), mode,
                        policy_sha256, detail
     ``close``          from CloseEvent: the decision fields that apply, plus bytes_up,
                        bytes_down, duration_ms, error
@@ -385,13 +386,18 @@ class AuditLog:
     # -- enqueue side ----------------------------------------------------------------------
 
     def _put(self, item: _Entry) -> None:
-        if self._closing:
-            self._lose("closed")
-            return
-        try:
-            self._q.put_nowait(item)
-        except queue.Full:
-            self._lose("queue_full")
+        # Under the lock so that nothing is queued after shutdown() has started draining:
+        # such an event would be neither written nor counted.
+        with self._lock:
+            if self._closing:
+                reason = "closed"
+            else:
+                try:
+                    self._q.put_nowait(item)
+                    return
+                except queue.Full:
+                    reason = "queue_full"
+        self._lose(reason)
 
     def _lose(self, reason: str) -> None:
         with self._lock:
@@ -679,6 +685,7 @@ def _fields(ev: DecisionEvent | CloseEvent | PolicyEvent) -> dict[str, Any]:
             "decision": d.action,
             "reason": d.reason,
             "destination": d.destination,
+            "catalog": d.catalog,
             "mode": ev.mode,
             "policy_sha256": ev.policy_sha256 or None,
             "detail": scrub_text(d.detail),

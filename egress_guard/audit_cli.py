@@ -17,13 +17,15 @@ Exit codes as elsewhere: 0 ok, 1 something found wrong, 2 usage or I/O error.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from egress_guard.audit import GENESIS, line_hash
 from egress_guard.engine import HostIndex
@@ -70,27 +72,22 @@ def _parse(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
     return obj, None
 
 
-def read_lines(path: str) -> list[Line]:
-    """Every line of one file (``-``: standard input). Raises OSError."""
-    if path == "-":
-        data = sys.stdin.buffer.read()
-        name = "<stdin>"
-    else:
-        with open(path, "rb") as f:
-            data = f.read()
-        name = path
-    if not data:
-        return []
-    parts = data.split(b"\n")
-    last_complete = parts[-1] == b""
-    if last_complete:
-        parts.pop()
-    out = []
-    for i, raw in enumerate(parts):
-        complete = last_complete or i < len(parts) - 1
-        obj, problem = _parse(raw)
-        out.append(Line(name, i + 1, raw, complete, obj, problem))
-    return out
+def iter_lines(paths: Iterable[str]) -> Iterator[Line]:
+    """Every line of the files in turn (``-``: standard input), streamed: a rotated set
+    of large files is never held in memory. Raises OSError."""
+    for path in paths:
+        with contextlib.ExitStack() as stack:
+            if path == "-":
+                f: BinaryIO = sys.stdin.buffer
+                name = "<stdin>"
+            else:
+                f = stack.enter_context(open(path, "rb"))
+                name = path
+            for i, chunk in enumerate(f, 1):
+                complete = chunk.endswith(b"\n")
+                raw = chunk[:-1] if complete else chunk
+                obj, problem = _parse(raw)
+                yield Line(name, i, raw, complete, obj, problem)
 
 
 _ROTATED = re.compile(r"^(?P<base>.+)\.(?P<n>[1-9][0-9]*)$")
@@ -140,21 +137,22 @@ class VerifyResult:
 
 def verify(paths: Sequence[str], require_start: bool = False) -> VerifyResult:
     """Check the hash chain across ``paths`` (already in chain order). Raises OSError."""
-    lines: list[Line] = []
-    for p in paths:
-        lines.extend(read_lines(p))
-    res = VerifyResult(files=list(paths), lines=len(lines))
-    res.broken = _walk(lines, res, require_start)
+    res = VerifyResult(files=list(paths))
+    res.broken = _walk(iter_lines(paths), res, require_start)
     return res
 
 
-def _walk(lines: list[Line], res: VerifyResult, require_start: bool) -> Break | None:
+def _walk(lines: Iterator[Line], res: VerifyResult, require_start: bool) -> Break | None:
+    """One pass with one line of lookahead (the next line is needed to tell which of two
+    lines was edited, and to recognise a torn line sealed at restart)."""
     expected_prev: str | None = None
     expected_seq: int | None = None
     before: Line | None = None
-    for i, ln in enumerate(lines):
+    ln = next(lines, None)
+    while ln is not None:
+        nxt = next(lines, None)
+        res.lines += 1
         h = line_hash(ln.raw)
-        nxt = lines[i + 1] if i + 1 < len(lines) else None
         if not ln.complete:
             return Break(
                 ln.where,
@@ -174,7 +172,7 @@ def _walk(lines: list[Line], res: VerifyResult, require_start: bool) -> Break | 
                     f"{ln.where}: partial line from an interrupted write, sealed at the "
                     f"restart recorded at {nxt.where}"
                 )
-                expected_prev, before = h, ln
+                expected_prev, before, ln = h, ln, nxt
                 continue
             return Break(
                 ln.where,
@@ -195,9 +193,9 @@ def _walk(lines: list[Line], res: VerifyResult, require_start: bool) -> Break | 
                 if require_start:
                     return Break(ln.where, "incomplete", msg)
                 res.notes.append(f"{ln.where}: {msg}")
-            res.first_seq = seq
         elif prev != expected_prev:
-            return _diagnose(lines, i, ln, nxt, before, expected_seq)
+            rest = itertools.chain([nxt], lines) if nxt is not None else lines
+            return _diagnose(ln, nxt, rest, before, expected_seq)
         elif expected_seq is not None and seq != expected_seq:
             return Break(
                 ln.where,
@@ -209,18 +207,19 @@ def _walk(lines: list[Line], res: VerifyResult, require_start: bool) -> Break | 
             res.first_seq = seq
         expected_prev, expected_seq, before = h, seq + 1, ln
         res.last_seq = seq
+        ln = nxt
     res.head = expected_prev
     return None
 
 
 def _diagnose(
-    lines: list[Line],
-    i: int,
     ln: Line,
     nxt: Line | None,
+    rest: Iterator[Line],
     before: Line | None,
     expected_seq: int | None,
 ) -> Break:
+    """Name what broke the chain at ``ln`` (its prev does not match the line before)."""
     assert ln.obj is not None
     seq: int = ln.obj["seq"]
     boundary = ""
@@ -229,8 +228,7 @@ def _diagnose(
     if expected_seq is not None and seq != expected_seq:
         if seq > expected_seq:
             later = next(
-                (x for x in lines[i + 1 :] if x.obj is not None and x.obj["seq"] == expected_seq),
-                None,
+                (x for x in rest if x.obj is not None and x.obj["seq"] == expected_seq), None
             )
             if later is not None:
                 return Break(
@@ -278,24 +276,25 @@ class Record:
     obj: dict[str, Any]
 
 
-def load_records(paths: Sequence[str]) -> tuple[list[Record], int]:
-    """Parsed JSON objects with their file:line, and the count of unreadable lines."""
-    out: list[Record] = []
-    bad = 0
-    for p in paths:
-        for ln in read_lines(p):
-            if ln.obj is None:
-                try:
-                    obj = json.loads(ln.raw)
-                except (ValueError, UnicodeDecodeError):
-                    obj = None
-                if not isinstance(obj, dict) or not ln.complete:
-                    bad += 1
-                    continue
-                out.append(Record(ln.where, obj))
-            else:
-                out.append(Record(ln.where, ln.obj))
-    return out, bad
+@dataclass
+class ReadStats:
+    unreadable: int = 0
+
+
+def iter_records(paths: Sequence[str], stats: ReadStats | None = None) -> Iterator[Record]:
+    """The JSON objects in the files with their file:line, streamed; lines that are not
+    JSON objects are counted in ``stats`` and skipped. Raises OSError."""
+    for ln in iter_lines(paths):
+        obj: object = ln.obj
+        if obj is None and ln.complete:
+            try:
+                obj = json.loads(ln.raw)
+            except (ValueError, UnicodeDecodeError):
+                obj = None
+        if isinstance(obj, dict):
+            yield Record(ln.where, obj)
+        elif stats is not None:
+            stats.unreadable += 1
 
 
 def _hostport(host: str, port: object) -> str:
@@ -479,13 +478,28 @@ class _Target:
         return f"{self.label} - {n} event(s): {counts}{why}{under}; first at {self.first}"
 
 
-def _targets(records: Iterable[Record]) -> tuple[list[_Target], list[str]]:
+@dataclass
+class _Seen:
+    targets: list[_Target]
+    skipped: list[str]
+    decisions: int = 0
+    first_ts: str | None = None
+    last_ts: str | None = None
+
+
+def _targets(records: Iterable[Record]) -> _Seen:
     found: dict[tuple[str, int], _Target] = {}
-    skipped: list[str] = []
+    seen = _Seen([], [])
+    skipped = seen.skipped
     for rec in records:
         o = rec.obj
+        ts = o.get("ts")
+        if isinstance(ts, str):
+            seen.first_ts = ts if seen.first_ts is None else min(seen.first_ts, ts)
+            seen.last_ts = ts if seen.last_ts is None else max(seen.last_ts, ts)
         if o.get("event") != "decision":
             continue
+        seen.decisions += 1
         host, port, reason = o.get("host"), o.get("port"), str(o.get("reason"))
         if reason in _NOT_LEARNED:
             skipped.append(f"{rec.where} ({reason})")
@@ -503,7 +517,8 @@ def _targets(records: Iterable[Record]) -> tuple[list[_Target], list[str]]:
         t.reasons[reason] = t.reasons.get(reason, 0) + 1
         if isinstance(o.get("destination"), str):
             t.dests.add(o["destination"])
-    return list(found.values()), skipped
+    seen.targets = list(found.values())
+    return seen
 
 
 def _covering(
@@ -557,19 +572,18 @@ def _dest_name(host: str, taken: set[str]) -> str:
 
 
 def learn(
-    records: Sequence[Record],
+    records: Iterable[Record],
     catalog: Mapping[str, CatalogEntry],
     sources: Sequence[str],
 ) -> str:
     """A version-1 policy allowing every host:port in the decision events, as YAML text."""
-    targets, skipped = _targets(records)
+    seen = _targets(records)
+    targets, skipped = seen.targets, seen.skipped
     chosen, uncovered = _choose(targets, catalog)
-    times = [str(r.obj["ts"]) for r in records if isinstance(r.obj.get("ts"), str)]
-    decisions = sum(1 for r in records if r.obj.get("event") == "decision")
     out = [
         f"# Learned by `egress-guard audit learn` from {', '.join(sources)}",
-        f"# {decisions} decision event(s)"
-        + (f" from {min(times)} to {max(times)}" if times else "")
+        f"# {seen.decisions} decision event(s)"
+        + (f" from {seen.first_ts} to {seen.last_ts}" if seen.first_ts else "")
         + f"; {len(targets)} host:port target(s).",
         "# It allows what was contacted or attempted in that window, nothing else known.",
         "# Review every line before use: an attempt is not proof that a destination is needed.",
@@ -643,14 +657,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    stats = ReadStats()
     try:
-        records, bad = load_records(_files(args))
+        s = summarize(iter_records(_files(args), stats))
     except OSError as e:
         print(f"egress-guard audit summary: {e}", file=sys.stderr)
         return EXIT_ERROR
-    if bad:
-        print(f"warning: {bad} unreadable line(s) skipped", file=sys.stderr)
-    s = summarize(records)
+    if stats.unreadable:
+        print(f"warning: {stats.unreadable} unreadable line(s) skipped", file=sys.stderr)
     if args.json:
         print(json.dumps(s, indent=2))
     else:
@@ -660,14 +674,14 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_learn(args: argparse.Namespace) -> int:
     files = _files(args)
+    stats = ReadStats()
     try:
-        records, bad = load_records(files)
+        text = learn(iter_records(files, stats), load_catalog(), files)
     except OSError as e:
         print(f"egress-guard audit learn: {e}", file=sys.stderr)
         return EXIT_ERROR
-    if bad:
-        print(f"warning: {bad} unreadable line(s) skipped", file=sys.stderr)
-    text = learn(records, load_catalog(), files)
+    if stats.unreadable:
+        print(f"warning: {stats.unreadable} unreadable line(s) skipped", file=sys.stderr)
     try:  # never hand out a policy that does not load
         load_policy_text(text, args.output or "learned.yaml")
     except PolicyError as e:

@@ -122,12 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("targets", nargs="+", metavar="TARGET")
     c.set_defaults(func=cmd_check)
 
+    from egress_guard.audit_cli import add_audit_parser
     from egress_guard.ca import add_ca_parser
     from egress_guard.run import add_run_parser
 
     add_run_parser(sub)
     add_ca_parser(sub)
-    __import__("egress_guard.audit_cli", fromlist=["_"]).add_audit_parser(sub)  # audit ...
+    add_audit_parser(sub)
     return p
 
 

@@ -218,6 +218,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     Path(os.path.expanduser(args.confdir)).mkdir(parents=True, exist_ok=True, mode=0o700)
     sinks = make_sinks(args)
+    audit = [s for s in sinks if isinstance(s, AuditLog)]
+    if any(not s.healthy for s in audit):
+        # Refuse to start rather than run a proxy that refuses every connection.
+        print(f"egress-guard: cannot write the audit log: {audit[0].last_error}", file=sys.stderr)
+        for s in audit:
+            s.shutdown(timeout=1)
+        return 2
     try:
         return asyncio.run(serve(args, sinks))
     finally:

@@ -14,3 +14,24 @@ if [ "${#need[@]}" -gt 0 ]; then
     echo "egress-guard: missing ${need[*]}; install them to run the integration tests" >&2
   fi
 fi
+
+# The real OpenCode for the end-to-end tests, from the npm registry, pinned to the version
+# whose traffic DESIGN.md section 9 describes. Kept in .cache/ (git-ignored).
+OPENCODE_VERSION="${OPENCODE_VERSION:-1.18.33}"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+oc_dir="$root/.cache/opencode"
+if [ ! -x "$oc_dir/node_modules/.bin/opencode" ] || \
+   [ "$("$oc_dir/node_modules/.bin/opencode" --version 2>/dev/null)" != "$OPENCODE_VERSION" ]; then
+  if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >&2 || true
+  fi
+  if command -v npm >/dev/null 2>&1; then
+    echo "egress-guard: installing opencode-ai@$OPENCODE_VERSION for the end-to-end tests" >&2
+    mkdir -p "$oc_dir"
+    (cd "$oc_dir" && timeout 600 npm install --no-audit --no-fund --loglevel=error \
+        "opencode-ai@$OPENCODE_VERSION" >&2) \
+      || echo "egress-guard: npm install opencode-ai failed; the OpenCode end-to-end tests will be skipped" >&2
+  else
+    echo "egress-guard: npm not found; the OpenCode end-to-end tests will be skipped" >&2
+  fi
+fi

@@ -78,6 +78,9 @@ class Decision:
     port: int | None
     hint: str | None = None
     detail: str | None = None
+    #: for a target the policy does not list: the catalog entry that covers it, so the
+    #: audit log says "models-catalog" rather than only a host name
+    catalog: str | None = None
 
     @property
     def label(self) -> str:
@@ -188,23 +191,12 @@ class Engine:
                     and self.policy.network.block_private
                     and not (networks_contain(self._allow_cidrs, host.ip))
                 ):
-                    return _block(
-                        "private_address",
-                        host.value,
-                        port,
-                        hint=self._hint(host, port),
-                        detail=cls,
-                    )
-                return _block(
-                    "ip_literal_not_allowed",
-                    host.value,
-                    port,
-                    hint=self._hint(host, port),
-                )
+                    return self._unlisted("private_address", host, port, detail=cls)
+                return self._unlisted("ip_literal_not_allowed", host, port)
         else:
             ids = self._allow.match_name(host.value)
             if not ids:
-                return _block("not_allowlisted", host.value, port, hint=self._hint(host, port))
+                return self._unlisted("not_allowlisted", host, port)
         for i in ids:
             if port in self._dests[i].ports:
                 return Match(host, port, self._dests[i], i)
@@ -428,19 +420,38 @@ class Engine:
         # A listener on 0.0.0.0 / :: answers on every local address, 127.0.0.2 included.
         return ip.is_loopback and port in self._self_any_ports
 
-    def _hint(self, host: Host, port: int) -> str:
+    def catalog_entries(self, host: Host, port: int) -> list[str]:
+        """Names of the usable catalog entries that cover ``host:port``."""
         ids = (
             self._catalog_index.match_ip(host.ip)
             if host.ip is not None
             else self._catalog_index.match_name(host.value)
         )
-        names = [self._catalog_names[i] for i in ids if port in self._catalog_ports[i]]
+        return [self._catalog_names[i] for i in ids if port in self._catalog_ports[i]]
+
+    def _unlisted(
+        self, reason: Reason, host: Host, port: int, detail: str | None = None
+    ) -> Decision:
+        """A block for a target no destination lists, with the way to allow it."""
+        names = self.catalog_entries(host, port)
         if names:
             uses = ", ".join(f"'- use: {n}'" for n in names)
-            return f"catalog entry covers {hostport(host, port)}: add {uses} to destinations in {self.policy.source}"
-        return (
-            f"no catalog entry covers {hostport(host, port)}; to allow it add a destination "
-            f"with hosts: [{host.value}] and ports: [{port}] to {self.policy.source}"
+            hint = f"catalog entry covers {hostport(host, port)}: add {uses} to destinations in {self.policy.source}"
+        else:
+            hint = (
+                f"no catalog entry covers {hostport(host, port)}; to allow it add a destination "
+                f"with hosts: [{host.value}] and ports: [{port}] to {self.policy.source}"
+            )
+        return Decision(
+            False,
+            "block",
+            reason,
+            None,
+            host.value,
+            port,
+            hint,
+            detail,
+            catalog=names[0] if names else None,
         )
 
 
