@@ -35,7 +35,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.connection import Client
 from mitmproxy.net.tls import starts_like_tls_record
-from mitmproxy.proxy import layer, server_hooks
+from mitmproxy.proxy import layer, mode_specs, server_hooks
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HttpStream
 from mitmproxy.proxy.layers.tcp import TCPLayer
@@ -85,6 +85,8 @@ class EgressGuard:
         self._watch_task: asyncio.Task[None] | None = None
         self._policy_stamp: tuple[Any, ...] | None = None
         self._users: dict[str, str] = {}
+        #: (host, port) of the parent proxy in upstream mode
+        self._parent: tuple[str, int] | None = None
 
     # -- mitmproxy lifecycle ------------------------------------------------------------
 
@@ -116,6 +118,8 @@ class EgressGuard:
         ):
             log.warning("egress-guard: setting connection_strategy=lazy (required)")
             ctx.options.update(connection_strategy="lazy")
+        if "mode" in updated:
+            self._parent = _parent_proxy(ctx.options.mode)
         if updated & {"egress_guard_policy", "egress_guard_mode"}:
             try:
                 policy = self._read_policy()
@@ -336,12 +340,21 @@ class EgressGuard:
                 raise _Blocked(final)
             # audit mode: let it through, but it still needs checked, pinned addresses
             host, port = normalize_host(raw_host), normalize_port(raw_port)
+            if self._parent is not None and eng.static_addresses(host) is None:
+                return Approval(final, host, port, None, None, time.monotonic())
             addrs = await self._addresses(eng, host, port)
             self_hit = eng.check_self(addrs, host, port)
             if self_hit is not None:
                 raise _Blocked(self_hit)
             return Approval(final, host, port, addrs[0], None, time.monotonic())
         match: Match = verdict
+        if self._parent is not None and eng.static_addresses(match.host) is None:
+            # A parent proxy resolves names (air-gapped sites may have no DNS here): the
+            # decision is on the name; the parent must do its own address checks.
+            d = Decision(
+                True, "allow", "allowlisted", match.destination.name, match.host.value, match.port
+            )
+            return Approval(d, match.host, match.port, None, match.destination, time.monotonic())
         addrs = await self._addresses(eng, match.host, match.port)
         final = eng.finalize(eng.decide_addresses(match, addrs))
         if not final.allowed:
@@ -694,6 +707,8 @@ class EgressGuard:
         except NormalizationError:
             key = ("", 0)
         approval = state.approved.get(key)
+        if approval is None and key == self._parent and state.approved:
+            return  # the parent proxy: it is sent only targets decided on this connection
         if approval is None:
             log.error(
                 "egress-guard: refusing %s:%s, no allowing decision on this connection",
@@ -754,6 +769,15 @@ def _is_tunnel_start(context: Context) -> bool:
 
 def replace_engine(engine: Engine, self_endpoints: frozenset[tuple[str, int]]) -> Engine:
     return Engine(engine.policy, engine.catalog, self_endpoints)
+
+
+def _parent_proxy(modes: Sequence[str]) -> tuple[str, int] | None:
+    for spec in modes:
+        mode = mode_specs.ProxyMode.parse(spec)
+        if isinstance(mode, mode_specs.UpstreamMode):
+            host, port = mode.address
+            return normalize_host(str(host)).value, int(port)
+    return None
 
 
 def _safe_host(flow: http.HTTPFlow) -> str:
