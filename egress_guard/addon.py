@@ -42,7 +42,7 @@ from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
-from egress_guard.engine import Decision, Engine, Match
+from egress_guard.engine import Decision, Engine, Match, Reason
 from egress_guard.engine.models import ModelUnknown, api_kind, requested_model
 from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent, Sink
 from egress_guard.normalize import (
@@ -621,12 +621,16 @@ class EgressGuard:
         if starts_like_tls_record(data):
             try:
                 hello = parse_client_hello(data)
-            except ValueError:
-                hello = None
-                state.blocked = "invalid_tls"
-            if hello is None and state.blocked is None:
-                return  # ClientHello incomplete: ask again with more data
-            if hello is not None:
+            except ValueError as e:
+                # A TLS record that is not a readable ClientHello: its SNI cannot be checked.
+                if not self._tunnel_check(
+                    context.client.id, state, "sni_mismatch", f"unreadable TLS ClientHello: {e}"
+                ):
+                    nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
+                    return
+            else:
+                if hello is None:
+                    return  # ClientHello incomplete: ask again with more data
                 state.sni = hello.sni
                 if not self._sni_ok(context.client.id, state, hello.sni):
                     nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
@@ -637,6 +641,20 @@ class EgressGuard:
             nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
             return
         nextlayer.layer = CountingTCPLayer(context, approval)
+
+    def _tunnel_check(self, conn_id: str, state: ConnState, reason: Reason, detail: str) -> bool:
+        """Record a problem found in a tunnel's first bytes; False when it must be refused."""
+        assert state.tunnel is not None
+        eng = self._engine()
+        host, port = state.tunnel
+        dest = state.tunnel_decision.destination if state.tunnel_decision else None
+        final = eng.finalize(
+            Decision(False, "block", reason, dest, host.value, port, detail=detail)
+        )
+        self._record(conn_id, state, final)
+        if not final.allowed:
+            state.blocked = final.reason
+        return final.allowed
 
     def _sni_ok(self, conn_id: str, state: ConnState, sni: str | None) -> bool:
         """Check the SNI against the CONNECT target; record and mark a block."""

@@ -297,3 +297,20 @@ def test_mode_flag_overrides_policy(
     p = proxy(make_policy(tls_upstream.port), "--mode", "audit")
     r = curl(p.url, f"https://other.test:{tls_upstream.port}/", ca_file=ca_file)
     assert r.code == 200
+
+
+def test_unreadable_client_hello_is_refused(proxy: ProxyFactory, tls_upstream: Upstream) -> None:
+    """A TLS record that is not a ClientHello cannot have its SNI checked: refused."""
+    p = proxy(make_policy(tls_upstream.port))
+    sock, resp = connect(p.port, f"api.test:{tls_upstream.port}")
+    assert resp.status == 200
+    sock.sendall(b"\x16\x03\x01\x00\x08\x02\x00\x00\x04\x03\x03\x00\x00")  # a ServerHello, not a ClientHello
+    sock.settimeout(10)
+    try:
+        assert sock.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    sock.close()
+    assert tls_upstream.seen.connections == 0
+    recs = p.wait_audit(lambda r: r["reason"] == "sni_mismatch")
+    assert recs and "ClientHello" in recs[0]["detail"]
