@@ -134,19 +134,33 @@ def _parse_ipv6(text: str) -> Host:
         raise NormalizationError(f"{text!r} is not a valid IPv6 address") from e
 
 
+def _is_plain_label(label: str) -> bool:
+    """An ASCII letter-digit-hyphen label that IDNA has nothing to say about."""
+    return label.isascii() and bool(_LDH_LABEL.match(label)) and "xn--" not in label
+
+
 def _to_a_labels(name: str) -> str:
     if name.isascii():
         lowered = name.lower()
-        labels = lowered.split(".")
-        if all(_LDH_LABEL.match(label) for label in labels) and "xn--" not in lowered:
+        if all(_is_plain_label(label) for label in lowered.split(".")):
             return lowered
     try:
-        encoded: bytes = idna.encode(name, uts46=True, std3_rules=True, transitional=False)
-        # Round-trip: rejects xn-- labels that are not valid punycode of a valid U-label.
-        idna.decode(encoded)
+        mapped: str = idna.uts46_remap(name, std3_rules=True, transitional=False)
+        out: list[str] = []
+        for label in mapped.split("."):
+            if _is_plain_label(label):
+                # Decided label by label, so a plain label is accepted (or refused) the same
+                # whether the rest of the name is ASCII or not: "ab--c.example.com" must not
+                # become invalid because another label was spelled in full-width letters.
+                out.append(label)
+                continue
+            encoded: bytes = idna.alabel(label)
+            # Round-trip: rejects xn-- labels that are not valid punycode of a valid U-label.
+            idna.ulabel(encoded)
+            out.append(encoded.decode("ascii").lower())
     except (idna.IDNAError, UnicodeError, ValueError) as e:
         raise NormalizationError(f"{name!r} is not a valid host name: {e}") from e
-    return encoded.decode("ascii").lower()
+    return ".".join(out)
 
 
 def normalize_host(raw: str) -> Host:

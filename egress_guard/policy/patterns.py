@@ -72,8 +72,17 @@ def parse_pattern(raw: object) -> HostPattern:
             "'api.example.com', '*.example.com' (subdomains) or '**.example.com' "
             "(apex and subdomains)"
         )
+    if "://" in text:
+        raise PatternError(
+            f"{text!r} is a URL; hosts are names or addresses, e.g. 'api.example.com' "
+            "(ports go in 'ports:', paths in 'paths:')"
+        )
     if "/" in text:
         return _parse_cidr(text)
+    if text.count(":") == 1 and not text.startswith("["):
+        raise PatternError(
+            f"{text!r} has a port; write the host alone and list the port in 'ports:'"
+        )
     kind: PatternKind = "exact"
     body = text
     if text.startswith("**."):
