@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import certs
-
 from egress_guard.run import DEFAULT_CONFDIR
 
 CA_BASENAME = "mitmproxy"
@@ -22,6 +20,8 @@ KEY_SIZE = 2048
 
 
 def ca_certificate_pem(confdir: str) -> bytes:
+    from mitmproxy import certs  # imported here: only this command needs it
+
     path = Path(os.path.expanduser(confdir))
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = certs.CertStore.from_store(path, CA_BASENAME, KEY_SIZE)

@@ -1,31 +1,22 @@
-"""``egress-guard run``: an embedded mitmproxy with only the addons the guard needs.
+"""``egress-guard run``: its flags, its sinks, and start-up checks.
 
-mitmdump loads some thirty addons (flow storage, replay, mapping, the dumper...) and
-calls every one of them on every event. The guard needs the proxy server, layer
-selection, TLS settings (for inspect mode and https:// upstreams) and itself; measured on
-the reference machine that is about 1.45x the tunnel rate of a full mitmdump.
+The embedded mitmproxy itself is built in master.py, imported only when the proxy runs,
+so ``validate``, ``check`` and the other commands start without loading mitmproxy.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import exceptions, options
-from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig, upstream_auth
-from mitmproxy.master import Master
-
-from egress_guard.addon import EgressGuard
 from egress_guard.audit import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, FSYNC_POLICIES, AuditLog
 from egress_guard.events import Sink
-from egress_guard.metrics import Metrics, start_http_server
+from egress_guard.metrics import Metrics
 from egress_guard.normalize import NormalizationError, parse_authority
 
 log = logging.getLogger("egress_guard")
@@ -115,45 +106,6 @@ def add_run_parser(sub: Any) -> None:
     r.set_defaults(func=cmd_run)
 
 
-def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, EgressGuard]:
-    """Must run inside an event loop (mitmproxy's Master takes the running loop)."""
-    opts = options.Options()
-    master = Master(opts, with_termlog=False)
-    guard = EgressGuard(sinks)
-    # The guard comes before NextLayer so its tunnel fast path decides first.
-    master.addons.add(
-        core.Core(),
-        proxyserver.Proxyserver(),
-        guard,
-        next_layer.NextLayer(),
-        tlsconfig.TlsConfig(),
-        upstream_auth.UpstreamAuth(),
-        errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
-    )
-    host, port = args.listen
-    mode = ["regular"]
-    if args.upstream_proxy:
-        mode = [f"upstream:{args.upstream_proxy}"]
-    updates: dict[str, Any] = {
-        "listen_host": host,
-        "listen_port": port,
-        "mode": mode,
-        "connection_strategy": "lazy",
-        "confdir": args.confdir,
-        "egress_guard_policy": os.path.abspath(args.policy) if args.policy else "",
-        "egress_guard_mode": args.mode or "",
-        "egress_guard_inspect": bool(args.inspect),
-        # HTTP/2 and HTTP/3 towards the client only matter when intercepting.
-        "http2": bool(args.inspect),
-        "http3": False,
-        "rawtcp": True,
-    }
-    if args.upstream_ca:
-        updates["ssl_verify_upstream_trusted_ca"] = os.path.abspath(args.upstream_ca)
-    master.options.update(**updates)
-    return master, guard
-
-
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO,
@@ -163,38 +115,6 @@ def _setup_logging(verbose: bool) -> None:
     if not verbose:
         # mitmproxy logs every client connect/disconnect at INFO; that is the audit log's job.
         logging.getLogger("mitmproxy").setLevel(logging.WARNING)
-
-
-async def serve(args: argparse.Namespace, sinks: list[Sink]) -> int:
-    try:
-        master, _guard = build_master(args, sinks)
-    except exceptions.OptionsError as e:
-        print(f"egress-guard: {e}", file=sys.stderr)
-        return 2
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
-            loop.add_signal_handler(sig, master.shutdown)  # fails off the main thread
-    server = None
-    if args.metrics is not None:
-        metrics = next(s for s in sinks if isinstance(s, Metrics))
-        mhost, mport = args.metrics
-        server = start_http_server(
-            metrics, mhost, mport, health=lambda: all(s.healthy for s in sinks)
-        )
-        log.info("egress-guard metrics on http://%s/metrics", _hostport(mhost, server.port))
-    host, port = args.listen
-    log.info("egress-guard listening on %s", _hostport(host, port))
-    try:
-        await master.run()
-    finally:
-        if server is not None:
-            server.stop()
-    return 0
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def make_sinks(args: argparse.Namespace) -> list[Sink]:
@@ -225,6 +145,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for s in audit:
             s.shutdown(timeout=1)
         return 2
+    # Imported here: mitmproxy takes about a second to import, and only `run` needs it.
+    from egress_guard.master import serve
+
     try:
         return asyncio.run(serve(args, sinks))
     finally:

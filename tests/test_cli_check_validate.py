@@ -54,7 +54,9 @@ MANY: dict[str, tuple[str, str | None, int | None, str, str | None]] = {
     "HTTPS://API.Anthropic.COM.:443/": ("allowed", "api.anthropic.com", 443, "allowlisted", "anthropic"),
     "http://api.anthropic.com/": ("blocked", "api.anthropic.com", 80, "port_not_allowed", "anthropic"),
     "2130706433": ("blocked", "127.0.0.1", 443, "private_address", None),
-    "[::ffff:169.254.169.254]:80": ("blocked", "169.254.169.254", 80, "private_address", None),
+    # the built-in presets deny cloud metadata outright (so audit mode cannot lift it)
+    "[::ffff:169.254.169.254]:80": ("blocked", "169.254.169.254", 80, "denylisted", None),
+    "[::ffff:10.1.2.3]:80": ("blocked", "10.1.2.3", 80, "private_address", None),
     "gw.example.com": ("blocked", "gw.example.com", 443, "private_address", "internal"),
     "exa mple.com": ("blocked", "exa mple.com", None, "invalid_host", None),
     "a\x01b.example.com": ("blocked", None, None, "invalid_host", None),

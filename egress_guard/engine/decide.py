@@ -55,9 +55,11 @@ Reason = Literal[
 
 #: Blocks that audit mode does not turn into would_block: they are about who may use the
 #: proxy, input that has no destination at all, a request that would loop back into the
-#: proxy, or the proxy's own failure (fail closed, in every mode).
+#: proxy, the proxy's own failure (fail closed, in every mode), or an explicit deny rule
+#: (deny wins over everything, audit mode included).
 NEVER_AUDITED: frozenset[str] = frozenset(
     {
+        "denylisted",
         "client_not_allowed",
         "proxy_auth_required",
         "invalid_host",

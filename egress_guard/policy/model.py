@@ -136,7 +136,7 @@ class Network(_Strict):
 
 
 class Auth(_Strict):
-    #: htpasswd-style file, one ``user:password`` or ``user:{SHA256}hex`` per line
+    #: htpasswd-style file, one ``user:password`` or ``user:sha256:<hex>`` per line
     users_file: str
 
 

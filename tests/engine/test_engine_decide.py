@@ -321,8 +321,16 @@ AUDITED = [
     P("api.example.com", 80, ["93.184.216.34"], "port_not_allowed", id="port"),
     P("api.example.com", 443, ["10.0.0.1"], "private_address", id="private"),
     P("1.0.0.1", 443, [], "ip_literal_not_allowed", id="ip-literal"),
-    P("x.evil.example.com", 443, [], "denylisted", id="denylisted"),
 ]
+
+
+def test_audit_mode_keeps_deny_rules(engine: Engine, audit_engine: Engine) -> None:
+    """Deny wins over everything, audit mode included."""
+    for eng in (engine, audit_engine):
+        d = full(eng, "x.evil.example.com", 443, [])
+        assert (d.allowed, d.action, d.reason) == (False, "block", "denylisted")
+        d = full(eng, "api.example.com", 443, ["9.9.9.9"])  # denied by resolved address
+        assert (d.allowed, d.reason) == (False, "denylisted")
 
 
 @pytest.mark.parametrize(("host", "port", "addrs", "reason"), AUDITED)
@@ -350,7 +358,7 @@ def test_never_audited_covers_the_design() -> None:
     assert {"client_not_allowed", "proxy_auth_required", "invalid_host", "internal_error"} <= (
         NEVER_AUDITED
     )
-    assert {"self_connection", "dns_failed"} <= NEVER_AUDITED
+    assert {"self_connection", "dns_failed", "denylisted"} <= NEVER_AUDITED
     assert not {"not_allowlisted", "private_address", "port_not_allowed"} & NEVER_AUDITED
 
 

@@ -493,8 +493,11 @@ def test_full_policy_loads_canonical(write_policy: Callable[[str, str], Path]) -
     assert pol.origins["internal"] == f"{path}:6"
     assert pol.origins["npm-registry"] == f"{path}:5"
     assert "(included from " + f"{path}:3)" in pol.origins["anthropic"]
-    assert pol.deny_origins == (f"{path}:14",)
-    assert pol.deny[0].ports == [443]
+    # the included minimal preset brings its metadata deny rule first
+    assert pol.deny_origins[-1] == f"{path}:14"
+    assert pol.deny_origins[0].endswith("minimal.yaml:12")
+    assert "169.254.169.254" in pol.deny[0].hosts
+    assert pol.deny[-1].ports == [443]
     assert pol.network.allow_cidrs == ["192.168.50.0/24"]
     assert pol.clients.allow_cidrs == ["10.1.0.0/16"]
     assert len(pol.sha256) == 64

@@ -1,0 +1,592 @@
+"""Generate ``docs/policy-reference.md`` from the policy models.
+
+    python -m egress_guard.docgen > docs/policy-reference.md
+
+The reference is a walk over the pydantic models of the policy language
+(``egress_guard.policy.model``), starting at ``PolicyFile``: every key, its type, its
+default and its description, section by section, followed by the shipped presets and the
+catalog (``policies/``). Descriptions come from, in order: ``Field(description=...)``,
+the ``#:`` comment above the field in the model's source, and the operator notes kept
+here in ``FIELD_NOTES``. A note for a key the models no longer have is an error, so the
+notes cannot silently outlive the language.
+
+The output is deterministic (no dates, no paths of this machine): a test compares the
+committed file with a fresh run, so a change to the models, presets or catalog that is not
+followed by regenerating the reference fails the test suite.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import sys
+import textwrap
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import annotated_types
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from egress_guard.policy import load_catalog, load_preset, policies_dir, preset_names
+from egress_guard.policy import model as m
+
+__all__ = ["FIELD_NOTES", "main", "render"]
+
+#: Value types with a name of their own in the reference, and the anchor that explains them.
+_ALIASES: tuple[tuple[object, str, str], ...] = (
+    (m.HostPatternStr, "host pattern", "host-patterns"),
+    (m.Cidr, "CIDR", "cidrs-and-addresses"),
+    (m.Port, "port", "ports"),
+    (m.Method, "HTTP method", "http-methods"),
+    (m.PathGlob, "path pattern", "path-patterns"),
+    (m.DestName, "name", "names"),
+    (m.DestinationItem, "catalog reference or destination", ""),
+)
+
+#: Operator-facing descriptions for keys the model source does not describe itself.
+#: Keys are (model class name, field name); a key that is not a field is an error.
+FIELD_NOTES: dict[tuple[str, str], str] = {
+    ("PolicyFile", "version"): "The policy language version. Always `1`.",
+    ("PolicyFile", "mode"): (
+        "`enforce` blocks what the policy does not allow. `audit` lets it through and "
+        "records `would_block` in the audit log and metrics; blocks about who may use the "
+        "proxy (`client_not_allowed`, `proxy_auth_required`), unusable input "
+        "(`invalid_host`), self-connections, DNS failures and internal errors stay blocks "
+        "in audit mode. `egress-guard run --mode` overrides it."
+    ),
+    ("PolicyFile", "include"): (
+        "Presets shipped in `policies/` (see [Presets](#presets)). Their destinations and "
+        "deny rules come before this file's own; `mode`, `network` and `clients` are "
+        "taken from this file only."
+    ),
+    ("PolicyFile", "destinations"): (
+        "What may be reached. Each item is either `use: <catalog entry>` or a destination "
+        "written in full."
+    ),
+    ("PolicyFile", "deny"): (
+        "Hosts that are never reached, whatever a destination allows. Checked first."
+    ),
+    ("PolicyFile", "network"): "Address-level rules: private ranges and static name resolution.",
+    ("PolicyFile", "clients"): "Who may use the proxy.",
+    ("UseRef", "use"): (
+        "The name of a [catalog entry](#catalog), taken as it is (hosts, ports, request "
+        "rules). Entries without fixed hosts, or that are not TCP, cannot be `use`d; the "
+        "loader says why."
+    ),
+    ("Destination", "name"): (
+        "Label for the audit log (`destination`) and metrics (`destination` label). "
+        "Unique in the effective policy, presets included."
+    ),
+    ("Destination", "purpose"): "Free text for humans; shown by `egress-guard check`.",
+    ("Destination", "hosts"): (
+        "Host patterns this destination covers (at least one, no duplicates)."
+    ),
+    ("Destination", "ports"): "TCP ports allowed for these hosts (no duplicates).",
+    ("InspectRules", "methods"): (
+        "Inspect mode only: HTTP methods allowed (`method_not_allowed` otherwise). "
+        "`null` allows every method."
+    ),
+    ("InspectRules", "paths"): (
+        "Inspect mode only: request paths allowed, as shell-style globs matched against the "
+        "path without its query (`*` also matches `/`). `null` allows every path."
+    ),
+    ("InspectRules", "models"): (
+        "Inspect mode only: model names a request body may ask for (the JSON `model` field, "
+        "`model_not_allowed` otherwise). `null` allows every model."
+    ),
+    ("DenyRule", "hosts"): "Host patterns to deny (at least one).",
+    ("DenyRule", "ports"): "Leave it out (or write `null`) to deny every port.",
+    ("DenyRule", "comment"): "Free text for humans (why this is denied).",
+    ("Network", "block_private"): (
+        "Refuse destinations whose addresses are not public: loopback, RFC 1918, "
+        "link-local, CGNAT, ULA, multicast, reserved ranges, cloud metadata endpoints, and "
+        "IPv6 forms that embed such an IPv4 address (mapped, NAT64, 6to4, Teredo). Checked "
+        "on every address a name resolves to (`private_address`)."
+    ),
+    ("Network", "allow_cidrs"): (
+        "Private ranges that may be reached anyway, e.g. an internal LLM gateway. A "
+        "destination whose `hosts` lists an IP or CIDR allows that range for itself only."
+    ),
+    ("Network", "resolve"): (
+        "Each value is one IP address or a list of them; keys are host names (not "
+        "addresses). A name listed here is never looked up in DNS."
+    ),
+    ("Clients", "allow_cidrs"): (
+        "Source addresses allowed to use the proxy (`client_not_allowed` otherwise, in "
+        "every mode). The default admits the local machine only; a proxy listening on a "
+        "network address needs the clients' ranges here."
+    ),
+    ("Clients", "auth"): (
+        "Optional proxy authentication (`Proxy-Authorization: Basic`); clients without "
+        "valid credentials get `407` (`proxy_auth_required`)."
+    ),
+    ("Auth", "users_file"): "Relative paths are relative to the policy file.",
+    ("Catalog", "version"): "The catalog format version. Always `1`.",
+    ("Catalog", "entries"): "One entry per destination, in the order of the table above.",
+    ("CatalogEntry", "name"): "The name a policy gives to `use:`.",
+    ("CatalogEntry", "purpose"): "What OpenCode uses this traffic for.",
+    ("CatalogEntry", "required"): (
+        "`yes`, `no`, `conditional` (depends on configuration) or `licensed` (needed for "
+        "licensed features), as in OpenCode's network documentation."
+    ),
+    ("CatalogEntry", "hosts"): "Hosts; empty when they depend on the user's configuration.",
+    ("CatalogEntry", "ports"): "TCP (or UDP) ports.",
+    ("CatalogEntry", "transport"): "`udp` entries document traffic no HTTP proxy can carry.",
+    ("CatalogEntry", "seed_row"): "The row of OpenCode's network table this entry comes from.",
+    ("CatalogEntry", "notes"): "Free text.",
+}
+
+#: Extra prose for a section, by model class name (shown after the class docstring).
+SECTION_NOTES: dict[str, str] = {
+    "PolicyFile": (
+        "Every mapping in a policy forbids unknown keys: a misspelt key is an error at "
+        "load (with file, line and a hint), never a silently ignored setting."
+    ),
+    "Destination": (
+        "`methods`, `paths` and `models` need TLS interception (`egress-guard run "
+        "--inspect`); without it a destination that declares them is matched on host and "
+        "port only."
+    ),
+    "DenyRule": "Deny rules win over every destination, in every mode.",
+    "Network": (
+        "`resolve` answers take the place of DNS for those names and are checked like DNS "
+        "answers (`block_private`, `allow_cidrs`, deny rules); the proxy connects to exactly "
+        "the address it checked."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _Section:
+    path: str
+    model: type[BaseModel]
+
+
+# -- types -----------------------------------------------------------------------------
+
+
+def _alias(tp: object) -> tuple[str, str] | None:
+    for alias, name, anchor in _ALIASES:
+        if tp is alias or tp == alias:
+            return name, anchor
+    return None
+
+
+def _anchor(model: type[BaseModel]) -> str:
+    return f"model-{model.__name__.lower()}"
+
+
+def _constraints(meta: list[Any]) -> list[str]:
+    out: list[str] = []
+    for c in meta:
+        if isinstance(c, annotated_types.MinLen) and c.min_length:
+            out.append(f"at least {c.min_length}")
+        elif isinstance(c, annotated_types.MaxLen):
+            out.append(f"at most {c.max_length}")
+        elif isinstance(c, annotated_types.Ge):
+            out.append(f">= {c.ge}")
+        elif isinstance(c, annotated_types.Le):
+            out.append(f"<= {c.le}")
+        elif isinstance(c, FieldInfo):
+            out.extend(_constraints(list(c.metadata)))
+    return out
+
+
+def render_type(tp: object) -> str:
+    """A type annotation as reference text (Markdown)."""
+    named = _alias(tp)
+    if named is not None:
+        name, anchor = named
+        return f"[{name}](#{anchor})" if anchor else name
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin is Annotated:
+        inner = render_type(args[0])
+        extra = _constraints(list(args[1:]))
+        if extra and args[0] is str:
+            return f"{inner} ({' and '.join(extra)} characters)"
+        return f"{inner} ({', '.join(extra)})" if extra else inner
+    if origin is Literal:
+        return " or ".join(f"`{json.dumps(a)}`" for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(render_type(a) for a in args)
+    if origin is list:
+        return f"list of {render_type(args[0])}"
+    if origin is dict:
+        return f"mapping of {render_type(args[0])} to {render_type(args[1])}"
+    if tp is type(None):
+        return "`null`"
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return f"[{tp.__name__}](#{_anchor(tp)})"
+    simple = {str: "string", int: "integer", bool: "boolean", float: "number"}
+    if isinstance(tp, type) and tp in simple:
+        return simple[tp]
+    raise TypeError(f"docgen: no rendering for type {tp!r}; teach render_type about it")
+
+
+def _models_in(tp: object) -> Iterator[type[BaseModel]]:
+    """BaseModel classes a type annotation refers to, in order of appearance."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        yield tp
+        return
+    for a in get_args(tp):
+        yield from _models_in(a)
+
+
+def _container_suffix(tp: object) -> str:
+    origin = get_origin(tp)
+    if origin is Annotated:
+        return _container_suffix(get_args(tp)[0])
+    if origin is list:
+        return "[]"
+    if origin is dict:
+        return ".<key>"
+    if origin in (Union, types.UnionType):
+        for a in get_args(tp):
+            suffix = _container_suffix(a)
+            if suffix:
+                return suffix
+    return ""
+
+
+# -- descriptions ------------------------------------------------------------------------
+
+
+def _comment_docs(cls: type) -> dict[str, str]:
+    """``#:`` comments written above fields in the class body (Sphinx attribute docs)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    out: dict[str, str] = {}
+    body = tree.body[0]
+    assert isinstance(body, ast.ClassDef)
+    for node in body.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        comment: list[str] = []
+        i = node.lineno - 2
+        while i >= 0 and lines[i].strip().startswith("#:"):
+            comment.insert(0, lines[i].strip()[2:].strip())
+            i -= 1
+        if comment:
+            out[node.target.id] = " ".join(comment)
+    return out
+
+
+def _defining_class(model: type[BaseModel], field: str) -> type[BaseModel]:
+    for cls in model.__mro__:
+        if isinstance(cls, type) and field in getattr(cls, "__annotations__", {}):
+            return typing.cast(type[BaseModel], cls)
+    return model
+
+
+def _check_notes() -> None:
+    known: set[tuple[str, str]] = set()
+    for cls in _all_models():
+        known.update((cls.__name__, f) for f in getattr(cls, "__annotations__", {}))
+    stale = sorted(set(FIELD_NOTES) - known)
+    if stale:
+        raise RuntimeError(f"docgen: FIELD_NOTES name keys the models do not have: {stale}")
+
+
+def _all_models() -> list[type[BaseModel]]:
+    return [
+        v
+        for v in vars(m).values()
+        if isinstance(v, type) and issubclass(v, BaseModel) and v.__module__ == m.__name__
+    ]
+
+
+def _description(model: type[BaseModel], field: str, info: FieldInfo) -> str:
+    owner = _defining_class(model, field)
+    parts: list[str] = []
+    if info.description:
+        parts.append(info.description)
+    comment = _comment_docs(owner).get(field)
+    if comment:
+        parts.append(_sentence(comment))
+    note = FIELD_NOTES.get((owner.__name__, field))
+    if note:
+        parts.append(note)
+    return " ".join(parts)
+
+
+def _sentence(text: str) -> str:
+    text = _md(text.strip())
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "!", "?", ")")) else text + "."
+
+
+# -- defaults ----------------------------------------------------------------------------
+
+
+def _default(info: FieldInfo) -> str:
+    if info.is_required():
+        return "**required**"
+    if info.default_factory is not None:
+        factory = typing.cast(Callable[[], Any], info.default_factory)
+        value = factory()
+    else:
+        value = info.default
+    if isinstance(value, BaseModel):
+        return f"see [{type(value).__name__}](#{_anchor(type(value))})"
+    return f"`{json.dumps(value, ensure_ascii=False)}`"
+
+
+# -- walking -----------------------------------------------------------------------------
+
+
+def _walk(root: type[BaseModel], root_path: str) -> list[_Section]:
+    sections: list[_Section] = []
+    seen: set[type[BaseModel]] = set()
+
+    def visit(model: type[BaseModel], path: str) -> None:
+        if model in seen:
+            return
+        seen.add(model)
+        sections.append(_Section(path, model))
+        hints = typing.get_type_hints(model, include_extras=True)
+        for name in _field_order(model):
+            tp = hints[name]
+            child_path = f"{path}.{name}" if path else name
+            child_path += _container_suffix(tp)
+            for child in _models_in(tp):
+                visit(child, child_path)
+
+    visit(root, root_path)
+    return sections
+
+
+def _field_order(model: type[BaseModel]) -> list[str]:
+    """The model's own fields first, then inherited ones (a Destination's name before its
+    inspect-mode rules)."""
+    own = [f for f in getattr(model, "__annotations__", {}) if f in model.model_fields]
+    return own + [f for f in model.model_fields if f not in own]
+
+
+def _cell(text: str) -> str:
+    """One table cell: one line, ``|`` escaped, ``<`` escaped outside code spans (GitHub
+    would take ``<host>`` for an HTML tag)."""
+    parts = " ".join(text.split()).replace("|", "\\|").split("`")
+    for i in range(0, len(parts), 2):
+        parts[i] = parts[i].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return "`".join(parts)
+
+
+def _code(text: str) -> str:
+    """A code span, unless the text already holds code spans of its own."""
+    return text if "`" in text else f"`{text}`"
+
+
+def _model_table(model: type[BaseModel], out: list[str]) -> None:
+    hints = typing.get_type_hints(model, include_extras=True)
+    out.append("| key | type | default | description |")
+    out.append("|---|---|---|---|")
+    for name in _field_order(model):
+        info = model.model_fields[name]
+        tp = hints[name]
+        ftype = render_type(tp)
+        extra = _constraints(list(info.metadata))
+        if extra:
+            ftype += f" ({', '.join(extra)})"
+        desc = _description(model, name, info)
+        out.append(
+            f"| `{name}` | {_cell(ftype)} | {_cell(_default(info))} | {_cell(desc) or ' '} |"
+        )
+    out.append("")
+
+
+def _doc(model: type[BaseModel]) -> str:
+    doc = inspect.getdoc(model) or ""
+    if doc and any(doc == inspect.getdoc(b) for b in (BaseModel, m._Strict)):
+        return ""
+    return _md(" ".join(doc.split()))
+
+
+def _md(text: str) -> str:
+    """reStructuredText literals (``x``) as Markdown code spans (`x`)."""
+    return text.replace("``", "`")
+
+
+def _sections_md(sections: list[_Section], out: list[str], level: int = 3) -> None:
+    for s in sections:
+        title = f"`{s.path}`" if s.path else "Top level"
+        out.append(f'<a id="{_anchor(s.model)}"></a>')
+        out.append("")
+        out.append(f"{'#' * level} {title} ({s.model.__name__})")
+        out.append("")
+        doc = _doc(s.model)
+        if doc:
+            out.append(doc)
+            out.append("")
+        if s.model.__name__ in SECTION_NOTES:
+            out.append(SECTION_NOTES[s.model.__name__])
+            out.append("")
+        _model_table(s.model, out)
+
+
+_VALUE_TYPES = f"""\
+## Value types
+
+### Host patterns
+
+Every entry of a `hosts` list is one of:
+
+| pattern | matches | example |
+|---|---|---|
+| exact name | that name only | `api.anthropic.com` |
+| `*.` + name | subdomains of the name, not the name itself | `*.example.com` |
+| `**.` + name | the name and all its subdomains | `**.example.com` |
+| IP address | that address (any spelling of it in a request) | `192.0.2.10`, `2001:db8::1` |
+| CIDR | every address in the range | `192.0.2.0/24` |
+
+Names are compared after normalisation, the same way for patterns and requests: lower
+case, one trailing dot removed, IDNA (UTS 46) A-labels. IP literals in requests are
+canonicalised in every form (`127.1`, `2130706433`, `0x7f000001`, `::ffff:127.0.0.1`)
+before they are matched or checked against private ranges. Refused at load, with the file,
+line and a hint: `*` alone, wildcards over a public suffix (`*.com`, `*.co.uk`,
+`*.github.io`), wildcards anywhere but the leftmost label, empty patterns and anything that
+looks like a regular expression.
+
+### CIDRs and addresses
+
+An IPv4 or IPv6 network in CIDR notation (`10.0.0.0/8`, `fd00::/8`); a bare address is a
+single host (`/32`, `/128`). Host bits must be zero.
+
+### Ports
+
+Decimal integers from 1 to 65535, written without quotes, sign or leading zeros.
+
+### Names
+
+Destination names, catalog entry names and preset names: `{m.NAME_RE}` (lower case
+letters, digits, `_` and `-`; at most 63 characters). They are metric label values, so
+their number is bounded by the policy, never by what clients send.
+
+### HTTP methods
+
+Upper-case method names, e.g. `GET`, `POST`.
+
+### Path patterns
+
+Shell-style globs that start with `/` and contain no query, fragment or spaces, e.g.
+`/v1/*`.
+"""
+
+
+def _presets_md(out: list[str]) -> None:
+    out.append("## Presets")
+    out.append("")
+    out.append(
+        "Shipped in `policies/` and named in `include:`. `egress-guard run` without "
+        "`--policy` uses `minimal`."
+    )
+    out.append("")
+    out.append("| preset | destinations | denied hosts | description |")
+    out.append("|---|---|---|---|")
+    for name in preset_names():
+        policy = load_preset(name)
+        dests = ", ".join(f"`{d.name}`" for d in policy.destinations) or "none"
+        denied = ", ".join(f"`{h}`" for rule in policy.deny for h in rule.hosts) or "none"
+        text = (policies_dir() / f"{name}.yaml").read_text(encoding="utf-8")
+        comment = []
+        for line in text.splitlines():
+            if not line.startswith("#"):
+                break
+            comment.append(line.lstrip("#").strip())
+        out.append(f"| `{name}` | {dests} | {denied} | {_cell(' '.join(comment))} |")
+    out.append("")
+
+
+def _catalog_md(out: list[str]) -> None:
+    out.append('<a id="catalog"></a>')
+    out.append("")
+    out.append("## Catalog")
+    out.append("")
+    out.append(
+        "`policies/catalog.yaml` is OpenCode's destination table as data: every row of its "
+        "network documentation plus the hosts OpenCode was observed to contact. A policy "
+        "takes an entry with `- use: <name>`."
+    )
+    out.append("")
+    out.append("| name | purpose | required | hosts | ports | turned off by | `use` |")
+    out.append("|---|---|---|---|---|---|---|")
+    for entry in load_catalog().values():
+        hosts = ", ".join(f"`{h}`" for h in entry.hosts) or "(depends on configuration)"
+        ports = ", ".join(str(p) for p in entry.ports)
+        if entry.transport != "tcp":
+            ports += f" ({entry.transport.upper()})"
+        off = "; ".join(_code(d) for d in entry.disabled_by) or "not configurable"
+        usable = "yes" if entry.usable is None else "no"
+        out.append(
+            f"| `{entry.name}` | {_cell(entry.purpose)} | {entry.required} | {_cell(hosts)} "
+            f"| {ports} | {_cell(off)} | {usable} |"
+        )
+    out.append("")
+    out.append("### catalog.yaml format")
+    out.append("")
+    _sections_md(_walk(m.Catalog, ""), out, level=4)
+
+
+def render() -> str:
+    """The whole reference, as Markdown text."""
+    _check_notes()
+    out: list[str] = [
+        "# Policy reference",
+        "",
+        "<!-- Generated by `python -m egress_guard.docgen > docs/policy-reference.md` from",
+        "     egress_guard/policy/model.py and policies/. Do not edit by hand: a test fails",
+        "     when this file and the generator's output differ. -->",
+        "",
+        "A policy is a YAML file, policy language version 1. Check one with "
+        "`egress-guard validate FILE` and try it with `egress-guard check --policy FILE "
+        "TARGET...`.",
+        "",
+        "```yaml",
+        "version: 1",
+        "mode: enforce",
+        "include: [minimal]",
+        "destinations:",
+        "  - use: models-catalog",
+        "  - name: corp-gateway",
+        "    hosts: [llm.corp.example]",
+        "    ports: [443]",
+        "deny:",
+        '  - hosts: ["**.pastebin.com"]',
+        "network:",
+        "  block_private: true",
+        "  allow_cidrs: []",
+        "  resolve: {}",
+        "clients:",
+        '  allow_cidrs: [127.0.0.0/8, "::1/128"]',
+        "```",
+        "",
+        "## Keys",
+        "",
+    ]
+    _sections_md(_walk(m.PolicyFile, ""), out)
+    out.append(_VALUE_TYPES)
+    _presets_md(out)
+    _catalog_md(out)
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], ["-"]):
+        print("usage: python -m egress_guard.docgen > docs/policy-reference.md", file=sys.stderr)
+        return 2
+    sys.stdout.write(render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
