@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_ca_parser(sub)
     add_audit_parser(sub)
+    __import__("egress_guard.opencode.cli", fromlist=["_"]).add_opencode_parsers(sub)
     return p
 
 
