@@ -373,34 +373,14 @@ class EgressGuard:
                 loop.getaddrinfo(host.value, port, type=socket.SOCK_STREAM), DNS_TIMEOUT_S
             )
         except (OSError, TimeoutError) as e:
-            raise _Blocked(
-                Decision(
-                    False,
-                    "block",
-                    "dns_failed",
-                    None,
-                    host.value,
-                    port,
-                    detail=f"DNS lookup failed: {e or 'timeout'}",
-                )
-            ) from None
+            raise _dns_failed(host, port, f"DNS lookup failed: {e or 'timeout'}") from None
         out: list[IPAddress] = []
         for info in infos:
             ip = canonical_ip(ipaddress.ip_address(str(info[4][0]).partition("%")[0]))
             if ip not in out:
                 out.append(ip)
         if not out:
-            raise _Blocked(
-                Decision(
-                    False,
-                    "block",
-                    "dns_failed",
-                    None,
-                    host.value,
-                    port,
-                    detail="DNS returned no addresses",
-                )
-            )
+            raise _dns_failed(host, port, "DNS returned no addresses")
         return tuple(out)
 
     # -- hooks ---------------------------------------------------------------------------
@@ -787,6 +767,11 @@ def _is_tunnel_start(context: Context) -> bool:
 
 def replace_engine(engine: Engine, self_endpoints: frozenset[tuple[str, int]]) -> Engine:
     return Engine(engine.policy, engine.catalog, self_endpoints)
+
+
+def _dns_failed(host: Host, port: int, detail: str) -> _Blocked:
+    """A name that does not resolve: not a policy block, but nothing can be sent (502)."""
+    return _Blocked(Decision(False, "block", "dns_failed", None, host.value, port, detail=detail))
 
 
 def _parent_proxy(modes: Sequence[str]) -> tuple[str, int] | None:
