@@ -124,12 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from egress_guard.audit_cli import add_audit_parser
     from egress_guard.ca import add_ca_parser
+    from egress_guard.opencode.cli import add_opencode_parsers
     from egress_guard.run import add_run_parser
 
     add_run_parser(sub)
     add_ca_parser(sub)
     add_audit_parser(sub)
-    __import__("egress_guard.opencode.cli", fromlist=["_"]).add_opencode_parsers(sub)
+    add_opencode_parsers(sub)
     return p
 
 

@@ -1,0 +1,17 @@
+"""OpenCode integration: read opencode.json, derive a policy from it, diagnose a setup.
+
+``config``     reads opencode.json / opencode.jsonc (JSONC, ``{env:}``/``{file:}`` left
+               unresolved) and works out what the configuration makes OpenCode contact.
+``policygen``  ``egress-guard policy from-opencode``: that list as a version-1 policy.
+``doctor``     ``egress-guard doctor``: settings and environment that defeat the guard.
+"""
+
+from egress_guard.opencode.config import (
+    ConfigError,
+    OpenCodeConfig,
+    Placeholder,
+    load_config,
+    parse_jsonc,
+)
+
+__all__ = ["ConfigError", "OpenCodeConfig", "Placeholder", "load_config", "parse_jsonc"]
