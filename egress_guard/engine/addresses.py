@@ -74,7 +74,9 @@ def special_class(ip: IPAddress) -> str | None:
         for inner in embedded_ipv4(ip):
             cls = special_class(inner)
             if cls is not None:
-                return f"{cls} (embedded in {ip})"
+                # Name the IPv4 address: str(IPv6Address) of mapped forms differs
+                # between Python versions, and the IPv4 address is what matters.
+                return f"{cls} ({inner} inside IPv6)"
         if ip in _NAT64_WKP:
             # A DNS64 answer for a public IPv4 host. ipaddress calls all of ::/8
             # "reserved", which would block every IPv4-only site on an IPv6-only network.
