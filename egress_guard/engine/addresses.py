@@ -85,6 +85,10 @@ def special_class(ip: IPAddress) -> str | None:
             return _v6_name(ip)
         if ip.ipv4_mapped is None and ip in _TEREDO:
             return "teredo"
+        if ip in _6TO4:
+            # Deprecated (RFC 7526) and judged differently by Python 3.12 and 3.13: say
+            # so explicitly, whatever IPv4 address it carries.
+            return "6to4"
     else:
         if any(ip in net for net in _EXTRA_V4):
             return _v4_name(ip)

@@ -68,7 +68,7 @@ CLASSES = [
     P("100.63.255.255", None, id="just-below-cgnat"),
     P("100.128.0.0", None, id="just-above-cgnat"),
     P("2606:4700::1111", None, id="public-v6"),
-    P("2002:808:808::1", None, id="6to4-public"),
+    P("2002:808:808::1", "6to4", id="6to4-public"),
     P("64:ff9b::808:808", None, id="nat64-public"),
 ]
 

@@ -231,7 +231,7 @@ ADDRESSES = [
         id="teredo",
     ),
     P("api.example.com", ["64:ff9b::5db8:d822"], "allowlisted", None, id="nat64-public"),
-    P("api.example.com", ["2002:5db8:d822::1"], "allowlisted", None, id="6to4-public"),
+    P("api.example.com", ["2002:5db8:d822::1"], "private_address", "6to4", id="6to4-public"),
     # deny by resolved address, in every form that reaches it
     P("api.example.com", ["9.9.9.9"], "denylisted", None, id="deny-resolved"),
     P("api.example.com", ["93.184.216.34", "8.8.4.4"], "denylisted", None, id="deny-one-of-many"),
