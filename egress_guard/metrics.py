@@ -33,11 +33,12 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from math import isfinite
-from typing import Final
+from typing import Final, Protocol
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent
 
@@ -107,6 +108,41 @@ class _WithoutCreated:
             created = family.name + "_created"
             family.samples = [s for s in family.samples if s.name != created]
         return families
+
+
+class AuditHealth(Protocol):
+    """What the metrics read from the audit log (egress_guard.audit.AuditLog)."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    write_errors: int
+
+    @property
+    def events_dropped(self) -> int: ...
+
+
+class _AuditCollector(Collector):
+    def __init__(self, audit: AuditHealth) -> None:
+        self._audit = audit
+
+    def collect(self) -> Iterable[Metric]:
+        errors = CounterMetricFamily(
+            "egress_guard_audit_write_errors",
+            "Failed audit log writes (each retry counts); traffic is refused meanwhile.",
+        )
+        errors.add_metric([], float(self._audit.write_errors))
+        dropped = CounterMetricFamily(
+            "egress_guard_audit_events_dropped",
+            "Audit events that could not be queued (recorded later as a 'dropped' line).",
+        )
+        dropped.add_metric([], float(self._audit.events_dropped))
+        healthy = GaugeMetricFamily(
+            "egress_guard_audit_healthy",
+            "1 when the audit log is being written, 0 when new connections are refused.",
+        )
+        healthy.add_metric([], 1.0 if self._audit.healthy else 0.0)
+        return [errors, dropped, healthy]
 
 
 class Metrics:
@@ -186,6 +222,15 @@ class Metrics:
             )
         )
         self.set_destinations(destinations)
+
+    def track_audit(self, audit: AuditHealth) -> None:
+        """Export the audit log's health, read at scrape time.
+
+        Beyond the DESIGN section 7 contract, because a proxy that refuses traffic since
+        its audit log cannot be written must say so where operators look: these three
+        series, and /healthz answering 503.
+        """
+        self.registry.register(_AuditCollector(audit))
 
     # -- labels ------------------------------------------------------------------------
 

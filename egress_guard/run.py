@@ -130,7 +130,11 @@ def make_sinks(args: argparse.Namespace) -> list[Sink]:
             )
         )
     if args.metrics is not None:
-        sinks.append(Metrics())
+        metrics = Metrics()
+        for sink in sinks:
+            if isinstance(sink, AuditLog):
+                metrics.track_audit(sink)
+        sinks.append(metrics)
     return sinks
 
 

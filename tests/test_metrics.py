@@ -7,6 +7,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import prometheus_client
@@ -463,3 +464,27 @@ def test_ipv6_host_literal(metrics: Metrics, client: httpx.Client, host: str) ->
             client.get(f"http://127.0.0.1:{srv.port}/metrics")
     finally:
         srv.stop()
+
+
+def test_audit_health_is_exported(tmp_path: Path) -> None:
+    """A real audit log on /dev/full (ENOSPC on every write) shows up in the metrics."""
+    from egress_guard.audit import AuditLog
+
+    good = AuditLog(str(tmp_path / "audit.log"), fsync="never")
+    bad = AuditLog("/dev/full", fsync="never", retry_interval=0.05)
+    try:
+        for log, healthy in ((good, 1.0), (bad, 0.0)):
+            m = Metrics()
+            m.track_audit(log)
+            samples = {
+                s.name: s.value
+                for fam in text_string_to_metric_families(m.render().decode())
+                for s in fam.samples
+            }
+            assert samples["egress_guard_audit_healthy"] == healthy
+            errors = samples["egress_guard_audit_write_errors_total"]
+            assert (errors > 0) if healthy == 0.0 else (errors == 0)
+            assert samples["egress_guard_audit_events_dropped_total"] == 0
+    finally:
+        good.shutdown(timeout=2)
+        bad.shutdown(timeout=0.5)
