@@ -34,15 +34,14 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.connection import Client
-from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import layer, mode_specs, server_hooks
-from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HttpStream
 from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
 from egress_guard.engine import Decision, Engine, Match, Reason
+from egress_guard.engine.decide import printable as _printable
 from egress_guard.engine.models import ModelUnknown, api_kind, requested_model
 from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent, Sink
 from egress_guard.normalize import (
@@ -52,16 +51,25 @@ from egress_guard.normalize import (
     canonical_ip,
     normalize_host,
     normalize_port,
+    parse_authority,
 )
 from egress_guard.policy import EffectivePolicy, PolicyError, load_catalog, load_policy, load_preset
 from egress_guard.responses import block_response, provider_block_response
 from egress_guard.state import Approval, ConnState
-from egress_guard.tunnel import CountingTCPLayer
+from egress_guard.tunnel import (
+    MAX_CLIENT_HELLO,
+    CountingTCPLayer,
+    client_hello_shape_problem,
+    sni_problem,
+    tls_layers,
+)
 
 log = logging.getLogger("egress_guard")
 
 DNS_TIMEOUT_S = 5.0
 RELOAD_POLL_S = 1.0
+#: a changed policy file must keep the same size, mtime and inode this long to be loaded
+RELOAD_SETTLE_S = 0.5
 
 
 class _Blocked(Exception):
@@ -139,6 +147,10 @@ class EgressGuard:
     def done(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
+        # Shutting down: every connection still open gets its close record now, so the
+        # audit log never has an allow without its close.
+        for client_id in list(self.conns):
+            self._close_records(client_id, error="proxy shutting down")
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
 
@@ -208,13 +220,25 @@ class EgressGuard:
 
     async def _watch_policy(self) -> None:
         """Poll the policy file. Polling the resolved path catches in-place edits, renames
-        over the file and a Kubernetes ConfigMap's ``..data`` symlink swap alike."""
+        over the file and a Kubernetes ConfigMap's ``..data`` symlink swap alike.
+
+        A change is loaded only once the file has stopped changing for a moment: a file
+        rewritten in place can be valid YAML halfway through (everything before
+        ``deny:``), and loading that would drop rules both versions have.
+        """
         while True:
             await asyncio.sleep(RELOAD_POLL_S)
             stamp = _stamp(ctx.options.egress_guard_policy)
-            if stamp != self._policy_stamp:
-                log.info("egress-guard: policy file changed, reloading")
-                self.reload()
+            if stamp == self._policy_stamp:
+                continue
+            while True:
+                await asyncio.sleep(RELOAD_SETTLE_S)
+                settled = _stamp(ctx.options.egress_guard_policy)
+                if settled == stamp:
+                    break
+                stamp = settled
+            log.info("egress-guard: policy file changed, reloading")
+            self.reload()
 
     def _listen_endpoints(self) -> frozenset[tuple[str, int]]:
         ps = ctx.master.addons.get("proxyserver")
@@ -389,6 +413,23 @@ class EgressGuard:
         await self._guard_flow(flow, self._on_connect)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.error is not None:
+            # mitmproxy already refused this request (it answers 400 itself and forwards
+            # nothing); record the refusal rather than deciding on a request that is dead.
+            state = self._state(flow.client_conn)
+            d = Decision(
+                False,
+                "block",
+                "malformed_request",
+                None,
+                _safe_host(flow),
+                None,
+                detail=_printable(flow.error.msg),
+            )
+            self._record(
+                flow.client_conn.id, state, d, method=flow.request.method, path=flow.request.path
+            )
+            return
         await self._guard_flow(flow, self._on_request)
 
     async def _guard_flow(
@@ -433,11 +474,32 @@ class EgressGuard:
             else:
                 flow.response = block_response(d)
 
+    @staticmethod
+    def _raw_target(req: http.Request) -> tuple[str, str | int]:
+        """The target as the client wrote it, parsed strictly by our normaliser.
+
+        mitmproxy has already split the authority, leniently (``[name]`` loses its
+        brackets, full-width digits and ``0443`` become 443); the raw text is what the strict
+        rules of DESIGN section 4 apply to.
+        """
+        raw = req.authority
+        if not raw:
+            return req.host, req.port
+        default = None if req.method == "CONNECT" else (443 if req.scheme == "https" else 80)
+        try:
+            host, port = parse_authority(raw, default)
+        except NormalizationError as e:
+            raise _Blocked(
+                Decision(False, "block", "invalid_host", None, _printable(raw), None, detail=str(e))
+            ) from None
+        return host.value, port
+
     async def _on_connect(self, flow: http.HTTPFlow, state: ConnState) -> None:
         eng = self._engine()
         req = flow.request
         self._gate(eng, state, req.headers, req.host)
-        approval = await self._authorize(eng, req.host, req.port)
+        host, port = self._raw_target(req)
+        approval = await self._authorize(eng, host, port)
         state.tunnel = (approval.host, approval.port)
         state.tunnel_decision = approval.decision
         state.approved[(approval.host.value, approval.port)] = approval
@@ -474,7 +536,9 @@ class EgressGuard:
             return
         self._gate(eng, state, req.headers, req.host)
         req.headers.pop("proxy-authorization", None)
-        approval = await self._authorize(eng, req.host, req.port)
+        _check_well_formed(req)
+        target_host, target_port = self._raw_target(req)
+        approval = await self._authorize(eng, target_host, target_port)
         self._check_host_header(eng, flow, approval.host, approval.port)
         key = (approval.host.value, approval.port)
         known = state.approved.get(key)
@@ -575,8 +639,15 @@ class EgressGuard:
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         context = nextlayer.context
         state = self.conns.get(context.client.id)
-        if state is None or state.tunnel is None or not _is_tunnel_start(context):
+        if state is None or state.tunnel is None:
             return
+        stream = _tunnel_stream_index(nextlayer)
+        if stream is None:
+            return
+        # Whatever NextLayer built on top of the CONNECT stream is discarded: the guard
+        # decides this layer (or "not yet").
+        del context.layers[stream + 1 :]
+        nextlayer.layer = None
         try:
             self._on_tunnel_start(nextlayer, state)
         except Exception:
@@ -591,35 +662,56 @@ class EgressGuard:
             nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
 
     def _on_tunnel_start(self, nextlayer: layer.NextLayer, state: ConnState) -> None:
-        """Decide how an allowed tunnel's bytes are handled, from its first bytes."""
+        """Decide how an allowed tunnel's bytes are handled, from its first bytes.
+
+        Runs after mitmproxy's NextLayer addon (see master.py) and replaces its choice:
+        until the first bytes can be judged, the layer stays None so nothing is relayed. Where the guard runs before NextLayer (``mitmdump -s``), server_connect
+        refuses a tunnel whose first bytes were not judged, which fails closed.
+        """
         assert state.tunnel is not None
         context = nextlayer.context
         data = nextlayer.data_client()
         if not data:
             return  # wait for the client to speak
         approval = state.approved.get((state.tunnel[0].value, state.tunnel[1]))
-        if starts_like_tls_record(data):
+        conn_id = context.client.id
+        if data[0] == _TLS_HANDSHAKE:
+            problem: str | None = client_hello_shape_problem(data)
             try:
-                hello = parse_client_hello(data)
+                hello = None if problem else parse_client_hello(data)
             except ValueError as e:
-                # A TLS record that is not a readable ClientHello: its SNI cannot be checked.
-                if not self._tunnel_check(
-                    context.client.id, state, "sni_mismatch", f"unreadable TLS ClientHello: {e}"
-                ):
+                hello, problem = None, f"unreadable TLS ClientHello: {e}"
+            else:
+                if hello is None and problem is None:
+                    if len(data) <= MAX_CLIENT_HELLO:
+                        return  # ClientHello incomplete: ask again with more data
+                    problem = "TLS ClientHello larger than 64 KiB"
+                elif hello is not None:
+                    problem = sni_problem(hello)
+            if problem is not None:
+                if not self._tunnel_check(conn_id, state, "sni_mismatch", problem):
                     nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
                     return
-            else:
-                if hello is None:
-                    return  # ClientHello incomplete: ask again with more data
+            elif hello is not None:
                 state.sni = hello.sni
-                if not self._sni_ok(context.client.id, state, hello.sni):
+                if not self._sni_ok(conn_id, state, hello.sni):
                     nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
                     return
                 if self._inspect(state):
+                    state.first_bytes_checked = True
+                    nextlayer.layer = tls_layers(context)
                     return  # mitmproxy's TLS layers intercept; requests are checked one by one
+        elif data[0] in _TLS_OTHER_RECORDS:
+            # TLS, but not starting with a handshake: the ClientHello (and its SNI) would
+            # come later, past the point where the guard looks. Refuse.
+            problem = f"TLS record of type {data[0]} before any ClientHello"
+            if not self._tunnel_check(conn_id, state, "sni_mismatch", problem):
+                nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
+                return
         if approval is None or state.blocked:
             nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
             return
+        state.first_bytes_checked = True
         nextlayer.layer = CountingTCPLayer(context, approval)
 
     def _tunnel_check(self, conn_id: str, state: ConnState, reason: Reason, detail: str) -> bool:
@@ -677,9 +769,15 @@ class EgressGuard:
         if state.tunnel is None:
             return  # TLS to the proxy itself; the requests inside are decided one by one
         state.sni = data.client_hello.sni
-        if not self._sni_ok(data.context.client.id, state, state.sni):
+        problem = sni_problem(data.client_hello)
+        if problem is not None:
+            ok = self._tunnel_check(data.context.client.id, state, "sni_mismatch", problem)
+        else:
+            ok = self._sni_ok(data.context.client.id, state, state.sni)
+        if not ok:
             data.ignore_connection = True  # and server_connect refuses it
             return
+        state.first_bytes_checked = True
         data.ignore_connection = not self._inspect(state)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
@@ -705,6 +803,14 @@ class EgressGuard:
         except NormalizationError:
             key = ("", 0)
         approval = state.approved.get(key)
+        if state.tunnel is not None and not state.first_bytes_checked:
+            log.error(
+                "egress-guard: refusing %s:%s, the tunnel's first bytes were not checked",
+                raw_host,
+                raw_port,
+            )
+            data.server.error = "egress-guard: tunnel not checked"
+            return
         if approval is None and key == self._parent and state.approved:
             return  # the parent proxy: it is sent only targets decided on this connection
         if approval is None:
@@ -722,7 +828,10 @@ class EgressGuard:
         data.server.address = (str(approval.address), approval.port)
 
     def client_disconnected(self, client: Client) -> None:
-        state = self.conns.pop(client.id, None)
+        self._close_records(client.id)
+
+    def _close_records(self, client_id: str, error: str | None = None) -> None:
+        state = self.conns.pop(client_id, None)
         if state is None or not state.approved:
             return
         eng = self.engine
@@ -732,7 +841,7 @@ class EgressGuard:
             self._emit(
                 "close",
                 CloseEvent(
-                    conn_id=client.id,
+                    conn_id=client_id,
                     client=state.client,
                     host=d.host,
                     port=d.port,
@@ -743,6 +852,7 @@ class EgressGuard:
                     duration_s=now - (approval.opened or state.started),
                     mode=eng.policy.mode if eng else "enforce",
                     policy_sha256=eng.policy.sha256 if eng else "",
+                    error=error or (f"refused: {state.blocked}" if state.blocked else None),
                 ),
             )
 
@@ -759,14 +869,55 @@ def _head_size(first: str, second: str, headers: http.Headers) -> int:
     return size + 2
 
 
-def _is_tunnel_start(context: Context) -> bool:
-    """The layer right beneath an accepted CONNECT (not one deeper inside it)."""
-    top = context.layers[-1] if context.layers else None
-    return isinstance(top, HttpStream) and top.flow.request.method == "CONNECT"
+def _tunnel_stream_index(nextlayer: layer.NextLayer) -> int | None:
+    """Where in the layer stack the CONNECT stream sits whose tunnel this NextLayer opens,
+    or None when this NextLayer is not directly beneath an accepted CONNECT."""
+    layers = nextlayer.context.layers
+    for i in range(len(layers) - 1, -1, -1):
+        candidate = layers[i]
+        if isinstance(candidate, HttpStream):
+            if candidate.flow.request.method == "CONNECT" and candidate.child_layer is nextlayer:
+                return i
+            return None
+    return None
 
 
 def replace_engine(engine: Engine, self_endpoints: frozenset[tuple[str, int]]) -> Engine:
     return Engine(engine.policy, engine.catalog, self_endpoints)
+
+
+_HTTP1_VERSIONS = frozenset({"HTTP/1.0", "HTTP/1.1"})
+
+#: The first byte of a tunnel decides how the guard reads it: a TLS handshake record
+#: must be a readable ClientHello; other TLS record types first are refused (they would
+#: push the ClientHello past the guard's look); anything else is relayed as bytes to the
+#: checked address.
+_TLS_HANDSHAKE = 0x16
+_TLS_OTHER_RECORDS = frozenset({0x14, 0x15, 0x17})  # change_cipher_spec, alert, application_data
+
+
+def _check_well_formed(req: http.Request) -> None:
+    """Refuse request shapes a proxy should never forward (smuggling hygiene)."""
+    problem = None
+    if req.http_version not in _HTTP1_VERSIONS and not (req.is_http2 or req.is_http3):
+        problem = f"unsupported HTTP version {_printable(req.http_version)!r}"
+    else:
+        for name, value in req.headers.fields:
+            if any(c in b"\x00\r\n" for c in name + value):
+                problem = f"control character in header {_printable(name.decode('latin-1'))!r}"
+                break
+    if problem is not None:
+        raise _Blocked(
+            Decision(
+                False,
+                "block",
+                "malformed_request",
+                None,
+                _printable(req.host),
+                None,
+                detail=problem,
+            )
+        )
 
 
 def _dns_failed(host: Host, port: int, detail: str) -> _Blocked:

@@ -33,12 +33,13 @@ def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, E
     opts = options.Options()
     master = Master(opts, with_termlog=False)
     guard = EgressGuard(sinks)
-    # The guard comes before NextLayer so its tunnel fast path decides first.
+    # The guard comes after NextLayer: its tunnel fast path has the last word on a tunnel's
+    # layer (including "not yet": it resets NextLayer's choice while it waits for data).
     master.addons.add(
         core.Core(),
         proxyserver.Proxyserver(),
-        guard,
         next_layer.NextLayer(),
+        guard,
         tlsconfig.TlsConfig(),
         upstream_auth.UpstreamAuth(),
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
@@ -74,9 +75,17 @@ async def serve(args: argparse.Namespace, sinks: list[Sink]) -> int:
         print(f"egress-guard: {e}", file=sys.stderr)
         return 2
     loop = asyncio.get_running_loop()
+    draining: list[asyncio.Task[None]] = []
+
+    def on_signal() -> None:
+        if draining:  # a second signal: stop now
+            master.shutdown()
+        else:
+            draining.append(loop.create_task(drain_then_stop(master)))
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
-            loop.add_signal_handler(sig, master.shutdown)  # fails off the main thread
+            loop.add_signal_handler(sig, on_signal)  # fails off the main thread
     server = None
     if args.metrics is not None:
         metrics = next(s for s in sinks if isinstance(s, Metrics))
@@ -93,6 +102,24 @@ async def serve(args: argparse.Namespace, sinks: list[Sink]) -> int:
         if server is not None:
             server.stop()
     return 0
+
+
+DRAIN_TIMEOUT_S = 10.0
+
+
+async def drain_then_stop(master: Master, timeout: float = DRAIN_TIMEOUT_S) -> None:
+    """Graceful stop: stop accepting, let open connections finish (up to ``timeout``),
+    then shut down; the guard writes close records for whatever is still open."""
+    ps = master.addons.get("proxyserver")
+    try:
+        if ps is not None:
+            await ps.servers.update([])  # close the listening sockets only
+            log.info("egress-guard: stopping; draining %d open connection(s)", len(ps.connections))
+            deadline = asyncio.get_running_loop().time() + timeout
+            while ps.connections and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+    finally:
+        master.shutdown()
 
 
 def _hostport(host: str, port: int) -> str:

@@ -27,7 +27,9 @@ def _headers(d: Decision) -> dict[str, str]:
 
 def block_response(d: Decision) -> http.Response:
     """The 403 (or 407/502) for a refused CONNECT or plain-HTTP request."""
-    status = {"proxy_auth_required": 407, "dns_failed": 502}.get(d.reason, 403)
+    status = {"proxy_auth_required": 407, "dns_failed": 502, "malformed_request": 400}.get(
+        d.reason, 403
+    )
     body: dict[str, Any] = {
         "error": "blocked by egress-guard",
         "host": d.host,

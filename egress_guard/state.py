@@ -40,3 +40,6 @@ class ConnState:
     #: reason this connection must not reach any upstream any more
     blocked: str | None = None
     sni: str | None = None
+    #: the tunnel's first bytes were read and judged (ClientHello and SNI, or not TLS);
+    #: until then server_connect refuses the tunnel's upstream
+    first_bytes_checked: bool = False

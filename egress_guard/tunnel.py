@@ -15,7 +15,10 @@ from typing import Any, Protocol
 
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layer import Layer
 from mitmproxy.proxy.layers.tcp import TCPLayer
+from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
+from mitmproxy.tls import ClientHello
 
 
 class ByteCounter(Protocol):
@@ -40,3 +43,47 @@ class CountingTCPLayer(TCPLayer):
                 yield commands.SendData(self.context.client, event.data)
             return
         yield from super().relay_messages(event)
+
+
+_HANDSHAKE_CLIENT_HELLO = 0x01
+MAX_CLIENT_HELLO = 64 * 1024
+_EXT_SERVER_NAME = 0x0000
+_EXT_ENCRYPTED_CLIENT_HELLO = 0xFE0D
+
+
+def tls_layers(context: Context) -> Layer:
+    """mitmproxy's TLS interception stack, as its NextLayer addon would build it."""
+    server_tls = ServerTLSLayer(context)
+    server_tls.child_layer = ClientTLSLayer(context)
+    return server_tls
+
+
+def sni_problem(hello: ClientHello) -> str | None:
+    """Why a ClientHello's server name cannot be trusted, or None.
+
+    mitmproxy's ``ClientHello.sni`` is None both when there is no SNI and when the SNI
+    extension is unusual (two names, a bad host name, the extension twice); an upstream
+    may still read the name from such an extension, so only a true absence counts as
+    "no SNI". Encrypted ClientHello hides the real server name behind a public one.
+    """
+    types = [t for t, _ in hello.extensions]
+    if _EXT_ENCRYPTED_CLIENT_HELLO in types:
+        return "encrypted ClientHello (ECH) hides the server name"
+    count = types.count(_EXT_SERVER_NAME)
+    if count > 1:
+        return "more than one SNI extension"
+    if count == 1 and hello.sni is None:
+        return "SNI extension is not a single valid host name"
+    return None
+
+
+def client_hello_shape_problem(data: bytes) -> str | None:
+    """Refuse a TLS handshake record that cannot be starting a ClientHello, as soon as its
+    first bytes show it, instead of waiting for a message that will never parse."""
+    if len(data) >= 2 and data[1] != 0x03:
+        return "not a TLS record (bad version byte)"
+    if len(data) >= 6 and data[5] != _HANDSHAKE_CLIENT_HELLO:
+        return "first TLS handshake message is not a ClientHello"
+    if len(data) >= 9 and int.from_bytes(data[6:9], "big") > MAX_CLIENT_HELLO:
+        return "ClientHello longer than 64 KiB"
+    return None

@@ -51,6 +51,7 @@ Reason = Literal[
     "internal_error",
     "self_connection",
     "dns_failed",
+    "malformed_request",
 ]
 
 #: Blocks that audit mode does not turn into would_block: they are about who may use the
@@ -66,6 +67,7 @@ NEVER_AUDITED: frozenset[str] = frozenset(
         "internal_error",
         "self_connection",
         "dns_failed",
+        "malformed_request",
     }
 )
 
@@ -177,7 +179,7 @@ class Engine:
             host = normalize_host(raw_host)
             port = normalize_port(raw_port)
         except NormalizationError as e:
-            return _block("invalid_host", _printable(raw_host), None, detail=str(e))
+            return _block("invalid_host", printable(raw_host), None, detail=str(e))
         return self.decide_normalized(host, port)
 
     def decide_normalized(self, host: Host, port: int) -> Decision | Match:
@@ -332,7 +334,7 @@ class Engine:
                 authority.value,
                 port,
                 dest,
-                detail=f"Host {_printable(value)!r} does not match {authority.value}:{port}",
+                detail=f"Host {printable(value)!r} does not match {authority.value}:{port}",
             )
         return None
 
@@ -478,7 +480,7 @@ def hostport(host: Host, port: int | None) -> str:
     return h if port is None else f"{h}:{port}"
 
 
-def _printable(raw: object) -> str:
+def printable(raw: object) -> str:
     """A bounded, printable rendering of untrusted input for logs and headers."""
     text = raw if isinstance(raw, str) else repr(raw)
     text = "".join(c if c.isprintable() and c.isascii() else f"\\x{ord(c):02x}" for c in text[:200])

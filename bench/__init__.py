@@ -1,0 +1,1 @@
+"""egress-guard benchmarks (not part of the test suite). Run: ``.venv/bin/python -m bench``."""

@@ -1,0 +1,344 @@
+"""Matcher micro-benchmark: engine decisions/s at 10, 1k, 10k and 100k host rules.
+
+Rules are a mix of exact names, ``*.`` and ``**.`` wildcards and CIDRs (4:2:2:2), ten per
+destination, loaded through the real policy loader (YAML text -> EffectivePolicy ->
+Engine). Queries are raw CONNECT targets (strings), so every decision includes host
+normalisation: hits of each kind, IP literals inside the CIDRs, and misses (which build
+the "how to allow it" hint). ``python -m bench.matcher [--sizes 10,1000] [--seconds 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import ipaddress
+import random
+import time
+from dataclasses import dataclass
+
+from egress_guard.engine import Engine, Match
+from egress_guard.policy import load_catalog, load_policy_text
+
+SIZES = (10, 1_000, 10_000, 100_000)
+V4_PREFIXES = (16, 20, 22, 24, 26, 28, 32)
+V6_PREFIXES = (32, 48, 56, 64)
+
+
+@dataclass
+class Rules:
+    exact: list[str]
+    sub: list[str]
+    apex: list[str]
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    yaml: str
+
+
+def make_rules(n: int, rng: random.Random) -> Rules:
+    exact: list[str] = []
+    sub: list[str] = []
+    apex: list[str] = []
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    seen_nets: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
+    lines = ["version: 1", "mode: enforce", "destinations:"]
+    for d in range(max(1, n // 10)):
+        hosts: list[str] = []
+        for k in range(10):
+            i = d * 10 + k
+            kind = k % 5  # 0,1 exact; 2 sub; 3 apex_sub; 4 cidr
+            if kind in (0, 1):
+                h = f"api{i}.svc{i % 997}.example{i % 89}.com"
+                exact.append(h)
+                hosts.append(h)
+            elif kind == 2:
+                h = f"s{i}.zone{i % 991}.example{i % 83}.net"
+                sub.append(h)
+                hosts.append(f'"*.{h}"')
+            elif kind == 3:
+                h = f"a{i}.corp{i % 983}.example{i % 79}.org"
+                apex.append(h)
+                hosts.append(f'"**.{h}"')
+            else:
+                while True:
+                    if rng.random() < 0.8:
+                        p = rng.choice(V4_PREFIXES)
+                        addr = ipaddress.IPv4Address(rng.getrandbits(32))
+                        net: ipaddress.IPv4Network | ipaddress.IPv6Network = ipaddress.IPv4Network(
+                            (addr, p), strict=False
+                        )
+                    else:
+                        p = rng.choice(V6_PREFIXES)
+                        addr6 = ipaddress.IPv6Address((0x2001 << 112) | rng.getrandbits(112))
+                        net = ipaddress.IPv6Network((addr6, p), strict=False)
+                    if net not in seen_nets:
+                        break
+                seen_nets.add(net)
+                nets.append(net)
+                hosts.append(str(net))
+        lines += [
+            f"  - name: d{d}",
+            f"    hosts: [{', '.join(hosts)}]",
+            "    ports: [443]",
+        ]
+    lines += ["deny:", '  - hosts: ["**.evil.example", "203.0.113.0/24"]']
+    return Rules(exact, sub, apex, nets, "\n".join(lines) + "\n")
+
+
+def make_queries(r: Rules, count: int, rng: random.Random) -> list[tuple[str, str]]:
+    """(host, port) as a CONNECT would carry them: 30% exact, 20% under ``*.``, 20% under
+    ``**.`` (half apex), 15% IP literals inside a CIDR, 15% misses."""
+    out: list[tuple[str, str]] = []
+    for j in range(count):
+        x = rng.random()
+        if x < 0.30:
+            h = rng.choice(r.exact)
+        elif x < 0.50:
+            h = f"h{j}.{rng.choice(r.sub)}"
+        elif x < 0.70:
+            base = rng.choice(r.apex)
+            h = base if j % 2 else f"w{j}.x.{base}"
+        elif x < 0.85:
+            net = rng.choice(r.nets)
+            ip = net.network_address + rng.randrange(
+                net.num_addresses if net.num_addresses < 2**32 else 2**32
+            )
+            h = str(ip)
+        else:
+            h = f"m{j}.nomatch{j % 101}.example.io"
+        out.append((h, "443"))
+    return out
+
+
+def _rate(fn, queries: list[tuple[str, str]], seconds: float) -> float:  # type: ignore[no-untyped-def]
+    done = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        for h, p in queries:
+            fn(h, p)
+        done += len(queries)
+        now = time.perf_counter()
+        if now >= deadline:
+            return done / (now - start)
+
+
+@dataclass
+class Row:
+    rules: int
+    load_s: float
+    compile_s: float
+    decide_per_s: float
+    hits_per_s: float
+    misses_per_s: float
+    index_per_s: float
+    allowed_share: float
+
+
+@dataclass
+class _Case:
+    n: int
+    engine: Engine
+    load_s: float
+    compile_s: float
+    queries: list[tuple[str, str]]
+    hits: list[tuple[str, str]]
+    misses: list[tuple[str, str]]
+    names: list[tuple[str, str]]
+    allowed_share: float
+
+
+def _build(n: int, seed: int = 1) -> _Case:
+    rng = random.Random(seed)
+    rules = make_rules(n, rng)
+    catalog = load_catalog()
+    t0 = time.perf_counter()
+    policy = load_policy_text(rules.yaml, f"bench-{n}.yaml")
+    t1 = time.perf_counter()
+    eng = Engine(policy, catalog)
+    t2 = time.perf_counter()
+    queries = make_queries(rules, 20_000, rng)
+    allowed = sum(isinstance(eng.decide_target(h, p), Match) for h, p in queries)
+    return _Case(
+        n,
+        eng,
+        t1 - t0,
+        t2 - t1,
+        queries,
+        hits=[q for q in queries if not q[0].startswith("m")],
+        misses=[q for q in queries if q[0].startswith("m")],
+        names=[(h, "") for h, _ in queries if not h[0].isdigit() and ":" not in h],
+        allowed_share=allowed / len(queries),
+    )
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def run(sizes: tuple[int, ...] = SIZES, seconds: float = 1.5, rounds: int = 3) -> list[Row]:
+    """Build every size first, then measure in interleaved rounds (median per size), so a
+    burst of other load on the machine does not land on one size only."""
+    cases = [_build(n) for n in sizes]
+    samples: dict[int, dict[str, list[float]]] = {
+        c.n: {"mix": [], "hit": [], "miss": [], "idx": []} for c in cases
+    }
+    slot = seconds / rounds
+    for r in range(rounds):
+        for c in cases[r % len(cases) :] + cases[: r % len(cases)]:
+            gc.collect()
+            s = samples[c.n]
+            index = c.engine._allow  # the HostIndex alone: no normalisation, no Decision
+            s["mix"].append(_rate(c.engine.decide_target, c.queries, slot))
+            s["hit"].append(_rate(c.engine.decide_target, c.hits, slot / 2))
+            s["miss"].append(_rate(c.engine.decide_target, c.misses, slot / 2))
+            s["idx"].append(_rate(lambda h, _p, ix=index: ix.match_name(h), c.names, slot / 2))
+    return [
+        Row(
+            c.n,
+            c.load_s,
+            c.compile_s,
+            _median(samples[c.n]["mix"]),
+            _median(samples[c.n]["hit"]),
+            _median(samples[c.n]["miss"]),
+            _median(samples[c.n]["idx"]),
+            c.allowed_share,
+        )
+        for c in cases
+    ]
+
+
+def markdown(rows: list[Row]) -> str:
+    base = rows[0].decide_per_s
+    ibase = rows[0].index_per_s
+    out = [
+        "| rules | policy load | Engine build | decide_target/s (mix) | vs 10 rules | hits/s "
+        "| misses/s | HostIndex.match_name/s | vs 10 rules | allowed share |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r.rules:,} | {r.load_s:.2f} s | {r.compile_s:.2f} s | {r.decide_per_s:,.0f} "
+            f"| {r.decide_per_s / base:.2f}× | {r.hits_per_s:,.0f} | {r.misses_per_s:,.0f} "
+            f"| {r.index_per_s:,.0f} | {r.index_per_s / ibase:.2f}× | {r.allowed_share:.0%} |"
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    ap.add_argument("--seconds", type=float, default=1.5, help="measuring time per size")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--candidates",
+        action="store_true",
+        help="also measure candidate changes (fast name path, decision cache)",
+    )
+    a = ap.parse_args()
+    if a.candidates:
+        print(candidates())
+        return
+    rows = run(tuple(int(s) for s in a.sizes.split(",")), a.seconds, a.rounds)
+    print(markdown(rows))
+
+
+# -- candidate changes (measured here; nothing in egress_guard is changed) -----------------
+
+
+def _candidates(eng: Engine):  # type: ignore[no-untyped-def]
+    """decide_target with (1) a fast path in host normalisation for names that are already
+    canonical, and (2) that plus a bounded per-Engine decision cache."""
+    import re
+
+    from egress_guard import normalize as nz
+
+    canonical = re.compile(r"(?:(?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)")
+    numeric = nz._IPV4_NUMBER_LABEL
+    host_cls = nz.Host
+
+    def fast_host(raw: str) -> nz.Host:
+        if (
+            raw.__class__ is str
+            and len(raw) <= nz.MAX_NAME_LENGTH
+            and canonical.fullmatch(raw)
+            and "xn--" not in raw
+            and not numeric.match(raw[raw.rfind(".") + 1 :])
+        ):
+            return host_cls("name", raw)
+        return nz.normalize_host(raw)
+
+    def decide_fast(raw_host: str, raw_port: str):  # type: ignore[no-untyped-def]
+        try:
+            host = fast_host(raw_host)
+            port = nz.normalize_port(raw_port)
+        except nz.NormalizationError:
+            return eng.decide_target(raw_host, raw_port)
+        return eng.decide_normalized(host, port)
+
+    def make_cached(limit: int):  # type: ignore[no-untyped-def]
+        cache: dict[tuple[str, str], object] = {}
+
+        def decide_cached(raw_host: str, raw_port: str):  # type: ignore[no-untyped-def]
+            key = (raw_host, raw_port)
+            r = cache.get(key)
+            if r is None:
+                r = decide_fast(raw_host, raw_port)
+                if len(cache) >= limit:
+                    cache.clear()
+                cache[key] = r
+            return r
+
+        return decide_cached
+
+    return fast_host, decide_fast, make_cached
+
+
+def candidates(sizes: tuple[int, ...] = (10, 10_000), seconds: float = 1.0) -> str:
+    from egress_guard.normalize import NormalizationError, normalize_host
+
+    out = [
+        "| rules | decide_target (now) | + fast canonical-name path | + decision cache, cold "
+        "(20k distinct targets, 4096 entries) | + decision cache, hot (50 targets) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for n in sizes:
+        c = _build(n)
+        fast_host, decide_fast, make_cached = _candidates(c.engine)
+        # the fast path must give exactly what the full normaliser gives
+        rng = random.Random(7)
+        corpus = (
+            [h for h, _ in c.queries]
+            + [
+                "".join(
+                    rng.choice("abcXYZ019-._:[]%\u00e9\uff0e") for _ in range(rng.randrange(1, 20))
+                )
+                for _ in range(20_000)
+            ]
+            + ["127.1", "0x7f.1", "a.0x10", "a--b.com", "xn--bcher-kva.example", "A.COM", "a.com."]
+        )
+        for h in corpus:
+            try:
+                want: object = normalize_host(h)
+            except NormalizationError as e:
+                want = type(e)
+            try:
+                got: object = fast_host(h)
+            except NormalizationError as e:
+                got = type(e)
+            assert got == want, (h, got, want)
+        for h, p in c.queries:
+            assert decide_fast(h, p) == c.engine.decide_target(h, p), h
+        hot = c.queries[:50]
+        now = _rate(c.engine.decide_target, c.queries, seconds)
+        fast = _rate(decide_fast, c.queries, seconds)
+        cold = _rate(make_cached(4096), c.queries, seconds)
+        hot_r = _rate(make_cached(4096), hot, seconds)
+        out.append(
+            f"| {n:,} | {now:,.0f} | {fast:,.0f} ({fast / now:.2f}×) | {cold:,.0f} "
+            f"({cold / now:.2f}×) | {hot_r:,.0f} ({hot_r / now:.2f}×) |"
+        )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

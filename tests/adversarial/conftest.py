@@ -1,0 +1,59 @@
+"""Fixtures of the adversarial suite: a private network namespace per module, the lab of
+upstreams inside it, and the session-finish hook that writes REPORT.md."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+from adversarial.report import write_report
+from adversarial.stats import STATS
+from support.adv_lab import Lab
+from support.adv_net import NetNS, assert_isolated, netns_available, remove_stale_namespaces
+
+REPORT = Path(__file__).parent / "REPORT.md"
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[NetNS]:
+    """A fresh namespace for this module; the main thread works inside it meanwhile."""
+    why = netns_available()
+    if why is not None:
+        pytest.skip(f"adversarial suite needs a private network namespace: {why}")
+    remove_stale_namespaces()
+    ns = NetNS()
+    try:
+        with ns.enter():
+            assert_isolated()
+            yield ns
+    finally:
+        ns.destroy()
+
+
+@pytest.fixture(scope="module")
+def lab(
+    netns: NetNS, ca: trustme.CA, ca_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Lab]:
+    lab = Lab(netns, tmp_path_factory.mktemp("adv"), ca, ca_file)
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _raise_fd_limit() -> None:
+    """Hundreds of tunnels need two descriptors each here and two in the proxy (which
+    inherits this limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 65536)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if STATS.ran:
+        write_report(STATS, REPORT)
