@@ -93,6 +93,8 @@ class EgressGuard:
         self._watch_task: asyncio.Task[None] | None = None
         self._policy_stamp: tuple[Any, ...] | None = None
         self._users: dict[str, str] = {}
+        self._reload_lock = asyncio.Lock()
+        self._sighup_task: asyncio.Task[bool] | None = None
         #: (host, port) of the parent proxy in upstream mode
         self._parent: tuple[str, int] | None = None
 
@@ -160,17 +162,20 @@ class EgressGuard:
         return str(ctx.options.egress_guard_policy or "builtin:minimal")
 
     def _read_policy(self) -> EffectivePolicy:
-        path = ctx.options.egress_guard_policy
-        policy = load_policy(path) if path else load_preset("minimal")
-        if ctx.options.egress_guard_mode:
-            policy = replace(policy, mode=ctx.options.egress_guard_mode)
-        return policy
+        return _load(ctx.options.egress_guard_policy, ctx.options.egress_guard_mode)
 
     def _install(self, policy: EffectivePolicy) -> None:
-        users = _read_users(policy)
-        self.engine = Engine(policy, self._catalog, self.self_endpoints)
+        """Build and activate a policy (start-up path, on the event loop)."""
+        engine = Engine(policy, self._catalog, self.self_endpoints)
+        self._activate(policy, engine, _read_users(policy), _stamp(ctx.options.egress_guard_policy))
+
+    def _activate(
+        self, policy: EffectivePolicy, engine: Engine, users: dict[str, str], stamp: Any
+    ) -> None:
+        """Swap in a fully built policy: one assignment, so a request sees old or new."""
+        self.engine = engine
         self._users = users
-        self._policy_stamp = _stamp(ctx.options.egress_guard_policy)
+        self._policy_stamp = stamp
         log.info(
             "egress-guard: policy %s loaded (mode %s, %d destinations, sha256 %s)",
             policy.source,
@@ -189,23 +194,40 @@ class EgressGuard:
             )
         )
 
-    def reload(self) -> bool:
-        """Load the policy again; on any error keep the one in force. True on success."""
-        try:
-            policy = self._read_policy()
-            self._install(policy)
+    async def reload(self) -> bool:
+        """Load the policy again; on any error keep the one in force. True on success.
+
+        Parsing and compiling run in a worker thread: a policy of many thousand rules
+        takes seconds to load, and the proxy keeps serving under the old one meanwhile.
+        """
+        async with self._reload_lock:
+            path, mode = ctx.options.egress_guard_policy, ctx.options.egress_guard_mode
+            stamp = _stamp(path)
+            catalog, endpoints = self._catalog, self.self_endpoints
+
+            def build() -> tuple[EffectivePolicy, Engine, dict[str, str]]:
+                policy = _load(path, mode)
+                return policy, Engine(policy, catalog, endpoints), _read_users(policy)
+
+            try:
+                policy, engine, users = await asyncio.to_thread(build)
+            except PolicyError as e:
+                log.error(
+                    "egress-guard: policy reload rejected, keeping the old policy:\n%s",
+                    e.render(),
+                )
+                self._policy_stamp = stamp
+                self._emit_policy(
+                    PolicyEvent(False, self._policy_source(), None, 1, None, e.render())
+                )
+                return False
+            except Exception as e:  # the old policy stays in force whatever went wrong
+                log.exception("egress-guard: policy reload failed, keeping the old policy")
+                self._policy_stamp = stamp
+                self._emit_policy(PolicyEvent(False, self._policy_source(), None, 1, None, repr(e)))
+                return False
+            self._activate(policy, engine, users, stamp)
             return True
-        except PolicyError as e:
-            log.error(
-                "egress-guard: policy reload rejected, keeping the old policy:\n%s", e.render()
-            )
-            self._policy_stamp = _stamp(ctx.options.egress_guard_policy)
-            self._emit_policy(PolicyEvent(False, self._policy_source(), None, 1, None, e.render()))
-            return False
-        except Exception as e:  # the old policy stays in force whatever went wrong
-            log.exception("egress-guard: policy reload failed, keeping the old policy")
-            self._emit_policy(PolicyEvent(False, self._policy_source(), None, 1, None, repr(e)))
-            return False
 
     def _start_reload_watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -216,7 +238,7 @@ class EgressGuard:
 
     def _on_sighup(self) -> None:
         log.info("egress-guard: SIGHUP, reloading policy")
-        self.reload()
+        self._sighup_task = asyncio.get_running_loop().create_task(self.reload())
 
     async def _watch_policy(self) -> None:
         """Poll the policy file. Polling the resolved path catches in-place edits, renames
@@ -238,7 +260,7 @@ class EgressGuard:
                     break
                 stamp = settled
             log.info("egress-guard: policy file changed, reloading")
-            self.reload()
+            await self.reload()
 
     def _listen_endpoints(self) -> frozenset[tuple[str, int]]:
         ps = ctx.master.addons.get("proxyserver")
@@ -918,6 +940,12 @@ def _check_well_formed(req: http.Request) -> None:
                 detail=problem,
             )
         )
+
+
+def _load(path: str, mode: str) -> EffectivePolicy:
+    """The policy file (or the built-in minimal preset), with the --mode override applied."""
+    policy = load_policy(path) if path else load_preset("minimal")
+    return replace(policy, mode=mode) if mode else policy
 
 
 def _dns_failed(host: Host, port: int, detail: str) -> _Blocked:
