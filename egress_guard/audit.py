@@ -107,6 +107,8 @@ DEFAULT_QUEUE_SIZE: Final = 10_000
 _MAX_PATH = 2048
 _MAX_TEXT = 1024
 _BATCH = 256
+#: how long the writer lets events gather after the first one of a burst
+_COALESCE_S = 0.005
 _PENDING_HIGH_WATER = 64 * 1024
 _TAIL_WINDOW = 256 * 1024
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
@@ -430,6 +432,10 @@ class AuditLog:
                 except queue.Empty:
                     continue  # _service() syncs when the interval is due
                 self._backlog.append(item)
+                # Let a burst gather: one wake-up and one write for many events, instead
+                # of a thread hand-off per event on the proxy's hot path (measured: about
+                # a tenth of the guard's CPU per tunnel). Bounded delay, nothing dropped.
+                time.sleep(_COALESCE_S)
                 while len(self._backlog) < _BATCH:
                     try:
                         self._backlog.append(self._q.get_nowait())
