@@ -59,7 +59,17 @@ Cidr = Annotated[str, AfterValidator(_cidr)]
 Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
 Method = Annotated[str, AfterValidator(_method)]
 PathGlob = Annotated[str, AfterValidator(_path_glob)]
-DestName = Annotated[str, Field(pattern=NAME_RE)]
+#: the metric label and audit word for traffic no rule covers; a rule may not take it
+RESERVED_NAMES = frozenset({"unlisted"})
+
+
+def _not_reserved(name: str) -> str:
+    if name in RESERVED_NAMES:
+        raise ValueError(f"{name!r} is reserved (it labels traffic that no rule covers)")
+    return name
+
+
+DestName = Annotated[str, Field(pattern=NAME_RE), AfterValidator(_not_reserved)]
 
 
 class _Strict(BaseModel):

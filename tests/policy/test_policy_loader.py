@@ -540,3 +540,14 @@ def test_unknown_preset_by_name() -> None:
     with pytest.raises(PolicyError) as info:
         load_preset("maximal")
     assert "unknown preset 'maximal'" in info.value.render()
+
+
+def test_destination_name_unlisted_is_reserved(tmp_path: Path) -> None:
+    """'unlisted' labels unmatched traffic in metrics and audit: no rule may be called that."""
+    from egress_guard.policy import PolicyError, load_policy
+
+    f = tmp_path / "p.yaml"
+    f.write_text("version: 1\ndestinations:\n  - name: unlisted\n    hosts: [a.example.com]\n")
+    with pytest.raises(PolicyError) as e:
+        load_policy(f)
+    assert f"{f}:3:" in e.value.render() and "reserved" in e.value.render()
