@@ -240,11 +240,19 @@ def test_agent_reaches_upstream_only_through_guard(
             assert err in expected, (addr, err and errno.errorcode.get(err))
         assert upstream.seen.connections == before == 1
 
-        decisions = [
-            json.loads(line)
-            for line in audit.read_text().splitlines()
-            if '"event":"decision"' in line
-        ]
+        def read_decisions() -> list[dict[str, str]]:
+            return [
+                json.loads(line)
+                for line in audit.read_text().splitlines()
+                if '"event":"decision"' in line
+            ]
+
+        # the audit writer is asynchronous: give the last record a moment to land
+        deadline = time.monotonic() + 10
+        decisions = read_decisions()
+        while len(decisions) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            decisions = read_decisions()
         assert [(d["host"], d["decision"], d["client"]) for d in decisions] == [
             ("api.test", "allow", t.client_ip),
             ("other.test", "block", t.client_ip),
