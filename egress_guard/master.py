@@ -61,6 +61,7 @@ def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, E
         "http2": bool(args.inspect),
         "http3": False,
         "rawtcp": True,
+        "tcp_timeout": args.idle_timeout,
     }
     if args.upstream_ca:
         updates["ssl_verify_upstream_trusted_ca"] = os.path.abspath(args.upstream_ca)

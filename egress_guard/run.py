@@ -23,6 +23,17 @@ log = logging.getLogger("egress_guard")
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_CONFDIR = "~/.egress-guard"
+DEFAULT_IDLE_TIMEOUT = 600
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -101,6 +112,14 @@ def add_run_parser(sub: Any) -> None:
         type=listen_address,
         metavar="HOST:PORT",
         help="serve Prometheus /metrics and /healthz here (e.g. 127.0.0.1:9090)",
+    )
+    r.add_argument(
+        "--idle-timeout",
+        type=_positive_int,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection (client and upstream) after this long without traffic "
+        f"(default {DEFAULT_IDLE_TIMEOUT}); covers stalled upstreams and slow-loris clients",
     )
     r.add_argument("--verbose", "-v", action="store_true", help="log mitmproxy's own messages")
     r.set_defaults(func=cmd_run)

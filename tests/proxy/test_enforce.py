@@ -10,6 +10,7 @@ import base64
 import contextlib
 import hashlib
 import ssl
+import time
 from pathlib import Path
 
 import httpx
@@ -313,3 +314,20 @@ def test_unreadable_client_hello_is_refused(proxy: ProxyFactory, tls_upstream: U
     assert tls_upstream.seen.connections == 0
     recs = p.wait_audit(lambda r: r["reason"] == "sni_mismatch")
     assert recs and "ClientHello" in recs[0]["detail"]
+
+
+def test_idle_timeout_closes_stalled_tunnels(proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path) -> None:
+    """--idle-timeout is enforced: an idle tunnel is closed, and its close record written."""
+    p = proxy(make_policy(tls_upstream.port), "--idle-timeout", "2")
+    sock, resp = connect(p.port, f"api.test:{tls_upstream.port}")
+    assert resp.status == 200
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    tls = ctx.wrap_socket(sock, server_hostname="api.test")
+    tls.settimeout(15)
+    start = time.monotonic()
+    with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+        assert tls.recv(100) == b""  # the proxy closes the idle tunnel
+    assert time.monotonic() - start < 12
+    tls.close()
+    closes = p.wait_audit(lambda r: r["host"] == "api.test", event="close")
+    assert closes and closes[0]["bytes_up"] > 0
