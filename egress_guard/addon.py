@@ -128,6 +128,12 @@ class EgressGuard:
         ):
             log.warning("egress-guard: setting connection_strategy=lazy (required)")
             ctx.options.update(connection_strategy="lazy")
+        if updated & {"rawtcp", "egress_guard_inspect"} and (
+            ctx.options.egress_guard_inspect and getattr(ctx.options, "rawtcp", False)
+        ):
+            # Inside an intercepted tunnel, non-HTTP bytes must not be relayed unchecked.
+            log.warning("egress-guard: setting rawtcp=false (required with inspection)")
+            ctx.options.update(rawtcp=False)
         if "mode" in updated:
             self._parent = _parent_proxy(ctx.options.mode)
         if updated & {"egress_guard_policy", "egress_guard_mode"}:
@@ -568,6 +574,19 @@ class EgressGuard:
             approval = known  # keep-alive: one close record per upstream, bytes added up
         else:
             state.approved[key] = approval
+        dest = approval.destination
+        if dest is not None and dest.needs_inspection:
+            # Plain HTTP needs no interception: a destination's request rules apply as is.
+            bad = eng.check_request(dest, req.method, req.path, None, approval.decision)
+            if bad is not None:
+                final = eng.finalize(bad)
+                if not final.allowed:
+                    raise _Blocked(final)
+            if dest.models is not None and api_kind(req.path) is not None:
+                flow.metadata[_MODEL_CHECK_KEY] = dest.name
+                approval.bytes_up += _head_size(req.method, req.path, req.headers)
+                flow.metadata[_APPROVAL_KEY] = approval
+                return
         self._record(
             flow.client_conn.id,
             state,
@@ -587,10 +606,10 @@ class EgressGuard:
         eng = self._engine()
         req = flow.request
         dest = eng.destination(flow.metadata[_MODEL_CHECK_KEY])
-        decision = state.tunnel_decision
+        approval = flow.metadata.get(_APPROVAL_KEY)
+        decision = approval.decision if approval is not None else state.tunnel_decision
         if dest is None or decision is None:
             raise RuntimeError("model check without a destination")
-        approval = flow.metadata.get(_APPROVAL_KEY)
         if approval is not None:
             approval.bytes_up += len(req.raw_content or b"")
         try:

@@ -60,7 +60,10 @@ def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, E
         # HTTP/2 and HTTP/3 towards the client only matter when intercepting.
         "http2": bool(args.inspect),
         "http3": False,
-        "rawtcp": True,
+        # No raw-TCP fallback: inside an intercepted tunnel, bytes that do not look like
+        # HTTP must be parsed as HTTP (and refused), never relayed unchecked. Tunnels that
+        # are not intercepted are relayed by the guard's own counting layer.
+        "rawtcp": False,
         "tcp_timeout": args.idle_timeout,
     }
     if args.upstream_ca:

@@ -215,3 +215,45 @@ def test_no_secrets_recorded_in_inspect_mode(
     for secret in ("SECRET1", "SECRET2", "SECRET3", "SECRET4", "SECRET6", "SECRET7"):
         assert secret not in out, secret
         assert secret not in metrics_text, secret
+
+
+def test_request_split_inside_intercepted_tunnel_is_still_checked(guard: ProxyProcess, tls_upstream: Upstream) -> None:
+    """Bytes that do not (yet) look like HTTP are parsed as HTTP, never relayed raw."""
+    import socket
+    import time
+
+    from support.clients import read_response
+
+    sock = socket.create_connection(("127.0.0.1", guard.port), timeout=10)
+    sock.sendall(f"CONNECT api.test:{tls_upstream.port} HTTP/1.1\r\n\r\n".encode())
+    assert read_response(sock).status == 200
+    tls = guard_ca(guard).wrap_socket(sock, server_hostname="api.test")
+    body = b'{"model": "gpt-evil"}'
+    tls.sendall(b"PO")
+    time.sleep(0.5)
+    tls.sendall(
+        b"ST /v1/chat/completions HTTP/1.1\r\n"
+        + f"Host: api.test:{tls_upstream.port}\r\nContent-Type: application/json\r\n".encode()
+        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    )
+    resp = read_response(tls)  # type: ignore[arg-type]
+    tls.close()
+    assert resp.status == 403 and resp.headers["x-egress-guard-reason"] == "model_not_allowed"
+    assert tls_upstream.seen.requests == []
+
+
+def test_plain_http_destination_rules_apply(proxy: ProxyFactory, http_upstream: Upstream) -> None:
+    p = proxy(inspect_policy(http_upstream.port))
+    r1 = httpx.post(f"http://api.test:{http_upstream.port}/other", proxy=p.url, trust_env=False, json={})
+    r2 = httpx.post(
+        f"http://api.test:{http_upstream.port}/v1/chat/completions", proxy=p.url, trust_env=False,
+        json={"model": "gpt-evil"},
+    )
+    r3 = httpx.post(
+        f"http://api.test:{http_upstream.port}/v1/chat/completions", proxy=p.url, trust_env=False,
+        json={"model": "good-model"},
+    )
+    assert r1.status_code == 403 and r1.headers["x-egress-guard-reason"] == "path_not_allowed"
+    assert r2.status_code == 403 and r2.headers["x-egress-guard-reason"] == "model_not_allowed"
+    assert r3.status_code == 200
+    assert [q[1] for q in http_upstream.seen.requests] == ["/v1/chat/completions"]
