@@ -54,6 +54,7 @@ from egress_guard.normalize import (
     parse_authority,
 )
 from egress_guard.policy import EffectivePolicy, PolicyError, load_catalog, load_policy, load_preset
+from egress_guard.policy.model import Destination
 from egress_guard.responses import block_response, provider_block_response
 from egress_guard.state import Approval, ConnState
 from egress_guard.tunnel import (
@@ -547,18 +548,10 @@ class EgressGuard:
             dest = eng.destination(state.tunnel_decision.destination)
             decision = state.tunnel_decision
             if dest is not None:
-                bad = eng.check_request(dest, req.method, req.path, None, decision)
-                if bad is not None:
-                    final = eng.finalize(bad)
-                    if not final.allowed:
-                        raise _Blocked(final)
-                    decision = final
-                if dest.models is not None and api_kind(req.path) is not None:
-                    # the model is in the body: keep it whole for the request hook
-                    flow.metadata[_MODEL_CHECK_KEY] = dest.name
-                    approval.bytes_up += _head_size(req.method, req.path, req.headers)
-                    flow.metadata[_APPROVAL_KEY] = approval
-                    return
+                ruled = self._request_rules(eng, flow, dest, approval, decision)
+                if ruled is None:
+                    return  # recorded once the body (and its model) is in
+                decision = ruled
             self._record(flow.client_conn.id, state, decision, method=req.method, path=req.path)
             self._count_http(flow, approval)
             return
@@ -574,23 +567,18 @@ class EgressGuard:
             approval = known  # keep-alive: one close record per upstream, bytes added up
         else:
             state.approved[key] = approval
+        decision = approval.decision
         dest = approval.destination
         if dest is not None and dest.needs_inspection:
             # Plain HTTP needs no interception: a destination's request rules apply as is.
-            bad = eng.check_request(dest, req.method, req.path, None, approval.decision)
-            if bad is not None:
-                final = eng.finalize(bad)
-                if not final.allowed:
-                    raise _Blocked(final)
-            if dest.models is not None and api_kind(req.path) is not None:
-                flow.metadata[_MODEL_CHECK_KEY] = dest.name
-                approval.bytes_up += _head_size(req.method, req.path, req.headers)
-                flow.metadata[_APPROVAL_KEY] = approval
-                return
+            ruled = self._request_rules(eng, flow, dest, approval, decision)
+            if ruled is None:
+                return  # recorded once the body (and its model) is in
+            decision = ruled
         self._record(
             flow.client_conn.id,
             state,
-            approval.decision,
+            decision,
             method=req.method,
             path=req.path,
             opens=known is None,
@@ -663,6 +651,31 @@ class EgressGuard:
             resp.stream = down
         except Exception:
             log.exception("egress-guard: cannot count response bytes")
+
+    def _request_rules(
+        self,
+        eng: Engine,
+        flow: http.HTTPFlow,
+        dest: Destination,
+        approval: Approval,
+        decision: Decision,
+    ) -> Decision | None:
+        """A destination's method and path rules, for plain HTTP and inspected tunnels
+        alike. Returns the decision to record, or None when the model is in the body: then
+        the body is kept whole and the ``request`` hook decides and records."""
+        req = flow.request
+        bad = eng.check_request(dest, req.method, req.path, None, decision)
+        if bad is not None:
+            final = eng.finalize(bad)
+            if not final.allowed:
+                raise _Blocked(final)
+            decision = final  # audit mode: recorded as would_block
+        if dest.models is not None and api_kind(req.path) is not None:
+            flow.metadata[_MODEL_CHECK_KEY] = dest.name
+            approval.bytes_up += _head_size(req.method, req.path, req.headers)
+            flow.metadata[_APPROVAL_KEY] = approval
+            return None
+        return decision
 
     def _check_host_header(self, eng: Engine, flow: http.HTTPFlow, host: Host, port: int) -> None:
         req = flow.request
