@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
 import sys
@@ -59,10 +60,33 @@ def http_upstream() -> Iterator[Upstream]:
         yield up
 
 
+#: the proxies a test started, so a failure report can show their logs
+STARTED = pytest.StashKey[list[ProxyProcess]]()
+LOG_TAIL_CHARS = 8000
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report carries the tail of each proxy's log: a flaky failure in CI
+    is otherwise undiagnosable once its temporary directory is gone."""
+    report = yield
+    if report.failed:
+        for p in item.stash.get(STARTED, []):
+            with contextlib.suppress(OSError):
+                report.sections.append(
+                    (
+                        f"egress-guard log ({p.workdir.name}, {report.when})",
+                        p.log()[-LOG_TAIL_CHARS:],
+                    )
+                )
+    return report
+
+
 @pytest.fixture
-def proxy(tmp_path: Path) -> Iterator[ProxyFactory]:
+def proxy(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyFactory]:
     """``proxy(policy_text, *extra_args)`` starts egress-guard; stopped at teardown."""
     started: list[ProxyProcess] = []
+    request.node.stash[STARTED] = started
 
     def start(policy: str | Callable[[int], str] | None, *extra: str, **kw: object) -> ProxyProcess:
         p = ProxyProcess(tmp_path / f"proxy{len(started)}", policy, list(extra), **kw)  # type: ignore[arg-type]

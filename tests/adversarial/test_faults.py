@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from adversarial.stats import STATS
 from support.adv_lab import EGRESS_GUARD, Lab, audit_verify, proc_stats, wait_for
-from support.adv_net import free_port_here
 from support.adv_wire import client_hello, exchange, open_conn, read_outcome
+from support.ports import free_port
 from support.proxy import ProxyProcess
 
 
@@ -305,7 +305,7 @@ def test_half_written_policy_is_not_loaded(lab: Lab, reload_guard: ProxyProcess)
 
 
 def test_audit_log_unwritable_at_start_refuses_to_start(lab: Lab, tmp_path: Path) -> None:
-    port = free_port_here()
+    port = free_port()
     cmd = [EGRESS_GUARD, "run", "--listen", f"127.0.0.1:{port}", "--confdir", str(tmp_path / "c"),
            "--audit-log", "/dev/full"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)

@@ -306,7 +306,9 @@ def test_unreadable_client_hello_is_refused(proxy: ProxyFactory, tls_upstream: U
     p = proxy(make_policy(tls_upstream.port))
     sock, resp = connect(p.port, f"api.test:{tls_upstream.port}")
     assert resp.status == 200
-    sock.sendall(b"\x16\x03\x01\x00\x08\x02\x00\x00\x04\x03\x03\x00\x00")  # a ServerHello, not a ClientHello
+    sock.sendall(
+        b"\x16\x03\x01\x00\x08\x02\x00\x00\x04\x03\x03\x00\x00"
+    )  # a ServerHello, not a ClientHello
     sock.settimeout(10)
     with contextlib.suppress(ConnectionResetError):
         assert sock.recv(100) == b""
@@ -316,7 +318,9 @@ def test_unreadable_client_hello_is_refused(proxy: ProxyFactory, tls_upstream: U
     assert recs and "ClientHello" in recs[0]["detail"]
 
 
-def test_idle_timeout_closes_stalled_tunnels(proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path) -> None:
+def test_idle_timeout_closes_stalled_tunnels(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
     """--idle-timeout is enforced: an idle tunnel is closed, and its close record written."""
     p = proxy(make_policy(tls_upstream.port), "--idle-timeout", "2")
     sock, resp = connect(p.port, f"api.test:{tls_upstream.port}")

@@ -217,7 +217,9 @@ def test_no_secrets_recorded_in_inspect_mode(
         assert secret not in metrics_text, secret
 
 
-def test_request_split_inside_intercepted_tunnel_is_still_checked(guard: ProxyProcess, tls_upstream: Upstream) -> None:
+def test_request_split_inside_intercepted_tunnel_is_still_checked(
+    guard: ProxyProcess, tls_upstream: Upstream
+) -> None:
     """Bytes that do not (yet) look like HTTP are parsed as HTTP, never relayed raw."""
     import socket
     import time
@@ -234,7 +236,8 @@ def test_request_split_inside_intercepted_tunnel_is_still_checked(guard: ProxyPr
     tls.sendall(
         b"ST /v1/chat/completions HTTP/1.1\r\n"
         + f"Host: api.test:{tls_upstream.port}\r\nContent-Type: application/json\r\n".encode()
-        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
     )
     resp = read_response(tls)  # type: ignore[arg-type]
     tls.close()
@@ -244,13 +247,19 @@ def test_request_split_inside_intercepted_tunnel_is_still_checked(guard: ProxyPr
 
 def test_plain_http_destination_rules_apply(proxy: ProxyFactory, http_upstream: Upstream) -> None:
     p = proxy(inspect_policy(http_upstream.port))
-    r1 = httpx.post(f"http://api.test:{http_upstream.port}/other", proxy=p.url, trust_env=False, json={})
+    r1 = httpx.post(
+        f"http://api.test:{http_upstream.port}/other", proxy=p.url, trust_env=False, json={}
+    )
     r2 = httpx.post(
-        f"http://api.test:{http_upstream.port}/v1/chat/completions", proxy=p.url, trust_env=False,
+        f"http://api.test:{http_upstream.port}/v1/chat/completions",
+        proxy=p.url,
+        trust_env=False,
         json={"model": "gpt-evil"},
     )
     r3 = httpx.post(
-        f"http://api.test:{http_upstream.port}/v1/chat/completions", proxy=p.url, trust_env=False,
+        f"http://api.test:{http_upstream.port}/v1/chat/completions",
+        proxy=p.url,
+        trust_env=False,
         json={"model": "good-model"},
     )
     assert r1.status_code == 403 and r1.headers["x-egress-guard-reason"] == "path_not_allowed"

@@ -29,8 +29,9 @@ from typing import Any
 
 import trustme
 
-from support.adv_net import FaultUpstream, NetNS, Trap, free_port_here
+from support.adv_net import FaultUpstream, NetNS, Trap
 from support.adv_wire import Outcome, client_hello, exchange
+from support.ports import free_port
 from support.proxy import BIN_DIR, ProxyProcess
 from support.upstream import Upstream
 
@@ -81,7 +82,7 @@ class Lab:
     proxies: list[ProxyProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        pf = free_port_here("0.0.0.0")
+        pf = free_port("0.0.0.0")
         self.trap = Trap((pf, 443, 80)).start()
         cert = self.ca.issue_cert("api.test", "front.test", "porthost.test", "other.test")
 

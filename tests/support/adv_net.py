@@ -214,13 +214,6 @@ class Trap:
             s.close()
 
 
-def free_port_here(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 class FaultUpstream:
     """A plain-HTTP upstream that misbehaves on request: the path picks the fault.
 

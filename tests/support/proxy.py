@@ -13,15 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from support.ports import free_port
+
 BIN_DIR = Path(sys.executable).parent
 EGRESS_GUARD = str(BIN_DIR / "egress-guard")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_listening(
