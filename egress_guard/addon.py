@@ -43,6 +43,7 @@ from mitmproxy.tls import ClientHelloData
 from egress_guard.engine import Decision, Engine, Match, Reason
 from egress_guard.engine.decide import printable as _printable
 from egress_guard.engine.models import ModelUnknown, api_kind, requested_model
+from egress_guard.engine.paths import AmbiguousPath, canonical_path
 from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent, Sink
 from egress_guard.normalize import (
     Host,
@@ -601,7 +602,7 @@ class EgressGuard:
         if approval is not None:
             approval.bytes_up += len(req.raw_content or b"")
         try:
-            model = requested_model(req.path, req.raw_content)
+            model = requested_model(_rule_path(req.path), req.raw_content)
         except ModelUnknown as e:
             bad: Decision | None = replace(
                 decision,
@@ -670,7 +671,7 @@ class EgressGuard:
             if not final.allowed:
                 raise _Blocked(final)
             decision = final  # audit mode: recorded as would_block
-        if dest.models is not None and api_kind(req.path) is not None:
+        if dest.models is not None and api_kind(_rule_path(req.path)) is not None:
             flow.metadata[_MODEL_CHECK_KEY] = dest.name
             approval.bytes_up += _head_size(req.method, req.path, req.headers)
             flow.metadata[_APPROVAL_KEY] = approval
@@ -879,7 +880,34 @@ class EgressGuard:
             return  # a parent proxy resolves and connects; we decided on the name
         if data.server.sni is None and approval.host.kind == "name":
             data.server.sni = approval.host.value
+        # Connect to the checked address; server_connected puts the name back.
+        state.pinned[data.server.id] = data.server.address
         data.server.address = (str(approval.address), approval.port)
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Give a pinned connection its name back, so keep-alive requests reuse it.
+
+        mitmproxy reuses an upstream connection only when its address equals the next
+        request's (name, port). Left at the checked IP, every request would open a new
+        upstream socket while the old ones stay open until the client leaves (one client
+        socket holding hundreds of upstream sockets). Reuse is safe: each request is still
+        decided, and the socket goes to the address checked for that name on this client
+        connection.
+        """
+        try:
+            state = self.conns.get(data.client.id)
+            if state is not None and (name := state.pinned.pop(data.server.id, None)):
+                # Server.__setattr__ refuses address changes on an open connection (they
+                # would not reconnect). This one names the peer it is connected to; the
+                # socket's own address stays in server.peername.
+                object.__setattr__(data.server, "address", name)
+        except Exception:
+            log.exception("egress-guard: cannot restore a pinned connection's name")
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        state = self.conns.get(data.client.id)
+        if state is not None:
+            state.pinned.pop(data.server.id, None)
 
     def client_disconnected(self, client: Client) -> None:
         self._close_records(client.id)
@@ -913,6 +941,15 @@ class EgressGuard:
 
 _APPROVAL_KEY = "egress_guard_approval"
 _MODEL_CHECK_KEY = "egress_guard_model_check"
+
+
+def _rule_path(raw: str) -> str:
+    """The path the rules were checked on (the raw one when it was refused as ambiguous,
+    which only audit mode lets through)."""
+    try:
+        return canonical_path(raw)
+    except AmbiguousPath:
+        return raw
 
 
 def _head_size(first: str, second: str, headers: http.Headers) -> int:

@@ -93,7 +93,10 @@ FIELD_NOTES: dict[tuple[str, str], str] = {
     ),
     ("InspectRules", "paths"): (
         "Inspect mode only: request paths allowed, as shell-style globs matched against the "
-        "path without its query (`*` also matches `/`). `null` allows every path."
+        "path without its query, percent-decoded (`*` also matches `/`). Paths that servers "
+        "read differently (empty or dot segments, `;`, `\\\\`, encoded `/ \\\\ % ? # ;`) are "
+        "refused as `path_not_allowed` on destinations with `paths` or `models`. `null` "
+        "allows every path."
     ),
     ("InspectRules", "models"): (
         "Inspect mode only: model names a request body may ask for (the JSON `model` field, "

@@ -43,3 +43,6 @@ class ConnState:
     #: the tunnel's first bytes were read and judged (ClientHello and SNI, or not TLS);
     #: until then server_connect refuses the tunnel's upstream
     first_bytes_checked: bool = False
+    #: server connection id -> the (name, port) it was asked for, while it connects to the
+    #: checked address (see EgressGuard.server_connected)
+    pinned: dict[str, tuple[str, int]] = field(default_factory=dict)

@@ -19,6 +19,7 @@ from typing import Literal
 
 from egress_guard.engine.addresses import embedded_ipv4, special_class
 from egress_guard.engine.matcher import HostIndex, networks_contain
+from egress_guard.engine.paths import AmbiguousPath, canonical_path
 from egress_guard.normalize import (
     Host,
     IPAddress,
@@ -351,16 +352,27 @@ class Engine:
                 reason="method_not_allowed",
                 hint=f"destination {dest.name!r} allows methods {dest.methods}",
             )
-        if dest.paths is not None:
-            bare = path.split("?", 1)[0]
-            if not any(fnmatchcase(bare, g) for g in dest.paths):
-                return replace(
-                    decision,
-                    allowed=False,
-                    action="block",
-                    reason="path_not_allowed",
-                    hint=f"destination {dest.name!r} allows paths {dest.paths}",
-                )
+        if dest.paths is None and dest.models is None:
+            return None
+        try:
+            bare = canonical_path(path)
+        except AmbiguousPath as e:
+            return replace(
+                decision,
+                allowed=False,
+                action="block",
+                reason="path_not_allowed",
+                hint="send the path in its plain spelling",
+                detail=str(e),
+            )
+        if dest.paths is not None and not any(fnmatchcase(bare, g) for g in dest.paths):
+            return replace(
+                decision,
+                allowed=False,
+                action="block",
+                reason="path_not_allowed",
+                hint=f"destination {dest.name!r} allows paths {dest.paths}",
+            )
         if dest.models is not None and model is not None and model not in dest.models:
             return replace(
                 decision,

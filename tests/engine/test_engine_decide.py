@@ -575,6 +575,8 @@ def test_check_request(make_engine: EngineFactory) -> None:
         ("POST", "/v2/messages", "m1", "path_not_allowed"),
         ("POST", "/x?/v1/", "m1", "path_not_allowed"),
         ("POST", "/v1/messages", "m2", "model_not_allowed"),
+        ("POST", "/v1/../admin", "m1", "path_not_allowed"),  # glob matches, server would not
+        ("POST", "/v1/chat%2Fcompletions", "m1", "path_not_allowed"),
     ]
     for method, path, model, reason in cases:
         d = eng.check_request(dest, method, path, model, ok)

@@ -266,3 +266,32 @@ def test_plain_http_destination_rules_apply(proxy: ProxyFactory, http_upstream: 
     assert r2.status_code == 403 and r2.headers["x-egress-guard-reason"] == "model_not_allowed"
     assert r3.status_code == 200
     assert [q[1] for q in http_upstream.seen.requests] == ["/v1/chat/completions"]
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/v1/chat/%63ompletions", "model_not_allowed"),  # decoded, it is a model call
+        ("/v1/chat//completions", "path_not_allowed"),  # servers that merge slashes
+        ("/v1/x/../chat/completions", "path_not_allowed"),
+        ("/v1/chat/completions;x", "path_not_allowed"),
+        ("/v1/chat%2Fcompletions", "path_not_allowed"),
+    ],
+)
+def test_path_spellings_cannot_skip_the_model_check(
+    proxy: ProxyFactory, http_upstream: Upstream, path: str, reason: str
+) -> None:
+    from support.clients import send_raw
+
+    p = proxy(inspect_policy(http_upstream.port))
+    body = b'{"model": "gpt-evil"}'
+    sock, resp = send_raw(
+        p.port,
+        f"POST http://api.test:{http_upstream.port}{path} HTTP/1.1\r\n".encode()
+        + f"Host: api.test:{http_upstream.port}\r\nContent-Type: application/json\r\n".encode()
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    sock.close()
+    assert resp.status == 403 and resp.headers["x-egress-guard-reason"] == reason
+    assert http_upstream.seen.requests == []

@@ -1,0 +1,63 @@
+"""Keep-alive requests reuse the pinned upstream connection instead of piling up sockets.
+
+The guard connects to the address it checked, not to the name. Before the name was
+given back after connecting, mitmproxy never matched the connection again: every
+keep-alive request opened a new upstream socket and the old ones stayed open until the
+client left.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from proxy.test_inspect import client, inspect_policy
+from support.policies import make_policy
+from support.proxy import ProxyFactory
+from support.upstream import Upstream
+
+
+def test_plain_http_keep_alive_reuses_one_upstream_connection(
+    proxy: ProxyFactory, http_upstream: Upstream
+) -> None:
+    p = proxy(make_policy(http_upstream.port))
+    with httpx.Client(proxy=p.url, trust_env=False, timeout=10) as c:
+        codes = [c.get(f"http://api.test:{http_upstream.port}/r{i}").status_code for i in range(5)]
+    assert codes == [200] * 5
+    assert len(http_upstream.seen.requests) == 5
+    assert http_upstream.seen.connections == 1
+    # still one decision per request, and the bytes of all five on one close record
+    recs = p.wait_audit(lambda r: True)
+    assert [r["decision"] for r in recs] == ["allow"] * 5
+    closes = p.wait_audit(lambda r: True, event="close")
+    assert len(closes) == 1 and closes[0]["bytes_down"] > 0
+
+
+def test_denied_request_on_a_reused_connection_is_still_refused(
+    proxy: ProxyFactory, http_upstream: Upstream
+) -> None:
+    """Reuse carries the socket, never the decision: the next request is decided anew."""
+    p = proxy(make_policy(http_upstream.port))
+    with httpx.Client(proxy=p.url, trust_env=False, timeout=10) as c:
+        ok = c.get(f"http://api.test:{http_upstream.port}/ok")
+        bad = c.get(f"http://other.test:{http_upstream.port}/no")
+        again = c.get(f"http://api.test:{http_upstream.port}/ok2")
+    assert (ok.status_code, bad.status_code, again.status_code) == (200, 403, 200)
+    assert [q[1] for q in http_upstream.seen.requests] == ["/ok", "/ok2"]
+    assert http_upstream.seen.connections == 1
+
+
+def test_inspected_tunnel_reuses_one_upstream_connection(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    p = proxy(inspect_policy(tls_upstream.port), "--inspect", "--upstream-ca", str(ca_file))
+    with client(p) as c:
+        codes = [
+            c.post(
+                f"https://api.test:{tls_upstream.port}/v1/chat/completions",
+                json={"model": "good-model"},
+            ).status_code
+            for _ in range(4)
+        ]
+    assert codes == [200] * 4
+    assert tls_upstream.seen.connections == 1
