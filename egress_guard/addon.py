@@ -566,16 +566,17 @@ class EgressGuard:
         known = state.approved.get(key)
         if known is not None:
             approval = known  # keep-alive: one close record per upstream, bytes added up
-        else:
-            state.approved[key] = approval
         decision = approval.decision
         dest = approval.destination
         if dest is not None and dest.needs_inspection:
             # Plain HTTP needs no interception: a destination's request rules apply as is.
+            flow.metadata[_OPENS_KEY] = known is None
             ruled = self._request_rules(eng, flow, dest, approval, decision)
             if ruled is None:
-                return  # recorded once the body (and its model) is in
+                return  # approved and recorded once the body (and its model) is in
             decision = ruled
+        # Only a request that goes upstream makes an upstream (and its close record).
+        state.approved[key] = approval
         self._record(
             flow.client_conn.id,
             state,
@@ -621,7 +622,12 @@ class EgressGuard:
             if not final.allowed:
                 raise _Blocked(final)
             decision = final
-        self._record(flow.client_conn.id, state, decision, method=req.method, path=req.path)
+        opens = flow.metadata.pop(_OPENS_KEY, False)
+        if approval is not None and state.tunnel is None:
+            state.approved[(approval.host.value, approval.port)] = approval
+        self._record(
+            flow.client_conn.id, state, decision, method=req.method, path=req.path, opens=opens
+        )
 
     def _count_http(self, flow: http.HTTPFlow, approval: Approval | None) -> None:
         """Count an HTTP exchange's bytes (head + body) as they stream through."""
@@ -941,6 +947,8 @@ class EgressGuard:
 
 _APPROVAL_KEY = "egress_guard_approval"
 _MODEL_CHECK_KEY = "egress_guard_model_check"
+#: plain HTTP with a deferred model check: whether this request opens the upstream
+_OPENS_KEY = "egress_guard_opens"
 
 
 def _rule_path(raw: str) -> str:

@@ -231,3 +231,32 @@ def test_ten_thousand_unlisted_hosts_one_label_set(
     )
     text = httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=5).text
     assert "unlisted.test" not in text
+
+
+def test_plain_http_model_checked_request_counts_as_open_and_refused_one_leaves_no_close(
+    proxy: ProxyFactory, http_upstream: Upstream
+) -> None:
+    """The first request of a model-checked plain-HTTP connection is recorded after its
+    body is read; it must still open the active-connections gauge, and a refused one must
+    not leave a close record for an upstream that was never opened."""
+    from proxy.test_inspect import inspect_policy
+
+    mport = free_port()
+    p = proxy(inspect_policy(http_upstream.port), "--metrics", f"127.0.0.1:{mport}")
+    url = f"http://api.test:{http_upstream.port}/v1/chat/completions"
+    with httpx.Client(proxy=p.url, trust_env=False, timeout=10) as c:
+        assert c.post(url, json={"model": "gpt-evil"}).status_code == 403
+        ok = c.post(url, json={"model": "good-model"})
+        assert ok.status_code == 200
+        active = value(scrape(mport), "egress_guard_active_connections", destination="test-api")
+        assert active == 1
+    closes = p.wait_audit(lambda r: True, event="close")
+    deadline = time.monotonic() + 10
+    while (
+        value(scrape(mport), "egress_guard_active_connections", destination="test-api") != 0
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert value(scrape(mport), "egress_guard_active_connections", destination="test-api") == 0
+    assert len(closes) == 1 and closes[0]["decision"] == "allow" and closes[0]["bytes_down"] > 0
+    assert [q[1] for q in http_upstream.seen.requests] == ["/v1/chat/completions"]
