@@ -40,6 +40,7 @@ from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
+from egress_guard import splice
 from egress_guard.engine import Decision, Engine, Match, Reason
 from egress_guard.engine.decide import printable as _printable
 from egress_guard.engine.models import ModelUnknown, api_kind, requested_model
@@ -773,7 +774,9 @@ class EgressGuard:
             nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
             return
         state.first_bytes_checked = True
-        nextlayer.layer = CountingTCPLayer(context, approval)
+        nextlayer.layer = CountingTCPLayer(
+            context, approval, splice.on_relaying if splice.installed() else None
+        )
 
     def _tunnel_check(self, conn_id: str, state: ConnState, reason: Reason, detail: str) -> bool:
         """Record a problem found in a tunnel's first bytes; False when it must be refused."""
@@ -916,6 +919,7 @@ class EgressGuard:
             state.pinned.pop(data.server.id, None)
 
     def client_disconnected(self, client: Client) -> None:
+        splice.unregister(client.id)
         self._close_records(client.id)
 
     def _close_records(self, client_id: str, error: str | None = None) -> None:

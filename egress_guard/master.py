@@ -21,6 +21,7 @@ from mitmproxy import exceptions, options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig, upstream_auth
 from mitmproxy.master import Master
 
+from egress_guard import splice
 from egress_guard.addon import EgressGuard
 from egress_guard.events import Sink
 from egress_guard.metrics import Metrics, start_http_server
@@ -30,6 +31,7 @@ log = logging.getLogger("egress_guard")
 
 def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, EgressGuard]:
     """Must run inside an event loop (mitmproxy's Master takes the running loop)."""
+    splice.install()
     opts = options.Options()
     master = Master(opts, with_termlog=False)
     guard = EgressGuard(sinks)

@@ -10,7 +10,7 @@ additions per chunk. The counts are what the audit ``close`` record and the
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 from mitmproxy.proxy import commands, events
@@ -29,11 +29,22 @@ class ByteCounter(Protocol):
 class CountingTCPLayer(TCPLayer):
     """TCPLayer(ignore=True) that adds up what it relays in each direction."""
 
-    def __init__(self, context: Context, counter: ByteCounter) -> None:
+    def __init__(
+        self,
+        context: Context,
+        counter: ByteCounter,
+        on_relaying: Callable[[Context, ByteCounter], None] | None = None,
+    ) -> None:
         super().__init__(context, ignore=True)
         self.counter = counter
+        #: called once, when both ends are connected and the first chunk is relayed (the
+        #: guard's run mode hands the tunnel's later data to egress_guard.splice)
+        self.on_relaying = on_relaying
 
     def relay_messages(self, event: events.Event) -> Generator[Any, Any, None]:
+        if self.on_relaying is not None:
+            notify, self.on_relaying = self.on_relaying, None
+            notify(self.context, self.counter)
         if type(event) is events.DataReceived:
             if event.connection is self.context.client:
                 self.counter.bytes_up += len(event.data)
