@@ -388,6 +388,11 @@ class EgressGuard:
 
     async def _authorize(self, eng: Engine, raw_host: str, raw_port: str | int) -> Approval:
         """Decide a target end to end (names, DNS, addresses). Raises _Blocked."""
+        approval = await self._decide_target(eng, raw_host, raw_port)
+        approval.policy_sha256 = eng.policy.sha256
+        return approval
+
+    async def _decide_target(self, eng: Engine, raw_host: str, raw_port: str | int) -> Approval:
         verdict = eng.decide_target(raw_host, raw_port)
         if isinstance(verdict, Decision):
             final = eng.finalize(verdict)
@@ -565,6 +570,9 @@ class EgressGuard:
         self._check_host_header(eng, flow, approval.host, approval.port)
         key = (approval.host.value, approval.port)
         known = state.approved.get(key)
+        if known is not None and known.policy_sha256 != approval.policy_sha256:
+            self._retire(state, key, known)  # decided under an older policy
+            known = None
         if known is not None:
             approval = known  # keep-alive: one close record per upstream, bytes added up
         decision = approval.decision
@@ -890,8 +898,22 @@ class EgressGuard:
         if data.server.sni is None and approval.host.kind == "name":
             data.server.sni = approval.host.value
         # Connect to the checked address; server_connected puts the name back.
-        state.pinned[data.server.id] = data.server.address
+        state.pinned[data.server.id] = (data.server.address, key)
         data.server.address = (str(approval.address), approval.port)
+
+    @staticmethod
+    def _retire(state: ConnState, key: tuple[str, int], old: Approval) -> None:
+        """Stop reusing an upstream connection decided under an older policy.
+
+        The new policy may pin the name elsewhere, or forbid the old address: the open
+        connection is named by its address again (mitmproxy will not match it to the name
+        any more) and the next request gets a connection of its own, checked anew.
+        """
+        del state.approved[key]
+        state.retired.append(old)
+        server = old.server
+        if server is not None and server.peername is not None and server.via is None:
+            object.__setattr__(server, "address", tuple(server.peername[:2]))
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Give a pinned connection its name back, so keep-alive requests reuse it.
@@ -905,11 +927,16 @@ class EgressGuard:
         """
         try:
             state = self.conns.get(data.client.id)
-            if state is not None and (name := state.pinned.pop(data.server.id, None)):
+            pinned = state.pinned.pop(data.server.id, None) if state is not None else None
+            if state is not None and pinned is not None:
+                name, key = pinned
                 # Server.__setattr__ refuses address changes on an open connection (they
                 # would not reconnect). This one names the peer it is connected to; the
                 # socket's own address stays in server.peername.
                 object.__setattr__(data.server, "address", name)
+                approval = state.approved.get(key)
+                if approval is not None:
+                    approval.server = data.server
         except Exception:
             log.exception("egress-guard: cannot restore a pinned connection's name")
 
@@ -924,11 +951,11 @@ class EgressGuard:
 
     def _close_records(self, client_id: str, error: str | None = None) -> None:
         state = self.conns.pop(client_id, None)
-        if state is None or not state.approved:
+        if state is None or not (state.approved or state.retired):
             return
         eng = self.engine
         now = time.monotonic()
-        for approval in state.approved.values():
+        for approval in [*state.retired, *state.approved.values()]:
             d = approval.decision
             self._emit(
                 "close",

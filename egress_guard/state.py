@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mitmproxy.connection import Server
+
 from egress_guard.engine import Decision
 from egress_guard.normalize import Host, IPAddress
 from egress_guard.policy.model import Destination
@@ -27,6 +29,10 @@ class Approval:
     opened: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
+    #: the policy it was decided under: after a reload, keep-alive requests need a new one
+    policy_sha256: str = ""
+    #: the upstream connection opened for it (plain HTTP), once connected
+    server: Server | None = None
 
 
 @dataclass(slots=True)
@@ -43,6 +49,8 @@ class ConnState:
     #: the tunnel's first bytes were read and judged (ClientHello and SNI, or not TLS);
     #: until then server_connect refuses the tunnel's upstream
     first_bytes_checked: bool = False
-    #: server connection id -> the (name, port) it was asked for, while it connects to the
-    #: checked address (see EgressGuard.server_connected)
-    pinned: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: server connection id -> (the (name, port) it was asked for, its approval's key),
+    #: while it connects to the checked address (see EgressGuard.server_connected)
+    pinned: dict[str, tuple[tuple[str, int], tuple[str, int]]] = field(default_factory=dict)
+    #: approvals replaced after a policy reload; their close records are still owed
+    retired: list[Approval] = field(default_factory=list)

@@ -19,6 +19,7 @@ from typing import Literal
 
 from egress_guard.engine.addresses import embedded_ipv4, special_class
 from egress_guard.engine.matcher import HostIndex, networks_contain
+from egress_guard.engine.models import BODY_METHODS, api_kind
 from egress_guard.engine.paths import AmbiguousPath, canonical_path
 from egress_guard.normalize import (
     Host,
@@ -372,6 +373,20 @@ class Engine:
                 action="block",
                 reason="path_not_allowed",
                 hint=f"destination {dest.name!r} allows paths {dest.paths}",
+            )
+        if (
+            dest.models is not None
+            and model is None
+            and method.upper() in BODY_METHODS
+            and api_kind(bare) is None
+        ):
+            return replace(
+                decision,
+                allowed=False,
+                action="block",
+                reason="model_not_allowed",
+                hint=f"destination {dest.name!r} allows models {dest.models}",
+                detail=f"{method} to a path that is not a model endpoint egress-guard can read",
             )
         if dest.models is not None and model is not None and model not in dest.models:
             return replace(

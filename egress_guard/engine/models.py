@@ -1,8 +1,10 @@
 """Which model an LLM API request asks for, read from the request as it would be served.
 
-Only the request shapes of known provider APIs are read; for anything else the model is
-unknown (None) and a destination with a ``models`` list refuses it on a model endpoint,
-because a model check that can be skipped by an unfamiliar spelling is no check.
+Only the request shapes of known provider APIs are read. A destination with a ``models``
+list refuses a model call whose model cannot be read, and refuses requests with a body
+(POST, PUT, PATCH) to paths that are not a known model endpoint (batch APIs, an
+unfamiliar spelling, a provider this table does not know): a model check that an
+unfamiliar request can skip is no check.
 """
 
 from __future__ import annotations
@@ -13,19 +15,48 @@ from typing import Literal
 
 ApiKind = Literal["openai", "anthropic", "gemini"]
 
+_I = re.IGNORECASE  # servers such as Express route case-insensitively, with or without "/"
+
+#: Endpoints that name the model in the path, checked first: (pattern, error format).
+#: Gemini and Vertex AI (``publishers/*/models/X:verb``, also Anthropic-on-Vertex's
+#: rawPredict), Bedrock (``/model/X/converse``), Azure OpenAI (the deployment picks the
+#: model; a ``model`` in the body is ignored by Azure, so it is not what is checked).
+_PATH_MODEL: list[tuple[re.Pattern[str], ApiKind]] = [
+    (
+        re.compile(
+            r"/(?:tuned)?models/(?P<model>[^/:]+):(?:generateContent|streamGenerateContent|"
+            r"countTokens|embedContent|batchGenerateContent|batchEmbedContents|predict|"
+            r"predictLongRunning|rawPredict|streamRawPredict)/?$",
+            _I,
+        ),
+        "gemini",
+    ),
+    (
+        re.compile(
+            r"/model/(?P<model>[^/]+)/(?:invoke|invoke-with-response-stream|converse|"
+            r"converse-stream|count-tokens)/?$",
+            _I,
+        ),
+        "anthropic",
+    ),
+    (re.compile(r"/openai/deployments/(?P<model>[^/]+)/", _I), "openai"),
+]
+#: Endpoints whose JSON body names the model.
 #: OpenAI-compatible (also Groq, Together, Fireworks, Mistral, Ollama, LM Studio, Zen...)
-_OPENAI = re.compile(r"/(?:chat/completions|completions|responses|embeddings)/?$")
-_ANTHROPIC = re.compile(r"/v1/messages(?:/count_tokens)?/?$")
-_GEMINI = re.compile(
-    r"/models/(?P<model>[^/:]+):(?:generateContent|streamGenerateContent|countTokens|embedContent)$"
-)
+_OPENAI = re.compile(r"/(?:chat/completions|completions|responses|embeddings)/?$", _I)
+_ANTHROPIC = re.compile(r"/v1/messages(?:/count_tokens)?/?$", _I)
+
+
+#: methods whose requests can start model work, so need a readable model
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 def api_kind(path: str) -> ApiKind | None:
     """The provider API a request path belongs to, or None when it is not a model call."""
     bare = path.split("?", 1)[0]
-    if _GEMINI.search(bare):
-        return "gemini"
+    for pattern, kind in _PATH_MODEL:
+        if pattern.search(bare):
+            return kind
     if _ANTHROPIC.search(bare):
         return "anthropic"
     if _OPENAI.search(bare):
@@ -44,16 +75,15 @@ def requested_model(path: str, body: bytes | None) -> str | None:
     ``model`` string, a path-encoded model that is not plain text).
     """
     bare = path.split("?", 1)[0]
-    kind = api_kind(bare)
-    if kind is None:
+    for pattern, _kind in _PATH_MODEL:
+        m = pattern.search(bare)
+        if m is not None:
+            model = m.group("model")
+            if "%" in model or not model:
+                raise ModelUnknown(f"cannot read the model in {bare!r}")
+            return model
+    if api_kind(bare) is None:
         return None
-    if kind == "gemini":
-        m = _GEMINI.search(bare)
-        assert m is not None
-        model = m.group("model")
-        if "%" in model or not model:
-            raise ModelUnknown(f"cannot read the model in {bare!r}")
-        return model
     try:
         data = json.loads(body or b"", object_pairs_hook=_no_duplicate_keys)
     except (ValueError, UnicodeDecodeError) as e:

@@ -136,7 +136,9 @@ def test_sse_response_streams_unbuffered(guard: ProxyProcess, tls_upstream: Upst
     with (
         client(guard) as c,
         c.stream(
-            "POST", f"https://api.test:{tls_upstream.port}/v1/sse", json={"model": "good-model"}
+            "POST",
+            f"https://api.test:{tls_upstream.port}/v1/chat/completions",
+            json={"model": "good-model", "stream": True},
         ) as r,
     ):
         assert r.status_code == 200
@@ -276,6 +278,13 @@ def test_plain_http_destination_rules_apply(proxy: ProxyFactory, http_upstream: 
         ("/v1/x/../chat/completions", "path_not_allowed"),
         ("/v1/chat/completions;x", "path_not_allowed"),
         ("/v1/chat%2Fcompletions", "path_not_allowed"),
+        # servers that route case-insensitively or ignore a trailing slash (Express)
+        ("/v1/Chat/Completions", "model_not_allowed"),
+        ("/v1/MESSAGES", "model_not_allowed"),
+        ("/v1beta/models/gemini-evil:GenerateContent", "model_not_allowed"),
+        ("/v1beta/models/gemini-evil:generateContent/", "model_not_allowed"),
+        # a POST the guard cannot read a model from, on a destination that lists models
+        ("/v1/messages/batches", "model_not_allowed"),
     ],
 )
 def test_path_spellings_cannot_skip_the_model_check(

@@ -8,12 +8,14 @@ client left.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import httpx
 from proxy.test_inspect import client, inspect_policy
 from support.policies import make_policy
-from support.proxy import ProxyFactory
+from support.proxy import ProxyFactory, ProxyProcess
 from support.upstream import Upstream
 
 
@@ -61,3 +63,58 @@ def test_inspected_tunnel_reuses_one_upstream_connection(
         ]
     assert codes == [200] * 4
     assert tls_upstream.seen.connections == 1
+
+
+def _reload(p: ProxyProcess, text: str) -> None:
+    loads = len(p.audit("policy_loaded"))
+    tmp = p.policy_path.with_name("next.yaml")
+    tmp.write_text(text)
+    os.replace(tmp, p.policy_path)
+    deadline = time.monotonic() + 10
+    while len(p.audit("policy_loaded")) == loads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert p.audit("policy_loaded")[-1]["result"] == "ok"
+
+
+def test_keep_alive_after_reload_gets_the_new_rules(
+    proxy: ProxyFactory, http_upstream: Upstream
+) -> None:
+    """Rules added by a reload apply to the next request on an open client connection."""
+    p = proxy(make_policy(http_upstream.port))
+    base = f"http://api.test:{http_upstream.port}"
+    with httpx.Client(proxy=p.url, trust_env=False, timeout=10) as c:
+        assert c.get(f"{base}/v1/x").status_code == 200
+        _reload(p, inspect_policy(http_upstream.port))
+        admin = c.get(f"{base}/admin")
+        evil = c.post(f"{base}/v1/chat/completions", json={"model": "gpt-evil"})
+        good = c.post(f"{base}/v1/chat/completions", json={"model": "good-model"})
+    assert admin.status_code == 403 and admin.headers["x-egress-guard-reason"] == "path_not_allowed"
+    assert evil.status_code == 403 and evil.headers["x-egress-guard-reason"] == "model_not_allowed"
+    assert good.status_code == 200
+    assert [q[1] for q in http_upstream.seen.requests] == ["/v1/x", "/v1/chat/completions"]
+    closes = p.wait_audit(lambda r: True, event="close")
+    deadline = time.monotonic() + 10
+    while len(closes) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        closes = p.audit("close")
+    assert len(closes) == 2, closes  # the connection of the old policy is still accounted for
+
+
+def test_keep_alive_after_reload_goes_to_the_newly_pinned_address(proxy: ProxyFactory) -> None:
+    """A reload that pins the name elsewhere (and no longer allows the old address) moves
+    the next request on an open client connection; the old upstream socket is not reused."""
+    with (
+        Upstream(None, host="127.0.0.2") as new,
+        Upstream(None, host="127.0.0.1", port=new.port) as old,
+    ):
+        p = proxy(make_policy(old.port))
+        moved = make_policy(old.port, allow="127.0.0.2/32").replace(
+            "api.test: 127.0.0.1", "api.test: 127.0.0.2"
+        )
+        with httpx.Client(proxy=p.url, trust_env=False, timeout=10) as c:
+            assert c.get(f"http://api.test:{old.port}/one").status_code == 200
+            _reload(p, moved)
+            assert c.get(f"http://api.test:{old.port}/two").status_code == 200
+        assert [q[1] for q in old.seen.requests] == ["/one"]
+        assert [q[1] for q in new.seen.requests] == ["/two"]
+        assert old.seen.connections == 1 and new.seen.connections == 1

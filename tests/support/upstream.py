@@ -36,7 +36,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.server.seen.requests.append((self.command, self.path, self.headers.get("Host")))
             self.server.seen.headers.append({k.lower(): v for k, v in self.headers.items()})
             self.server.seen.bodies.append(body)
-        if self.path.endswith("/sse"):
+        if self.path.endswith("/sse") or b'"stream":true' in body.replace(b" ", b""):
             self._sse()
             return
         if self.path.startswith("/bytes/"):
@@ -102,14 +102,16 @@ class _Server(http.server.ThreadingHTTPServer):
 class Upstream:
     """A threaded HTTP(S) server on 127.0.0.1 (or ::1) with a random port."""
 
-    def __init__(self, tls_ctx: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, tls_ctx: ssl.SSLContext | None = None, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.seen = Seen()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
         class Server(_Server):
             address_family = family
 
-        self._server = Server((host, 0), _Handler)
+        self._server = Server((host, port), _Handler)
         self._server.seen = self.seen
         #: released by a test to let a streaming response continue
         self.gate = threading.Event()
