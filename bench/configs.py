@@ -291,12 +291,6 @@ EXPERIMENTS: list[Config] = [
         "x_no_sinks", "guard tunnel, no audit, no metrics", "both off", audit=False, metrics=False
     ),
     _exp(
-        "x_audit_linger",
-        "guard tunnel + audit_linger",
-        "patch: batch audit writer wake-ups",
-        patches="audit_linger",
-    ),
-    _exp(
         "x_hook_cache",
         "guard tunnel + hook_cache",
         "patch: cached hook dispatch, no update hook",
@@ -335,14 +329,14 @@ EXPERIMENTS: list[Config] = [
     _exp(
         "x_all",
         "guard tunnel + all patches and -O",
-        "-O, audit_linger, hook_cache, gc_freeze, sni_fast, metrics_cache",
-        patches="audit_linger,hook_cache,gc_freeze,sni_fast,metrics_cache",
+        "-O, hook_cache, gc_freeze, sni_fast, metrics_cache",
+        patches="hook_cache,gc_freeze,sni_fast,metrics_cache",
         optimize=True,
     ),
     _exp(
         "x_all_but_O",
         "guard tunnel + all patches, without -O",
-        "audit_linger, hook_cache, gc_freeze, sni_fast, metrics_cache, no_msg_typecheck",
-        patches="audit_linger,hook_cache,gc_freeze,sni_fast,metrics_cache,no_msg_typecheck",
+        "hook_cache, gc_freeze, sni_fast, metrics_cache, no_msg_typecheck",
+        patches="hook_cache,gc_freeze,sni_fast,metrics_cache,no_msg_typecheck",
     ),
 ]

@@ -6,10 +6,6 @@ applies the named patches and then runs the normal CLI with the remaining argume
 Nothing here is imported by egress_guard or the tests.
 
 Patches
-    audit_linger  the audit writer thread waits LINGER_S after the first queued event and
-                  takes everything queued by then: one wake-up and one write() per batch
-                  instead of per event (the event loop's put() then rarely has a waiter to
-                  notify, so no thread hand-off per event)
     hook_cache    AddonManager.handle_lifecycle resolves "which addons implement this hook"
                   once per hook name instead of walking every addon on every event, and
                   skips the ``update`` hook no addon of the embedded master implements
@@ -29,46 +25,7 @@ from __future__ import annotations
 
 import gc
 import inspect
-import queue
 import sys
-import time
-
-LINGER_S = 0.02
-
-
-def patch_audit_linger() -> None:
-    from egress_guard import audit
-
-    def _run(self: audit.AuditLog) -> None:
-        try:
-            while True:
-                if not self._service():
-                    if self._stop.is_set():
-                        break
-                    self._stop.wait(self.retry_interval)
-                    continue
-                if self._stop.is_set() and self._q.empty():
-                    self._clean_exit = True
-                    break
-                try:
-                    item = self._q.get(timeout=self._wait_time())
-                except queue.Empty:
-                    continue
-                self._backlog.append(item)
-                if not self._stop.is_set() and not isinstance(item, audit._Flush):
-                    time.sleep(LINGER_S)  # let the batch fill: one wake-up, one write()
-                while len(self._backlog) < audit._BATCH * 16:
-                    try:
-                        self._backlog.append(self._q.get_nowait())
-                    except queue.Empty:
-                        break
-        except BaseException as e:
-            audit._warn(f"audit log {self.path}: writer thread died: {e!r}")
-            raise
-        finally:
-            self._finish()
-
-    audit.AuditLog._run = _run  # type: ignore[method-assign]
 
 
 def patch_hook_cache() -> None:
@@ -268,7 +225,6 @@ PATCHES = {
     "no_msg_typecheck": patch_no_msg_typecheck,
     "sni_fast": patch_sni_fast,
     "metrics_cache": patch_metrics_cache,
-    "audit_linger": patch_audit_linger,
     "hook_cache": patch_hook_cache,
     "gc_freeze": patch_gc_freeze,
 }
