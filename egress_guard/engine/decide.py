@@ -345,57 +345,36 @@ class Engine:
     def check_request(
         self, dest: Destination, method: str, path: str, model: str | None, decision: Decision
     ) -> Decision | None:
-        if dest.methods is not None and method not in dest.methods:
+        def refuse(reason: Reason, hint: str, detail: str | None = None) -> Decision:
             return replace(
-                decision,
-                allowed=False,
-                action="block",
-                reason="method_not_allowed",
-                hint=f"destination {dest.name!r} allows methods {dest.methods}",
+                decision, allowed=False, action="block", reason=reason, hint=hint, detail=detail
+            )
+
+        if dest.methods is not None and method not in dest.methods:
+            return refuse(
+                "method_not_allowed", f"destination {dest.name!r} allows methods {dest.methods}"
             )
         if dest.paths is None and dest.models is None:
             return None
         try:
             bare = canonical_path(path)
         except AmbiguousPath as e:
-            return replace(
-                decision,
-                allowed=False,
-                action="block",
-                reason="path_not_allowed",
-                hint="send the path in its plain spelling",
-                detail=str(e),
-            )
+            return refuse("path_not_allowed", "send the path in its plain spelling", str(e))
         if dest.paths is not None and not any(fnmatchcase(bare, g) for g in dest.paths):
-            return replace(
-                decision,
-                allowed=False,
-                action="block",
-                reason="path_not_allowed",
-                hint=f"destination {dest.name!r} allows paths {dest.paths}",
+            return refuse(
+                "path_not_allowed", f"destination {dest.name!r} allows paths {dest.paths}"
             )
-        if (
-            dest.models is not None
-            and model is None
-            and method.upper() in BODY_METHODS
-            and api_kind(bare) is None
-        ):
-            return replace(
-                decision,
-                allowed=False,
-                action="block",
-                reason="model_not_allowed",
-                hint=f"destination {dest.name!r} allows models {dest.models}",
-                detail=f"{method} to a path that is not a model endpoint egress-guard can read",
+        if dest.models is None:
+            return None
+        models_hint = f"destination {dest.name!r} allows models {dest.models}"
+        if model is None and method.upper() in BODY_METHODS and api_kind(bare) is None:
+            return refuse(
+                "model_not_allowed",
+                models_hint,
+                f"{method} to a path that is not a model endpoint egress-guard can read",
             )
-        if dest.models is not None and model is not None and model not in dest.models:
-            return replace(
-                decision,
-                allowed=False,
-                action="block",
-                reason="model_not_allowed",
-                hint=f"destination {dest.name!r} allows models {dest.models}",
-            )
+        if model is not None and model not in dest.models:
+            return refuse("model_not_allowed", models_hint)
         return None
 
     # -- mode --------------------------------------------------------------------------
