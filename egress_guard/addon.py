@@ -35,7 +35,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.connection import Client
 from mitmproxy.proxy import layer, mode_specs, server_hooks
-from mitmproxy.proxy.layers.http import HttpStream
+from mitmproxy.proxy.layers.http import HttpLayer, HTTPMode, HttpStream
 from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.tls import ClientHelloData
@@ -552,6 +552,8 @@ class EgressGuard:
             approval = state.approved.get((host.value, port))
             if approval is None or state.tunnel_decision is None:
                 raise RuntimeError("request in a tunnel without an allowing decision")
+            if approval.policy_sha256 != eng.policy.sha256:
+                self._redecide_tunnel(eng, state, approval)
             dest = eng.destination(state.tunnel_decision.destination)
             decision = state.tunnel_decision
             if dest is not None:
@@ -606,7 +608,7 @@ class EgressGuard:
         req = flow.request
         dest = eng.destination(flow.metadata[_MODEL_CHECK_KEY])
         approval = flow.metadata.get(_APPROVAL_KEY)
-        decision = approval.decision if approval is not None else state.tunnel_decision
+        decision = flow.metadata.get(_DECISION_KEY)
         if dest is None or decision is None:
             raise RuntimeError("model check without a destination")
         if approval is not None:
@@ -668,6 +670,25 @@ class EgressGuard:
         except Exception:
             log.exception("egress-guard: cannot count response bytes")
 
+    @staticmethod
+    def _redecide_tunnel(eng: Engine, state: ConnState, approval: Approval) -> None:
+        """The policy changed while an intercepted tunnel was open: decide its target
+        again, so its requests get the new rules (a renamed destination included) and a
+        target or pinned address the new policy refuses gets no more requests. Raises
+        _Blocked."""
+        verdict = eng.decide_target(approval.host.value, approval.port)
+        if isinstance(verdict, Decision):
+            final = eng.finalize(verdict)
+        elif approval.address is None:  # a parent proxy resolves; decided on the name
+            d = verdict.destination
+            final = Decision(True, "allow", "allowlisted", d.name, verdict.host.value, verdict.port)
+        else:
+            final = eng.finalize(eng.decide_addresses(verdict, (approval.address,)))
+        if not final.allowed:
+            raise _Blocked(final)
+        state.tunnel_decision = final
+        approval.policy_sha256 = eng.policy.sha256
+
     def _request_rules(
         self,
         eng: Engine,
@@ -680,7 +701,9 @@ class EgressGuard:
         alike. Returns the decision to record, or None when the model is in the body: then
         the body is kept whole and the ``request`` hook decides and records."""
         req = flow.request
-        bad = eng.check_request(dest, req.method, req.path, None, decision)
+        bad = eng.check_request(
+            dest, req.method, req.path, None, decision, upgrade=req.headers.get("upgrade")
+        )
         if bad is not None:
             final = eng.finalize(bad)
             if not final.allowed:
@@ -688,6 +711,7 @@ class EgressGuard:
             decision = final  # audit mode: recorded as would_block
         if dest.models is not None and api_kind(_rule_path(req.path)) is not None:
             flow.metadata[_MODEL_CHECK_KEY] = dest.name
+            flow.metadata[_DECISION_KEY] = decision
             approval.bytes_up += _head_size(req.method, req.path, req.headers)
             flow.metadata[_APPROVAL_KEY] = approval
             return None
@@ -782,6 +806,11 @@ class EgressGuard:
             nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
             return
         state.first_bytes_checked = True
+        if data[0] != _TLS_HANDSHAKE and data[0] not in _TLS_OTHER_RECORDS and self._inspect(state):
+            # Plain bytes to a destination with request rules: read them as HTTP (and
+            # refuse what is not), so its method, path and model rules apply here too.
+            nextlayer.layer = HttpLayer(context, HTTPMode.transparent)
+            return
         nextlayer.layer = CountingTCPLayer(
             context, approval, splice.on_relaying if splice.installed() else None
         )
@@ -978,6 +1007,8 @@ class EgressGuard:
 
 _APPROVAL_KEY = "egress_guard_approval"
 _MODEL_CHECK_KEY = "egress_guard_model_check"
+#: the decision a deferred model check starts from (and records when the model is fine)
+_DECISION_KEY = "egress_guard_decision"
 #: plain HTTP with a deferred model check: whether this request opens the upstream
 _OPENS_KEY = "egress_guard_opens"
 

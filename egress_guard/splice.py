@@ -51,7 +51,14 @@ def register(client: Client, server: Server, counter: ByteCounter) -> None:
 
 
 def on_relaying(context: Context, counter: ByteCounter) -> None:
-    """CountingTCPLayer callback: both ends are connected, the tunnel may be spliced."""
+    """CountingTCPLayer callback: both ends are connected, the tunnel may be spliced.
+
+    Only when the CONNECT came over plain HTTP/1: a client that speaks TLS (an HTTPS
+    proxy URL) or HTTP/2 to the proxy has its tunnel inside that session, so the bytes
+    on its socket are not the tunnel's bytes.
+    """
+    if context.client.tls or context.client.alpn:
+        return
     register(context.client, context.server, counter)
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 from egress_guard.engine.addresses import embedded_ipv4, special_class
 from egress_guard.engine.matcher import HostIndex, networks_contain
-from egress_guard.engine.models import BODY_METHODS, api_kind
+from egress_guard.engine.models import READ_METHODS, api_kind
 from egress_guard.engine.paths import AmbiguousPath, canonical_path
 from egress_guard.normalize import (
     Host,
@@ -343,8 +343,21 @@ class Engine:
     # -- stage 4 (inspect mode): the request itself ---------------------------------------
 
     def check_request(
-        self, dest: Destination, method: str, path: str, model: str | None, decision: Decision
+        self,
+        dest: Destination,
+        method: str,
+        path: str,
+        model: str | None,
+        decision: Decision,
+        *,
+        upgrade: str | None = None,
     ) -> Decision | None:
+        """A destination's method, path and model rules for one request (stage 4).
+
+        ``model`` is None until the body is read (or when the path is not a model call);
+        ``upgrade`` is the request's Upgrade header, if any.
+        """
+
         def refuse(reason: Reason, hint: str, detail: str | None = None) -> Decision:
             return replace(
                 decision, allowed=False, action="block", reason=reason, hint=hint, detail=detail
@@ -367,7 +380,13 @@ class Engine:
         if dest.models is None:
             return None
         models_hint = f"destination {dest.name!r} allows models {dest.models}"
-        if model is None and method.upper() in BODY_METHODS and api_kind(bare) is None:
+        if upgrade:
+            return refuse(
+                "model_not_allowed",
+                models_hint,
+                f"protocol upgrade ({printable(upgrade)}): its frames cannot be model-checked",
+            )
+        if model is None and method.upper() not in READ_METHODS and api_kind(bare) is None:
             return refuse(
                 "model_not_allowed",
                 models_hint,

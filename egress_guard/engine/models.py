@@ -1,10 +1,11 @@
 """Which model an LLM API request asks for, read from the request as it would be served.
 
 Only the request shapes of known provider APIs are read. A destination with a ``models``
-list refuses a model call whose model cannot be read, and refuses requests with a body
-(POST, PUT, PATCH) to paths that are not a known model endpoint (batch APIs, an
-unfamiliar spelling, a provider this table does not know): a model check that an
-unfamiliar request can skip is no check.
+list refuses a model call whose model cannot be read; it also refuses requests other
+than GET, HEAD, OPTIONS and DELETE to paths that are not a known model endpoint (batch
+APIs, an unfamiliar spelling, a provider this table does not know), and protocol
+upgrades (WebSocket realtime APIs stream model work in frames no HTTP rule sees): a
+model check that an unfamiliar request can skip is no check.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ _OPENAI = re.compile(r"/(?:chat/completions|completions|responses|embeddings)/?$
 _ANTHROPIC = re.compile(r"/v1/messages(?:/count_tokens)?/?$", _I)
 
 
-#: methods whose requests can start model work, so need a readable model
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+#: methods that do not start model work; on a destination with ``models`` every other
+#: request (POST, PUT, PATCH, CONNECT for HTTP/2 WebSockets, ...) must be a model call
+#: the guard can read
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
 def api_kind(path: str) -> ApiKind | None:

@@ -304,3 +304,84 @@ def test_path_spellings_cannot_skip_the_model_check(
     sock.close()
     assert resp.status == 403 and resp.headers["x-egress-guard-reason"] == reason
     assert http_upstream.seen.requests == []
+
+
+def test_websocket_upgrade_refused_where_models_are_listed(
+    proxy: ProxyFactory, http_upstream: Upstream
+) -> None:
+    """Realtime APIs (OpenAI Realtime, Gemini Live) carry model work in WebSocket frames,
+    where no request rule looks: a destination that lists models refuses the upgrade."""
+    from support.clients import send_raw
+
+    p = proxy(inspect_policy(http_upstream.port))
+    sock, resp = send_raw(
+        p.port,
+        f"GET http://api.test:{http_upstream.port}/v1/realtime?model=gpt-evil HTTP/1.1\r\n".encode()
+        + f"Host: api.test:{http_upstream.port}\r\nConnection: Upgrade\r\n".encode()
+        + b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        + b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    sock.close()
+    assert resp.status == 403 and resp.headers["x-egress-guard-reason"] == "model_not_allowed"
+    assert http_upstream.seen.requests == []
+
+
+def test_plain_http_inside_connect_is_read_as_http_and_checked(
+    proxy: ProxyFactory, http_upstream: Upstream, ca_file: Path
+) -> None:
+    """A CONNECT tunnel to a destination with request rules that carries plain HTTP (no
+    TLS) gets the same rules as an intercepted TLS tunnel, instead of raw relaying."""
+    import socket
+
+    from support.clients import read_response
+
+    p = proxy(inspect_policy(http_upstream.port), "--inspect", "--upstream-ca", str(ca_file))
+
+    def post(path: str, model: str) -> int:
+        sock = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+        sock.sendall(f"CONNECT api.test:{http_upstream.port} HTTP/1.1\r\n\r\n".encode())
+        assert read_response(sock).status == 200
+        body = json.dumps({"model": model}).encode()
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: api.test:{http_upstream.port}\r\n".encode()
+            + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        status = read_response(sock).status
+        sock.close()
+        return status
+
+    assert post("/admin/chat/completions", "gpt-evil") == 403
+    assert post("/v1/chat/completions", "gpt-evil") == 403
+    assert post("/v1/chat/completions", "good-model") == 200
+    assert [q[1] for q in http_upstream.seen.requests] == ["/v1/chat/completions"]
+
+
+def test_reload_renaming_the_destination_keeps_rules_on_open_tunnels(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    import os
+    import time
+
+    p = proxy(inspect_policy(tls_upstream.port), "--inspect", "--upstream-ca", str(ca_file))
+    url = f"https://api.test:{tls_upstream.port}/v1/chat/completions"
+    with client(p) as c:
+        assert c.post(url, json={"model": "good-model"}).status_code == 200
+        loads = len(p.audit("policy_loaded"))
+        tmp = p.policy_path.with_name("next.yaml")
+        tmp.write_text(inspect_policy(tls_upstream.port).replace("test-api", "test-api-v2"))
+        os.replace(tmp, p.policy_path)
+        deadline = time.monotonic() + 10
+        while len(p.audit("policy_loaded")) == loads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        evil = c.post(url, json={"model": "gpt-evil"})
+        admin = c.post(f"https://api.test:{tls_upstream.port}/admin", json={})
+        good = c.post(url, json={"model": "good-model"})
+    assert evil.status_code == 403 and evil.headers["x-egress-guard-reason"] == "model_not_allowed"
+    assert admin.status_code == 403
+    assert good.status_code == 200
+    assert [q[1] for q in tls_upstream.seen.requests] == ["/v1/chat/completions"] * 2
+    recs = p.wait_audit(
+        lambda r: r.get("destination") == "test-api-v2" and r["reason"] == "allowlisted"
+    )
+    assert [r["path"] for r in recs] == ["/v1/chat/completions"]

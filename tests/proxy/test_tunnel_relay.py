@@ -81,3 +81,36 @@ def test_tunnel_relays_every_byte_and_counts_them(
     assert len(close) == 1
     assert close[0]["bytes_up"] == 8 + len(sent)
     assert close[0]["bytes_down"] == len(got)
+
+
+def test_tunnel_through_a_tls_connection_to_the_proxy(
+    proxy: ProxyFactory, digest_server: DigestServer
+) -> None:
+    """A client may speak TLS to the proxy itself (an https:// proxy URL); its tunnel lives
+    inside that TLS session and must be relayed as such, not as raw socket bytes."""
+    import ssl
+
+    from proxy.test_inspect import guard_ca
+    from support.clients import read_response
+
+    p = proxy(make_policy(digest_server.port))
+    ctx: ssl.SSLContext = guard_ca(p)
+    ctx.check_hostname = False
+    raw = socket.create_connection(("127.0.0.1", p.port), timeout=20)
+    tls = ctx.wrap_socket(raw, server_hostname="egress-guard.test")
+    tls.sendall(f"CONNECT api.test:{digest_server.port} HTTP/1.1\r\n\r\n".encode())
+    assert read_response(tls).status == 200  # type: ignore[arg-type]
+    sent = b"x" * 300_000
+    tls.sendall(len(sent).to_bytes(8, "big"))
+    for i in range(0, len(sent), 50_000):
+        tls.sendall(sent[i : i + 50_000])
+    got = b""
+    while len(got) < 65 + 3_000_000:
+        chunk = tls.recv(1 << 16)
+        if not chunk:
+            break
+        got += chunk
+    tls.close()
+    digest, _, reply = got.partition(b"\n")
+    assert digest.decode() == hashlib.sha256(sent).hexdigest()
+    assert len(reply) == 3_000_000

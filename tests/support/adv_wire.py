@@ -26,6 +26,8 @@ class Outcome:
     timed_out: bool = False  # nothing conclusive within the timeout
     raw: bytes = b""
     elapsed: float = 0.0
+    #: bytes read past this response (the start of a pipelined next one)
+    extra: bytes = b""
 
     @property
     def guard_reason(self) -> str | None:
@@ -55,11 +57,16 @@ def open_conn(
     return sock
 
 
-def read_outcome(sock: socket.socket, timeout: float = 5.0, head_only: bool = False) -> Outcome:
-    """Read one HTTP/1 response (head, and a Content-Length body unless ``head_only``)."""
+def read_outcome(
+    sock: socket.socket, timeout: float = 5.0, head_only: bool = False, pending: bytes = b""
+) -> Outcome:
+    """Read one HTTP/1 response (head, and a Content-Length body unless ``head_only``).
+
+    ``pending``: bytes already read past the previous response (its ``extra``), where
+    pipelined responses arrived in one segment."""
     start = time.monotonic()
     deadline = start + timeout
-    buf = b""
+    buf = pending
     out = Outcome()
 
     def recv() -> bytes | None:
@@ -105,6 +112,7 @@ def read_outcome(sock: socket.socket, timeout: float = 5.0, head_only: bool = Fa
                         break
                     rest += chunk
                 out.body = rest[:length]
+                out.extra = rest[length:]
             else:
                 out.body = rest
     out.elapsed = time.monotonic() - start
