@@ -20,8 +20,9 @@ def render(s: Stats) -> str:
     lines = [
         "# Adversarial suite report",
         "",
-        "Written by `tests/adversarial/conftest.py` at the end of every pytest session that",
-        "ran part of the suite; sections of modules that did not run say so. Do not edit.",
+        "Written by `tests/adversarial/conftest.py` at the end of a pytest session that ran",
+        "the whole suite without failures (a partial or failing run writes REPORT.partial.md",
+        "instead; sections of modules that did not run say so). Do not edit.",
         "",
         f"Modules in this run: {', '.join(sorted(s.ran)) or 'none'}",
         "",
