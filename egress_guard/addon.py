@@ -549,6 +549,9 @@ class EgressGuard:
             # authority, and the destination's request rules apply.
             host, port = state.tunnel
             self._check_host_header(eng, flow, host, port)
+            if req.authority and not (req.is_http2 or req.is_http3):
+                # an absolute-form request line names the host a server routes by
+                self._check_host_header(eng, flow, host, port, [req.authority])
             approval = state.approved.get((host.value, port))
             if approval is None or state.tunnel_decision is None:
                 raise RuntimeError("request in a tunnel without an allowing decision")
@@ -683,6 +686,22 @@ class EgressGuard:
             d = verdict.destination
             final = Decision(True, "allow", "allowlisted", d.name, verdict.host.value, verdict.port)
         else:
+            static = eng.static_addresses(verdict.host)
+            if static is not None and approval.address not in static:
+                # network.resolve now pins the name elsewhere; the open upstream cannot move
+                final = Decision(
+                    False,
+                    "block",
+                    "not_allowlisted",
+                    verdict.destination.name,
+                    verdict.host.value,
+                    verdict.port,
+                    hint="reconnect: the policy now resolves this name to another address",
+                    detail=f"tunnel pinned to {approval.address}, policy resolves {static}",
+                )
+                final = eng.finalize(final)
+                if not final.allowed:
+                    raise _Blocked(final)
             final = eng.finalize(eng.decide_addresses(verdict, (approval.address,)))
         if not final.allowed:
             raise _Blocked(final)
@@ -717,11 +736,15 @@ class EgressGuard:
             return None
         return decision
 
-    def _check_host_header(self, eng: Engine, flow: http.HTTPFlow, host: Host, port: int) -> None:
+    @staticmethod
+    def _check_host_header(
+        eng: Engine, flow: http.HTTPFlow, host: Host, port: int, values: list[str] | None = None
+    ) -> None:
+        """The request's Host (or the given authority ``values``) must name host:port."""
         req = flow.request
-        if req.is_http2 or req.is_http3:
+        if values is None and (req.is_http2 or req.is_http3):
             values = [req.authority] if req.authority else req.headers.get_all("host")
-        else:
+        elif values is None:
             values = req.headers.get_all("host")
         default = 443 if req.scheme == "https" else 80
         bad = eng.check_host_header(host, port, values, default, None)
@@ -769,6 +792,17 @@ class EgressGuard:
             return  # wait for the client to speak
         approval = state.approved.get((state.tunnel[0].value, state.tunnel[1]))
         conn_id = context.client.id
+        eng = self._engine()
+        if approval is not None and approval.policy_sha256 != eng.policy.sha256:
+            # reloaded since the CONNECT: its rules (and whether it is intercepted) are
+            # the new policy's
+            try:
+                self._redecide_tunnel(eng, state, approval)
+            except _Blocked as b:
+                self._record(conn_id, state, b.decision)
+                state.blocked = b.decision.reason
+                nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
+                return
         if data[0] == _TLS_HANDSHAKE:
             problem: str | None = client_hello_shape_problem(data)
             try:

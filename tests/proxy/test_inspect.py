@@ -4,12 +4,14 @@ provider-format errors; streaming passes through unbuffered; secrets never recor
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
+from support.clients import read_response
 from support.policies import make_policy
 from support.proxy import EGRESS_GUARD, ProxyFactory, ProxyProcess
 from support.upstream import Upstream
@@ -385,3 +387,89 @@ def test_reload_renaming_the_destination_keeps_rules_on_open_tunnels(
         lambda r: r.get("destination") == "test-api-v2" and r["reason"] == "allowlisted"
     )
     assert [r["path"] for r in recs] == ["/v1/chat/completions"]
+
+
+def _connect_plain(port: int, target: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\n\r\n".encode())
+    assert read_response(sock).status == 200
+    return sock
+
+
+def _post_model(sock: socket.socket, target: str, path: str, model: str) -> int:
+    body = json.dumps({"model": model}).encode()
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {target}\r\nContent-Type: application/json\r\n".encode()
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    return read_response(sock).status
+
+
+def test_reload_before_a_tunnels_first_bytes_applies_the_new_rules(
+    proxy: ProxyFactory, http_upstream: Upstream, ca_file: Path
+) -> None:
+    """A tunnel opened under one policy and first used after a reload (here renaming its
+    destination) is judged by the new policy: still intercepted, rules still applied."""
+    import os
+    import time
+
+    p = proxy(inspect_policy(http_upstream.port), "--inspect", "--upstream-ca", str(ca_file))
+    target = f"api.test:{http_upstream.port}"
+    sock = _connect_plain(p.port, target)
+    loads = len(p.audit("policy_loaded"))
+    tmp = p.policy_path.with_name("next.yaml")
+    tmp.write_text(inspect_policy(http_upstream.port).replace("test-api", "test-api-v2"))
+    os.replace(tmp, p.policy_path)
+    deadline = time.monotonic() + 10
+    while len(p.audit("policy_loaded")) == loads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = _post_model(sock, target, "/admin/v1/chat/completions", "gpt-evil")
+    sock.close()
+    assert status == 403
+    assert http_upstream.seen.requests == []
+
+
+def test_absolute_form_request_in_a_tunnel_must_name_the_tunnel_target(
+    proxy: ProxyFactory, http_upstream: Upstream, ca_file: Path
+) -> None:
+    """A server routes an absolute-form request by its URI, not by Host: inside a tunnel,
+    the URI must name the CONNECT target as the Host header must."""
+    p = proxy(inspect_policy(http_upstream.port), "--inspect", "--upstream-ca", str(ca_file))
+    target = f"api.test:{http_upstream.port}"
+    sock = _connect_plain(p.port, target)
+    sock.sendall(
+        f"GET http://other.test:{http_upstream.port}/v1/models HTTP/1.1\r\n".encode()
+        + f"Host: {target}\r\n\r\n".encode()
+    )
+    resp = read_response(sock)
+    sock.close()
+    assert resp.status == 403 and resp.headers["x-egress-guard-reason"] == "host_header_mismatch"
+    assert http_upstream.seen.requests == []
+
+
+def test_reload_repinning_the_name_refuses_the_open_tunnels_next_request(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    """The open upstream cannot follow a network.resolve change: the next request in the
+    tunnel is refused (the client reconnects and gets the new address checked)."""
+    import os
+    import time
+
+    p = proxy(inspect_policy(tls_upstream.port), "--inspect", "--upstream-ca", str(ca_file))
+    url = f"https://api.test:{tls_upstream.port}/v1/chat/completions"
+    with client(p) as c:
+        assert c.post(url, json={"model": "good-model"}).status_code == 200
+        loads = len(p.audit("policy_loaded"))
+        tmp = p.policy_path.with_name("next.yaml")
+        moved = inspect_policy(tls_upstream.port).replace(
+            "api.test: 127.0.0.1", "api.test: 127.0.0.2"
+        )
+        tmp.write_text(moved)
+        os.replace(tmp, p.policy_path)
+        deadline = time.monotonic() + 10
+        while len(p.audit("policy_loaded")) == loads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = c.post(url, json={"model": "good-model"})
+    assert again.status_code == 403
+    assert len(tls_upstream.seen.requests) == 1
