@@ -362,20 +362,11 @@ def test_plain_http_inside_connect_is_read_as_http_and_checked(
 def test_reload_renaming_the_destination_keeps_rules_on_open_tunnels(
     proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
 ) -> None:
-    import os
-    import time
-
     p = proxy(inspect_policy(tls_upstream.port), "--inspect", "--upstream-ca", str(ca_file))
     url = f"https://api.test:{tls_upstream.port}/v1/chat/completions"
     with client(p) as c:
         assert c.post(url, json={"model": "good-model"}).status_code == 200
-        loads = len(p.audit("policy_loaded"))
-        tmp = p.policy_path.with_name("next.yaml")
-        tmp.write_text(inspect_policy(tls_upstream.port).replace("test-api", "test-api-v2"))
-        os.replace(tmp, p.policy_path)
-        deadline = time.monotonic() + 10
-        while len(p.audit("policy_loaded")) == loads and time.monotonic() < deadline:
-            time.sleep(0.05)
+        p.replace_policy(inspect_policy(tls_upstream.port).replace("test-api", "test-api-v2"))
         evil = c.post(url, json={"model": "gpt-evil"})
         admin = c.post(f"https://api.test:{tls_upstream.port}/admin", json={})
         good = c.post(url, json={"model": "good-model"})
@@ -411,19 +402,10 @@ def test_reload_before_a_tunnels_first_bytes_applies_the_new_rules(
 ) -> None:
     """A tunnel opened under one policy and first used after a reload (here renaming its
     destination) is judged by the new policy: still intercepted, rules still applied."""
-    import os
-    import time
-
     p = proxy(inspect_policy(http_upstream.port), "--inspect", "--upstream-ca", str(ca_file))
     target = f"api.test:{http_upstream.port}"
     sock = _connect_plain(p.port, target)
-    loads = len(p.audit("policy_loaded"))
-    tmp = p.policy_path.with_name("next.yaml")
-    tmp.write_text(inspect_policy(http_upstream.port).replace("test-api", "test-api-v2"))
-    os.replace(tmp, p.policy_path)
-    deadline = time.monotonic() + 10
-    while len(p.audit("policy_loaded")) == loads and time.monotonic() < deadline:
-        time.sleep(0.05)
+    p.replace_policy(inspect_policy(http_upstream.port).replace("test-api", "test-api-v2"))
     status = _post_model(sock, target, "/admin/v1/chat/completions", "gpt-evil")
     sock.close()
     assert status == 403
@@ -453,23 +435,13 @@ def test_reload_repinning_the_name_refuses_the_open_tunnels_next_request(
 ) -> None:
     """The open upstream cannot follow a network.resolve change: the next request in the
     tunnel is refused (the client reconnects and gets the new address checked)."""
-    import os
-    import time
-
     p = proxy(inspect_policy(tls_upstream.port), "--inspect", "--upstream-ca", str(ca_file))
     url = f"https://api.test:{tls_upstream.port}/v1/chat/completions"
     with client(p) as c:
         assert c.post(url, json={"model": "good-model"}).status_code == 200
-        loads = len(p.audit("policy_loaded"))
-        tmp = p.policy_path.with_name("next.yaml")
-        moved = inspect_policy(tls_upstream.port).replace(
-            "api.test: 127.0.0.1", "api.test: 127.0.0.2"
+        p.replace_policy(
+            inspect_policy(tls_upstream.port).replace("api.test: 127.0.0.1", "api.test: 127.0.0.2")
         )
-        tmp.write_text(moved)
-        os.replace(tmp, p.policy_path)
-        deadline = time.monotonic() + 10
-        while len(p.audit("policy_loaded")) == loads and time.monotonic() < deadline:
-            time.sleep(0.05)
         again = c.post(url, json={"model": "good-model"})
     assert again.status_code == 403
     assert len(tls_upstream.seen.requests) == 1

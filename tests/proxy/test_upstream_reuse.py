@@ -8,14 +8,13 @@ client left.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import httpx
 from proxy.test_inspect import client, inspect_policy
 from support.policies import make_policy
-from support.proxy import ProxyFactory, ProxyProcess
+from support.proxy import ProxyFactory
 from support.upstream import Upstream
 
 
@@ -65,17 +64,6 @@ def test_inspected_tunnel_reuses_one_upstream_connection(
     assert tls_upstream.seen.connections == 1
 
 
-def _reload(p: ProxyProcess, text: str) -> None:
-    loads = len(p.audit("policy_loaded"))
-    tmp = p.policy_path.with_name("next.yaml")
-    tmp.write_text(text)
-    os.replace(tmp, p.policy_path)
-    deadline = time.monotonic() + 10
-    while len(p.audit("policy_loaded")) == loads and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert p.audit("policy_loaded")[-1]["result"] == "ok"
-
-
 def test_keep_alive_after_reload_gets_the_new_rules(
     proxy: ProxyFactory, http_upstream: Upstream
 ) -> None:
@@ -84,7 +72,7 @@ def test_keep_alive_after_reload_gets_the_new_rules(
     base = f"http://api.test:{http_upstream.port}"
     with httpx.Client(proxy=p.url, trust_env=False, timeout=10) as c:
         assert c.get(f"{base}/v1/x").status_code == 200
-        _reload(p, inspect_policy(http_upstream.port))
+        p.replace_policy(inspect_policy(http_upstream.port))
         admin = c.get(f"{base}/admin")
         evil = c.post(f"{base}/v1/chat/completions", json={"model": "gpt-evil"})
         good = c.post(f"{base}/v1/chat/completions", json={"model": "good-model"})
@@ -113,7 +101,7 @@ def test_keep_alive_after_reload_goes_to_the_newly_pinned_address(proxy: ProxyFa
         )
         with httpx.Client(proxy=p.url, trust_env=False, timeout=10) as c:
             assert c.get(f"http://api.test:{old.port}/one").status_code == 200
-            _reload(p, moved)
+            p.replace_policy(moved)
             assert c.get(f"http://api.test:{old.port}/two").status_code == 200
         assert [q[1] for q in old.seen.requests] == ["/one"]
         assert [q[1] for q in new.seen.requests] == ["/two"]

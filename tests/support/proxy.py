@@ -121,6 +121,17 @@ class ProxyProcess:
                 return found
             time.sleep(0.05)
 
+    def replace_policy(self, text: str, timeout: float = 10.0) -> None:
+        """Swap the policy file atomically and wait until the proxy has loaded it."""
+        loads = len(self.audit("policy_loaded"))
+        tmp = self.policy_path.with_name("next.yaml")
+        tmp.write_text(text)
+        os.replace(tmp, self.policy_path)
+        deadline = time.monotonic() + timeout
+        while len(self.audit("policy_loaded")) == loads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.audit("policy_loaded")[-1]["result"] == "ok"
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
