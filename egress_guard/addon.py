@@ -411,9 +411,7 @@ class EgressGuard:
         if self._parent is not None and eng.static_addresses(match.host) is None:
             # A parent proxy resolves names (air-gapped sites may have no DNS here): the
             # decision is on the name; the parent must do its own address checks.
-            d = Decision(
-                True, "allow", "allowlisted", match.destination.name, match.host.value, match.port
-            )
+            d = _allowed_by_name(match)
             return Approval(d, match.host, match.port, None, match.destination, time.monotonic())
         addrs = await self._addresses(eng, match.host, match.port)
         final = eng.finalize(eng.decide_addresses(match, addrs))
@@ -683,25 +681,25 @@ class EgressGuard:
         if isinstance(verdict, Decision):
             final = eng.finalize(verdict)
         elif approval.address is None:  # a parent proxy resolves; decided on the name
-            d = verdict.destination
-            final = Decision(True, "allow", "allowlisted", d.name, verdict.host.value, verdict.port)
+            final = _allowed_by_name(verdict)
         else:
             static = eng.static_addresses(verdict.host)
             if static is not None and approval.address not in static:
                 # network.resolve now pins the name elsewhere; the open upstream cannot move
-                final = Decision(
-                    False,
-                    "block",
-                    "not_allowlisted",
-                    verdict.destination.name,
-                    verdict.host.value,
-                    verdict.port,
-                    hint="reconnect: the policy now resolves this name to another address",
-                    detail=f"tunnel pinned to {approval.address}, policy resolves {static}",
+                repinned = eng.finalize(
+                    Decision(
+                        False,
+                        "block",
+                        "not_allowlisted",
+                        verdict.destination.name,
+                        verdict.host.value,
+                        verdict.port,
+                        hint="reconnect: the policy now resolves this name to another address",
+                        detail=f"tunnel pinned to {approval.address}, policy resolves {static}",
+                    )
                 )
-                final = eng.finalize(final)
-                if not final.allowed:
-                    raise _Blocked(final)
+                if not repinned.allowed:
+                    raise _Blocked(repinned)
             final = eng.finalize(eng.decide_addresses(verdict, (approval.address,)))
         if not final.allowed:
             raise _Blocked(final)
@@ -1045,6 +1043,12 @@ _MODEL_CHECK_KEY = "egress_guard_model_check"
 _DECISION_KEY = "egress_guard_decision"
 #: plain HTTP with a deferred model check: whether this request opens the upstream
 _OPENS_KEY = "egress_guard_opens"
+
+
+def _allowed_by_name(match: Match) -> Decision:
+    """Allow decided on the name alone: a parent proxy resolves it and checks addresses."""
+    d = match.destination
+    return Decision(True, "allow", "allowlisted", d.name, match.host.value, match.port)
 
 
 def _rule_path(raw: str) -> str:
