@@ -17,6 +17,7 @@ import collections
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from bench import loadgen
 from bench.certs import make_certs
 from bench.configs import CONFIGS, Env
 from bench.run import start_upstream
+from bench.upstream import BULK_BYTES
 
 VENV_BIN = Path(sys.executable).parent
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::(?P<line>\d+))?\)$")
@@ -155,6 +157,12 @@ def main() -> int:
         help="run the proxy under cProfile instead of sampling it with py-spy",
     )
     ap.add_argument("--out", help="directory to keep the raw profile in")
+    ap.add_argument(
+        "--bulk",
+        type=int,
+        default=0,
+        help="profile N 10 MiB downloads (one tunnel each) instead of new-tunnel load",
+    )
     a = ap.parse_args()
     cfg = next(c for c in CONFIGS if c.key == a.config)
     wd = Path(tempfile.mkdtemp(prefix="egress-guard-profile-"))
@@ -208,13 +216,24 @@ def main() -> int:
                 stderr=subprocess.PIPE,
             )
             time.sleep(0.5)
-        res = asyncio.run(drive(t, a.seconds, a.concurrency))
-        cpu = child.cpu_seconds() - cpu0
-        print(
-            f"{a.config}: {res.rate:.1f} tunnels/s at c={a.concurrency}, {res.errors} errors, "
-            f"proxy CPU {cpu / max(1, res.ok) * 1e3:.2f} ms per tunnel"
-            + (" (under cProfile)" if a.cprofile else "")
-        )
+        if a.bulk:
+            rates = asyncio.run(loadgen.bulk(t, a.bulk))
+            cpu = child.cpu_seconds() - cpu0
+            mb = a.bulk * BULK_BYTES / 1e6
+            print(
+                f"{a.config}: {a.bulk} downloads, median {statistics.median(rates):.0f} MB/s, "
+                f"proxy CPU {cpu * 1e3 / mb:.2f} ms per MB"
+            )
+            res = None
+        else:
+            res = asyncio.run(drive(t, a.seconds, a.concurrency))
+            cpu = child.cpu_seconds() - cpu0
+        if res is not None:
+            print(
+                f"{a.config}: {res.rate:.1f} tunnels/s at c={a.concurrency}, "
+                f"{res.errors} errors, proxy CPU {cpu / max(1, res.ok) * 1e3:.2f} ms per tunnel"
+                + (" (under cProfile)" if a.cprofile else "")
+            )
         if spy is not None:
             _, err = spy.communicate(timeout=a.seconds + 30)
             if not raw.exists():
@@ -227,7 +246,7 @@ def main() -> int:
             import pstats
 
             st = pstats.Stats(str(prof))
-            print(f"\ntunnels measured (plus warm-up): {res.ok}")
+            print(f"\ntunnels measured (plus warm-up): {res.ok if res else a.bulk}")
             st.sort_stats("tottime").print_stats(a.top)
             st.sort_stats("cumulative").print_stats(a.top)
     finally:

@@ -37,7 +37,7 @@ from mitmproxy.connection import Client
 from mitmproxy.proxy import layer, mode_specs, server_hooks
 from mitmproxy.proxy.layers.http import HttpLayer, HTTPMode, HttpStream
 from mitmproxy.proxy.layers.tcp import TCPLayer
-from mitmproxy.proxy.layers.tls import parse_client_hello
+from mitmproxy.proxy.layers.tls import ClientTLSLayer, parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
 from egress_guard import splice
@@ -763,6 +763,15 @@ class EgressGuard:
         # decides this layer (or "not yet").
         del context.layers[stream + 1 :]
         nextlayer.layer = None
+        # So are the TLS flags its TLS layers set on both connections (TLSLayer.__init__
+        # marks them): as in mitmproxy's own pass-through, the client is TLS only if it
+        # speaks TLS to the proxy itself, and the tunnel's server is not (inspect mode
+        # builds its TLS layers again). splice.on_relaying reads the client's flag.
+        context.client.tls = any(
+            isinstance(x, ClientTLSLayer) and x.conn is context.client
+            for x in context.layers[:stream]
+        )
+        context.server.tls = False
         try:
             self._on_tunnel_start(nextlayer, state)
         except Exception:

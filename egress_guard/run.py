@@ -121,7 +121,12 @@ def add_run_parser(sub: Any) -> None:
         help="close a connection (client and upstream) after this long without traffic "
         f"(default {DEFAULT_IDLE_TIMEOUT}); covers stalled upstreams and slow-loris clients",
     )
-    r.add_argument("--verbose", "-v", action="store_true", help="log mitmproxy's own messages")
+    r.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="log mitmproxy's own messages and egress-guard's debug messages",
+    )
     r.set_defaults(func=cmd_run)
 
 
@@ -131,7 +136,9 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not verbose:
+    if verbose:
+        logging.getLogger("egress_guard").setLevel(logging.DEBUG)
+    else:
         # mitmproxy logs every client connect/disconnect at INFO; that is the audit log's job.
         logging.getLogger("mitmproxy").setLevel(logging.WARNING)
 

@@ -1,32 +1,86 @@
 """Relay an allowed tunnel's bytes without walking mitmproxy's layer stack per chunk.
 
 Once a tunnel is decided, its SNI checked and its upstream connected, every chunk it
-carries would still travel down mitmproxy's layers (proxy mode, HTTP layer, CONNECT
-stream, next-layer, our counting layer) as an event and back up as a command: on this
-machine that machinery, not the copying, is most of the proxy's CPU per megabyte. The
-layers have nothing left to decide for such a tunnel, so the connection handler hands
-its data straight to the other side's writer and counts it.
+carries would still be read by a task per connection (StreamReader, a 64 KiB slice, a
+lock to drain every writer of the connection), travel down mitmproxy's layers as an
+event and back up as a command. The layers have nothing left to decide for such a
+tunnel, and on this machine that machinery, not the copying, is most of the proxy's CPU
+per megabyte and a good part of the latency a tunnel's handshake sees.
 
-Only data takes the short cut. Opening, closing and half-closing still go through the
-layers, so connection state, close records and timeouts work as before. Anything the
-short cut is not sure about (no registered tunnel, a peer that is not an open transport
-of this handler, a parent proxy in between) takes mitmproxy's normal path.
+So, for a registered tunnel, each direction's source socket is read by a callback of
+the event loop itself: read what the kernel has, count it, hand it to the other side's
+transport. Back-pressure is the transport's own: while the destination's write buffer
+is above its high-water mark, the source is not read. The first chunk still goes
+through the layers (it is what the guard checks), and so does everything that is not
+data: at end of stream or on an error the source socket goes back to mitmproxy, whose
+own read then sees the EOF or error and runs the normal close and half-close handling.
+
+Rules that keep this safe:
+
+- a direction is taken over only when nothing is buffered for it in mitmproxy (its
+  StreamReader is empty, not paused, not at EOF), so no byte can overtake another;
+- before every read the callback checks that neither transport is closing: a closing
+  transport's socket may be closed and its number reused, so it is never touched, and
+  its ``close()`` has already removed the callback;
+- anything unexpected (a transport that is not a plain selector socket, an error while
+  writing) hands the direction back to mitmproxy's normal path.
 
 Installed by ``egress-guard run`` only (``install()``); under ``mitmdump -s`` nothing is
-registered and mitmproxy relays as usual.
+registered and mitmproxy relays as usual. Only plain HTTP/1 CONNECT tunnels are
+registered: a client speaking TLS or HTTP/2 to the proxy has its tunnel inside that
+session, so the bytes on its socket are not the tunnel's bytes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
-from mitmproxy.connection import Client, Server
+from mitmproxy.connection import Client, Connection, Server
 from mitmproxy.proxy import events
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.server import ConnectionHandler
 
 from egress_guard.tunnel import ByteCounter
+
+log = logging.getLogger("egress_guard")
+
+#: bytes read per callback; asyncio's own socket transport reads this much at a time
+CHUNK = 256 * 1024
+
+
+class _Direction:
+    """One direction of a spliced tunnel, read by an event-loop callback."""
+
+    __slots__ = ("done", "dst_tr", "dst_writer", "fd", "handler", "splice", "src_tr", "up")
+
+    def __init__(
+        self,
+        handler: ConnectionHandler,
+        splice: Splice,
+        up: bool,
+        src_tr: Any,
+        dst_tr: Any,
+        dst_writer: asyncio.StreamWriter,
+        fd: int,
+    ) -> None:
+        self.handler = handler
+        self.splice = splice
+        self.up = up
+        self.src_tr = src_tr
+        self.dst_tr = dst_tr
+        self.dst_writer = dst_writer
+        self.fd = fd
+        #: given back to mitmproxy (or its transport closed): never touched again
+        self.done = False
+
+
+#: a direction that can never be taken over (checked once, not on every chunk)
+_NEVER = "never"
 
 
 @dataclass(slots=True)
@@ -34,6 +88,9 @@ class Splice:
     client: Client
     server: Server
     counter: ByteCounter
+    #: per direction: None (not yet taken over), a _Direction, or _NEVER
+    up: _Direction | str | None = None
+    down: _Direction | str | None = field(default=None)
 
 
 #: client connection id -> its spliced tunnel
@@ -66,8 +123,131 @@ def unregister(client_id: str) -> None:
     SPLICES.pop(client_id, None)
 
 
+# -- taking a direction over ---------------------------------------------------------------
+
+
+def _take_over(handler: ConnectionHandler, sp: Splice, up: bool) -> _Direction | str | None:
+    """Start reading one direction's source from the event loop, if that is safe now.
+
+    None: not now (something is still buffered in mitmproxy; try again after the next
+    chunk). _NEVER: this direction stays on mitmproxy's path.
+    """
+    src: Connection = sp.client if up else sp.server
+    dst: Connection = sp.server if up else sp.client
+    src_io = handler.transports.get(src)
+    dst_io = handler.transports.get(dst)
+    if src_io is None or dst_io is None:
+        return _NEVER
+    reader, writer, dst_writer = src_io.reader, src_io.writer, dst_io.writer
+    if not (
+        isinstance(reader, asyncio.StreamReader)
+        and isinstance(writer, asyncio.StreamWriter)
+        and isinstance(dst_writer, asyncio.StreamWriter)
+    ):
+        return _NEVER
+    src_tr, dst_tr = writer.transport, dst_writer.transport
+    loop = asyncio.get_running_loop()
+    if not (
+        isinstance(src_tr, asyncio.Transport)
+        and isinstance(dst_tr, asyncio.Transport)
+        and hasattr(loop, "_add_reader")
+        and hasattr(loop, "_remove_reader")
+    ):
+        return _NEVER
+    if src_tr.is_closing() or dst_tr.is_closing() or reader.at_eof():
+        return _NEVER
+    if reader.exception() is not None:
+        return _NEVER
+    if getattr(reader, "_buffer", b"x") or getattr(reader, "_paused", True):
+        return None  # bytes mitmproxy already holds must go first
+    if not src_tr.is_reading():
+        return None
+    sock = src_tr.get_extra_info("socket")
+    fd = sock.fileno() if sock is not None else -1
+    if fd < 0:
+        return _NEVER
+    d = _Direction(handler, sp, up, src_tr, dst_tr, dst_writer, fd)
+    src_tr.pause_reading()
+    loop._add_reader(fd, _on_readable, d)
+    log.debug("egress-guard: tunnel %s spliced (%s)", sp.client.id, "up" if up else "down")
+    return d
+
+
+def _arm(handler: ConnectionHandler, sp: Splice) -> None:
+    if sp.up is None:
+        sp.up = _take_over(handler, sp, True)
+    if sp.down is None:
+        sp.down = _take_over(handler, sp, False)
+
+
+def _give_back(d: _Direction, reading: bool = True) -> None:
+    """Hand the direction's source socket back to mitmproxy's own reader."""
+    if d.done:
+        return
+    d.done = True
+    if d.src_tr.is_closing():
+        return  # its close() removed our callback; the socket may already be gone
+    if reading:
+        asyncio.get_running_loop()._remove_reader(d.fd)  # type: ignore[attr-defined]
+    d.src_tr.resume_reading()
+
+
+def _on_readable(d: _Direction) -> None:
+    if d.done:
+        return
+    if d.src_tr.is_closing() or d.dst_tr.is_closing():
+        _give_back(d)
+        return
+    try:
+        data = os.read(d.fd, CHUNK)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        _give_back(d)  # mitmproxy's own read sees the error (or the EOF that follows)
+        return
+    if not data:
+        _give_back(d)  # end of stream: mitmproxy reads it and closes as it always does
+        return
+    if d.up:
+        d.splice.counter.bytes_up += len(data)
+    else:
+        d.splice.counter.bytes_down += len(data)
+    d.handler.timeout_watchdog.register_activity()
+    try:
+        d.dst_tr.write(data)
+    except Exception:  # e.g. written after write_eof(): let mitmproxy decide
+        log.debug("egress-guard: splice write failed; back to the normal path", exc_info=True)
+        _give_back(d)
+        return
+    high = d.dst_tr.get_write_buffer_limits()[1]
+    if d.dst_tr.get_write_buffer_size() > high and not d.dst_tr.is_closing():
+        # the destination is slower: stop reading until its buffer drains
+        asyncio.get_running_loop()._remove_reader(d.fd)  # type: ignore[attr-defined]
+        task = asyncio.ensure_future(d.dst_writer.drain())
+        task.add_done_callback(functools.partial(_drained, d))
+
+
+def _drained(d: _Direction, task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a failed drain shows up as the transport closing
+    if d.done:
+        return
+    if d.src_tr.is_closing() or d.dst_tr.is_closing():
+        _give_back(d, reading=False)
+        return
+    asyncio.get_running_loop()._add_reader(d.fd, _on_readable, d)  # type: ignore[attr-defined]
+
+
+# -- the patch -------------------------------------------------------------------------------
+
+
 def install() -> None:
-    """Patch ConnectionHandler.server_event once (idempotent)."""
+    """Patch ConnectionHandler.server_event once (idempotent).
+
+    A registered tunnel's directions are taken over right after the event that
+    registered it. Until a direction is taken over (mitmproxy still held bytes for it),
+    its chunks are relayed straight to the other side's writer from here.
+    """
     global _installed
     if _installed:
         return
@@ -86,8 +266,23 @@ def install() -> None:
                     sp.counter.bytes_down += len(event.data)
                 self.timeout_watchdog.register_activity()
                 writer.write(event.data)
+                _arm_safely(self, sp)
                 return
         await original(self, event)
+        if (sp := SPLICES.get(self.client.id)) is not None and (sp.up is None or sp.down is None):
+            _arm_safely(self, sp)
 
     ConnectionHandler.server_event = server_event  # type: ignore[method-assign]
     _installed = True
+
+
+def _arm_safely(handler: ConnectionHandler, sp: Splice) -> None:
+    if sp.up is not None and sp.down is not None:
+        return
+    try:
+        _arm(handler, sp)
+    except Exception:  # the normal path still relays; never lose the tunnel over this
+        log.exception("egress-guard: cannot splice a tunnel; relaying it the usual way")
+        for attr in ("up", "down"):
+            if getattr(sp, attr) is None:
+                setattr(sp, attr, _NEVER)

@@ -47,7 +47,7 @@ def test_valid_change_takes_effect_without_restart(
     assert status_of(p, other) == 403
     write_atomic(p.policy_path, with_other(tls_upstream.port))
     assert eventually(lambda: status_of(p, other) == 200)
-    loaded = p.wait_audit(lambda r: r.get("result") == "ok", event="policy_loaded")
+    loaded = p.wait_audit(lambda r: r.get("result") == "ok", event="policy_loaded", count=2)
     assert len(loaded) >= 2  # start-up and the reload
 
 

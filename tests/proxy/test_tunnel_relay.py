@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import ssl
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from support.clients import connect
 from support.policies import make_policy
 from support.proxy import ProxyFactory
+from support.upstream import Upstream
+
+T = TypeVar("T")
 
 
 class DigestServer:
@@ -25,6 +32,8 @@ class DigestServer:
 
     def __init__(self, reply_size: int) -> None:
         self.reply_size = reply_size
+        #: time.monotonic() when each reply had been handed to the kernel in full
+        self.finished_at: list[float] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -46,6 +55,7 @@ class DigestServer:
                     h.update(chunk)
                     left -= len(chunk)
                 conn.sendall(h.hexdigest().encode() + b"\n" + b"d" * self.reply_size)
+                self.finished_at.append(time.monotonic())
 
     def close(self) -> None:
         self.sock.close()
@@ -88,12 +98,10 @@ def test_tunnel_through_a_tls_connection_to_the_proxy(
 ) -> None:
     """A client may speak TLS to the proxy itself (an https:// proxy URL); its tunnel lives
     inside that TLS session and must be relayed as such, not as raw socket bytes."""
-    import ssl
-
     from proxy.test_inspect import guard_ca
     from support.clients import read_response
 
-    p = proxy(make_policy(digest_server.port))
+    p = proxy(make_policy(digest_server.port), "--verbose")
     ctx: ssl.SSLContext = guard_ca(p)
     ctx.check_hostname = False
     raw = socket.create_connection(("127.0.0.1", p.port), timeout=20)
@@ -114,3 +122,123 @@ def test_tunnel_through_a_tls_connection_to_the_proxy(
     digest, _, reply = got.partition(b"\n")
     assert digest.decode() == hashlib.sha256(sent).hexdigest()
     assert len(reply) == 3_000_000
+    assert " spliced (" not in p.log()  # its socket carries TLS to the proxy, not the tunnel
+
+
+class CountingTLS:
+    """A TLS client over a plain socket (ssl.MemoryBIO), counting the raw bytes it sends
+    and receives: what the proxy's close record must report for the tunnel."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, sni: str) -> None:
+        self.sock, self.sent, self.received = sock, 0, 0
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_hostname=sni)
+        self._call(self.obj.do_handshake)
+
+    def _flush(self) -> None:
+        if data := self.out.read():
+            self.sock.sendall(data)
+            self.sent += len(data)
+
+    def _fill(self) -> None:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("tunnel closed")
+        self.received += len(data)
+        self.inc.write(data)
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        while True:
+            try:
+                result = fn(*args)
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._fill()
+                continue
+            self._flush()
+            return result
+
+    def get(self, path: str) -> bytes:
+        """One keep-alive GET; the body (the test upstream always sends Content-Length)."""
+        self._call(self.obj.write, f"GET {path} HTTP/1.1\r\nHost: api.test\r\n\r\n".encode())
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += self._call(self.obj.read, 1 << 16)
+        head, _, body = buf.partition(b"\r\n\r\n")
+        length = int(next(v for k, v in _headers(head) if k == "content-length"))
+        while len(body) < length:
+            body += self._call(self.obj.read, 1 << 16)
+        return body
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _headers(head: bytes) -> list[tuple[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in lines)]
+
+
+def test_tls_tunnel_is_spliced_and_counted_exactly(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    """The common case (TLS inside CONNECT) takes the short cut in both directions, and
+    the close record counts every byte the client's socket sent and received."""
+    p = proxy(make_policy(tls_upstream.port), "--verbose")
+    sock, resp = connect(p.port, f"api.test:{tls_upstream.port}")
+    assert resp.status == 200
+    sock.settimeout(20)
+    tls = CountingTLS(sock, ssl.create_default_context(cafile=str(ca_file)), "api.test")
+    for n in (10, 200_000, 3, 1_000_000):
+        assert tls.get(f"/bytes/{n}") == b"x" * n
+    tls.close()
+    close = p.wait_audit(lambda r: True, event="close")
+    assert len(close) == 1
+    assert (close[0]["bytes_up"], close[0]["bytes_down"]) == (tls.sent, tls.received)
+    spliced = [line for line in p.log().splitlines() if " spliced (" in line]
+    assert {line.rsplit("(", 1)[1] for line in spliced} == {"up)", "down)"}
+
+
+def test_slow_reader_gets_every_byte(proxy: ProxyFactory) -> None:
+    """Back-pressure: while the client does not read, the proxy stops reading the
+    upstream (instead of buffering all of it), then relays the rest once it drains."""
+    size = 48_000_000  # more than every socket buffer on the way can hold
+    server = DigestServer(reply_size=size)
+    try:
+        p = proxy(make_policy(server.port))
+        sock, resp = connect(p.port, f"api.test:{server.port}")
+        assert resp.status == 200
+        sock.settimeout(20)
+        sent = b"slow reader"
+        sock.sendall(len(sent).to_bytes(8, "big") + sent)
+        time.sleep(1.5)  # the upstream sends what fits; the proxy must hold back the rest
+        reading_from = time.monotonic()
+        got = bytearray()
+        while chunk := sock.recv(1 << 20):
+            got += chunk
+        sock.close()
+        digest, _, reply = bytes(got).partition(b"\n")
+        assert digest.decode() == hashlib.sha256(sent).hexdigest()
+        assert len(reply) == size and reply.count(b"d") == size
+        assert server.finished_at[0] > reading_from, "the proxy read the whole reply unasked"
+        close = p.wait_audit(lambda r: True, event="close")
+        assert close[0]["bytes_down"] == len(got)
+    finally:
+        server.close()
+
+
+def test_active_spliced_tunnel_outlives_the_idle_timeout(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    """Traffic on the short cut counts as activity: a tunnel in use for longer than
+    --idle-timeout stays open (and an idle one is closed, see test_enforce)."""
+    p = proxy(make_policy(tls_upstream.port), "--idle-timeout", "2")
+    sock, resp = connect(p.port, f"api.test:{tls_upstream.port}")
+    assert resp.status == 200
+    sock.settimeout(10)
+    tls = CountingTLS(sock, ssl.create_default_context(cafile=str(ca_file)), "api.test")
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        assert tls.get("/bytes/5") == b"xxxxx"
+        time.sleep(0.5)
+    tls.close()

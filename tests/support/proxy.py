@@ -111,13 +111,14 @@ class ProxyProcess:
         return out
 
     def wait_audit(
-        self, pred: Any, timeout: float = 10.0, event: str | None = "decision"
+        self, pred: Any, timeout: float = 10.0, event: str | None = "decision", count: int = 1
     ) -> list[dict[str, Any]]:
-        """Audit records satisfying ``pred`` (writes are asynchronous; poll briefly)."""
+        """Audit records satisfying ``pred``, once there are at least ``count`` of them
+        or ``timeout`` has passed (writes are asynchronous; poll briefly)."""
         deadline = time.monotonic() + timeout
         while True:
             found = [r for r in self.audit(event) if pred(r)]
-            if found or time.monotonic() > deadline:
+            if len(found) >= count or time.monotonic() > deadline:
                 return found
             time.sleep(0.05)
 
