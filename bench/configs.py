@@ -291,52 +291,9 @@ EXPERIMENTS: list[Config] = [
         "x_no_sinks", "guard tunnel, no audit, no metrics", "both off", audit=False, metrics=False
     ),
     _exp(
-        "x_hook_cache",
-        "guard tunnel + hook_cache",
-        "patch: cached hook dispatch, no update hook",
-        patches="hook_cache",
-    ),
-    _exp(
-        "x_gc_freeze",
-        "guard tunnel + gc_freeze",
-        "patch: gc.freeze() + gen0 threshold 20000",
-        patches="gc_freeze",
-    ),
-    _exp(
-        "x_sni_fast",
-        "guard tunnel + sni_fast",
-        "patch: small strict SNI reader, mitmproxy's parser as fallback",
-        patches="sni_fast",
-    ),
-    _exp(
-        "x_metrics_cache",
-        "guard tunnel + metrics_cache",
-        "patch: cached label children",
-        patches="metrics_cache",
-    ),
-    _exp(
-        "x_no_msg_typecheck",
-        "guard tunnel + no_msg_typecheck",
-        "patch: no mitmproxy per-message type check (asserts kept)",
-        patches="no_msg_typecheck",
-    ),
-    _exp(
         "x_optimize",
         "guard tunnel under -O",
-        "PYTHONOPTIMIZE=1: no mitmproxy __debug__ checks",
+        "PYTHONOPTIMIZE=1: no asserts, no mitmproxy __debug__ checks",
         optimize=True,
-    ),
-    _exp(
-        "x_all",
-        "guard tunnel + all patches and -O",
-        "-O, hook_cache, gc_freeze, sni_fast, metrics_cache",
-        patches="hook_cache,gc_freeze,sni_fast,metrics_cache",
-        optimize=True,
-    ),
-    _exp(
-        "x_all_but_O",
-        "guard tunnel + all patches, without -O",
-        "hook_cache, gc_freeze, sni_fast, metrics_cache, no_msg_typecheck",
-        patches="hook_cache,gc_freeze,sni_fast,metrics_cache,no_msg_typecheck",
     ),
 ]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench import loadgen
 from bench.certs import SNI, make_certs
-from bench.configs import CONFIGS, Env
+from bench.configs import CONFIGS, EXPERIMENTS, Env
 from bench.procs import Child
 from bench.run import start_upstream
 
@@ -59,7 +59,7 @@ def main() -> int:
         upstream, _ = start_upstream(wd, leaf, key, False)
         env = Env(wd, upstream.port, ca)
         for k in a.configs.split(","):
-            cfg = next(c for c in CONFIGS if c.key == k)
+            cfg = next(c for c in CONFIGS + EXPERIMENTS if c.key == k)
             assert cfg.build is not None and cfg.extra_ca is None, f"{k}: tunnel configs only"
             child = cfg.build(env).start()
             kids[k] = (

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench import loadgen
 from bench.certs import make_certs
-from bench.configs import CONFIGS, Env
+from bench.configs import CONFIGS, EXPERIMENTS, Env
 from bench.run import start_upstream
 from bench.upstream import BULK_BYTES
 
@@ -140,7 +140,9 @@ async def drive(t: loadgen.Target, seconds: float, c: int) -> loadgen.Result:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument(
-        "--config", default="guard_tunnel", choices=[c.key for c in CONFIGS if c.build is not None]
+        "--config",
+        default="guard_tunnel",
+        choices=[c.key for c in CONFIGS + EXPERIMENTS if c.build is not None],
     )
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, default=8)
@@ -164,7 +166,7 @@ def main() -> int:
         help="profile N 10 MiB downloads (one tunnel each) instead of new-tunnel load",
     )
     a = ap.parse_args()
-    cfg = next(c for c in CONFIGS if c.key == a.config)
+    cfg = next(c for c in CONFIGS + EXPERIMENTS if c.key == a.config)
     wd = Path(tempfile.mkdtemp(prefix="egress-guard-profile-"))
     wd.chmod(0o711)
     out_dir = Path(a.out) if a.out else wd
@@ -178,9 +180,9 @@ def main() -> int:
         child = cfg.build(env)
         prof = out_dir / f"{a.config}.prof"
         if a.cprofile:
-            child.argv = [sys.executable, "-m", "cProfile", "-o", str(prof), *child.argv]
-            if not child.argv[3].endswith(".py") and "bin/" in child.argv[3]:
-                pass  # cProfile runs console scripts by path
+            # cProfile runs a console script by path, or a module with -m
+            rest = child.argv[1:] if child.argv[1] == "-m" else child.argv
+            child.argv = [sys.executable, "-m", "cProfile", "-o", str(prof), *rest]
         child.start()
         cas = [str(ca)] + ([str(cfg.extra_ca(env, child))] if cfg.extra_ca else [])
         t = loadgen.Target(

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from math import isfinite
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -166,6 +166,10 @@ class Metrics:
         #: open connections per label, so a close never drives the gauge negative and a
         #: connection opened under an older policy is closed under the label it opened with
         self._active: dict[str, int] = {}
+        #: label values -> child series, for the per-tunnel families. prometheus-client's
+        #: labels() takes a lock and builds a key on every call (five calls per tunnel);
+        #: these families never drop a series, so a child, once made, stays valid.
+        self._children: dict[tuple[str, ...], Any] = {}
 
         self._decisions = Counter(
             "egress_guard_decisions",
@@ -251,6 +255,14 @@ class Metrics:
             return destination
         return UNLISTED
 
+    def _child(self, family: Counter | Gauge | Histogram, key: str, *values: str) -> Any:
+        """``family.labels(*values)``, made once per label values."""
+        k = (key, *values)
+        child = self._children.get(k)
+        if child is None:
+            child = self._children[k] = family.labels(*values)
+        return child
+
     # -- Sink --------------------------------------------------------------------------
 
     @property
@@ -263,15 +275,15 @@ class Metrics:
             log.warning("metrics: ignoring decision with unknown action %r", action)
             return
         dest = self.label(event.decision.destination)
-        self._decisions.labels(destination=dest, decision=action).inc()
+        self._child(self._decisions, "decisions", dest, action).inc()
         if event.opens:
             self.connection_opened(event.decision.destination)
 
     def close(self, event: CloseEvent) -> None:
         dest = self.label(event.destination)
-        self._bytes.labels(destination=dest, direction="up").inc(_non_negative(event.bytes_up))
-        self._bytes.labels(destination=dest, direction="down").inc(_non_negative(event.bytes_down))
-        self._duration.labels(destination=dest).observe(_non_negative(event.duration_s))
+        self._child(self._bytes, "bytes", dest, "up").inc(_non_negative(event.bytes_up))
+        self._child(self._bytes, "bytes", dest, "down").inc(_non_negative(event.bytes_down))
+        self._child(self._duration, "duration", dest).observe(_non_negative(event.duration_s))
         self.connection_closed(event.destination)
 
     def policy(self, event: PolicyEvent) -> None:
@@ -292,7 +304,7 @@ class Metrics:
         with self._lock:
             dest = self.label(destination)
             self._active[dest] = self._active.get(dest, 0) + 1
-            self._active_gauge.labels(destination=dest).inc()
+            self._child(self._active_gauge, "active", dest).inc()
 
     def connection_closed(self, destination: str | None) -> None:
         """Pair of ``connection_opened``. A close with no matching open is ignored."""
@@ -305,7 +317,7 @@ class Metrics:
                 log.debug("metrics: connection_closed(%r) without an open", destination)
                 return
             self._active[dest] -= 1
-            self._active_gauge.labels(destination=dest).dec()
+            self._child(self._active_gauge, "active", dest).dec()
 
     # -- exposition --------------------------------------------------------------------
 
