@@ -62,7 +62,9 @@ from egress_guard.state import Approval, ConnState
 from egress_guard.tunnel import (
     MAX_CLIENT_HELLO,
     CountingTCPLayer,
+    HelloFacts,
     client_hello_shape_problem,
+    read_plain_client_hello,
     sni_problem,
     tls_layers,
 )
@@ -812,8 +814,10 @@ class EgressGuard:
                 return
         if data[0] == _TLS_HANDSHAKE:
             problem: str | None = client_hello_shape_problem(data)
+            hello: HelloFacts | None = None
             try:
-                hello = None if problem else parse_client_hello(data)
+                if not problem:
+                    hello = read_plain_client_hello(data) or parse_client_hello(data)
             except ValueError as e:
                 hello, problem = None, f"unreadable TLS ClientHello: {e}"
             else:
