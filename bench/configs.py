@@ -165,6 +165,15 @@ def _minimal(env: Env) -> Child:
     )
 
 
+def _bare_relay(env: Env) -> Child:
+    wd = env.workdir / "bare_relay"
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.bare_relay", "--port", str(port)]
+    return Child(
+        "bare_relay", argv, wd, port, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    )
+
+
 SQUID_CONF = """\
 http_port 127.0.0.1:{port}
 acl bench_client src 127.0.0.1/32
@@ -266,6 +275,13 @@ CONFIGS: list[Config] = [
         extra_ca=_guard_ca,
     ),
     Config("squid", "squid", "squid -N, memory-only, CONNECT allowed, access log on", _squid),
+    Config(
+        "bare_relay",
+        "bare Python relay (reference, no policy)",
+        "bench/bare_relay.py: CONNECT, then read/send between the two sockets from "
+        "event-loop callbacks; no mitmproxy, no checks. The floor for a Python relay here",
+        _bare_relay,
+    ),
     Config("tinyproxy", "tinyproxy", "tinyproxy -d, LogLevel Info", _tinyproxy),
 ]
 

@@ -484,6 +484,15 @@ def report(
         f"| bulk throughput ≥ 0.7× direct | {fmt(bulk(G), ',.0f')} vs {fmt(bulk(D), ',.0f')}"
         f" MB/s = {fmt(r_b, '.2f', '×')} | {verdict(None if r_b is None else r_b >= 0.7)} |"
     )
+    refs = []
+    for key in ("squid", "bare_relay"):
+        ref = by.get(key)
+        if ref is not None and ref.skipped is None and bulk(ref) and D is not None and bulk(D):
+            refs.append(f"{ref.cfg.label}: {bulk(ref) / bulk(D):.2f}× direct")  # type: ignore[operator]
+    if refs:
+        L.append(
+            f"| (context, not a target) bulk of other relays in this run | {'; '.join(refs)} | — |"
+        )
     if matcher_rows:
         rows = {r.rules: r for r in matcher_rows}
         r10, r10k = rows.get(10), rows.get(10_000)
