@@ -57,7 +57,7 @@ class HookTable(addonmanager.AddonManager):
                 funcs = []
                 for a in addonmanager.traverse([top]):
                     func = getattr(a, name, None)
-                    if func is None or isinstance(func, types.ModuleType):
+                    if not func or isinstance(func, types.ModuleType):
                         continue  # (a module imported under a hook's name is no hook)
                     if not callable(func):
                         raise exceptions.AddonManagerError(

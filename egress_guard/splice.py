@@ -160,6 +160,13 @@ def _take_over(handler: ConnectionHandler, sp: Splice, up: bool) -> _Direction |
         return _NEVER
     if getattr(reader, "_buffer", b"x") or getattr(reader, "_paused", True):
         return None  # bytes mitmproxy already holds must go first
+    lock = getattr(handler, "_server_event_lock", None)
+    if not isinstance(lock, asyncio.Lock):
+        return _NEVER
+    if lock.locked() or getattr(lock, "_waiters", None):
+        # A reader task may have taken a chunk out of the StreamReader and be queued on
+        # mitmproxy's event lock with it: that chunk must go first. Try again later.
+        return None
     if not src_tr.is_reading():
         return None
     sock = src_tr.get_extra_info("socket")
@@ -208,10 +215,6 @@ def _on_readable(d: _Direction) -> None:
     if not data:
         _give_back(d)  # end of stream: mitmproxy reads it and closes as it always does
         return
-    if d.up:
-        d.splice.counter.bytes_up += len(data)
-    else:
-        d.splice.counter.bytes_down += len(data)
     d.handler.timeout_watchdog.register_activity()
     try:
         d.dst_tr.write(data)
@@ -219,6 +222,10 @@ def _on_readable(d: _Direction) -> None:
         log.debug("egress-guard: splice write failed; back to the normal path", exc_info=True)
         _give_back(d)
         return
+    if d.up:
+        d.splice.counter.bytes_up += len(data)
+    else:
+        d.splice.counter.bytes_down += len(data)
     high = d.dst_tr.get_write_buffer_limits()[1]
     if d.dst_tr.get_write_buffer_size() > high and not d.dst_tr.is_closing():
         # the destination is slower: stop reading until its buffer drains
@@ -260,12 +267,16 @@ def install() -> None:
             io = self.transports.get(peer) if peer is not None else None
             writer = io.writer if io is not None else None
             if writer is not None and not writer.is_closing():
+                self.timeout_watchdog.register_activity()
+                try:
+                    writer.write(event.data)
+                except Exception:  # as mitmproxy's own server_event: log, do not raise
+                    log.warning("egress-guard: cannot relay a tunnel chunk", exc_info=True)
+                    return
                 if peer is sp.server:
                     sp.counter.bytes_up += len(event.data)
                 else:
                     sp.counter.bytes_down += len(event.data)
-                self.timeout_watchdog.register_activity()
-                writer.write(event.data)
                 _arm_safely(self, sp)
                 return
         await original(self, event)
