@@ -446,7 +446,7 @@ def report(
             "and port strings (normalisation included); query mix: 30% exact hits, 20% "
             "`*.` hits, 20% `**.` hits, 15% IP literals inside a CIDR, 15% misses. "
             "*HostIndex.match_name* is the index lookup alone on the same names. "
-            "Medians of interleaved rounds.\n"
+            f"Medians of {a.matcher_rounds} interleaved rounds.\n"
         )
 
     L.append("## Must-show targets (issue #9)\n")
@@ -553,7 +553,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip", default="", help="comma-separated configuration keys to skip")
     ap.add_argument("--matcher-sizes", default="10,1000,10000,100000")
-    ap.add_argument("--matcher-seconds", type=float, default=2.0)
+    ap.add_argument(
+        "--matcher-seconds", type=float, default=3.0, help="measuring time per size (default 3)"
+    )
+    ap.add_argument(
+        "--matcher-rounds",
+        type=int,
+        default=7,
+        help="interleaved rounds per size, the median reported (default 7)",
+    )
     ap.add_argument("--no-matcher", action="store_true")
     ap.add_argument(
         "--python-upstream",
@@ -632,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
 
         log("matcher micro-benchmark")
         sizes = tuple(int(x) for x in a.matcher_sizes.split(","))
-        matcher_rows = matcher.run(sizes, a.matcher_seconds)
+        matcher_rows = matcher.run(sizes, a.matcher_seconds, a.matcher_rounds)
         matcher_md = matcher.markdown(matcher_rows)
 
     import mitmproxy.version
