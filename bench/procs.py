@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -37,6 +38,12 @@ def tail(log: Path, n: int = 1500) -> str:
         return "(no log)"
 
 
+def _affinity(cpus: set[int] | None) -> Callable[[], None] | None:
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 class Child:
     """One server process in its own session, so its helpers can be found and measured."""
 
@@ -55,6 +62,8 @@ class Child:
         self.log = workdir / f"{name}.out"
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        #: CPUs the process (and whatever it forks) may run on; None: any
+        self.cpus: set[int] | None = None
 
     def start(self, timeout: float = 30.0) -> Child:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +76,7 @@ class Child:
             cwd=self.workdir,
             env=self.env,
             start_new_session=True,
+            preexec_fn=_affinity(self.cpus),
         )
         out.close()
         try:

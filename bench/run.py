@@ -176,6 +176,10 @@ async def measure_idle(s: Stats, n: int) -> None:
         await idle.close()
 
 
+#: with --pin: (CPUs of the proxy under test, CPUs of the load generator and upstream)
+PIN: tuple[set[int], set[int]] | None = None
+
+
 def start_upstream(wd: Path, leaf: Path, key: Path, force_python: bool) -> tuple[Child, str]:
     port = free_port()
     if nginx_path() and not force_python:
@@ -187,6 +191,8 @@ def start_upstream(wd: Path, leaf: Path, key: Path, force_python: bool) -> tuple
             "" if nginx_path() else "; nginx not installed"
         )
     child = Child("upstream", argv, wd / "upstream", port, env={"PYTHONPATH": str(ROOT)})
+    if PIN is not None:
+        child.cpus = PIN[1]
     return child.start(), kind
 
 
@@ -196,7 +202,10 @@ def build_stats(cfgs: list[Config], env: Env, ca: Path) -> list[Stats]:
         s = Stats(cfg)
         try:
             if cfg.build is not None:
-                s.child = cfg.build(env).start()
+                s.child = cfg.build(env)
+                if PIN is not None:
+                    s.child.cpus = PIN[0]
+                s.child.start()
             cas = [str(ca)]
             if cfg.extra_ca is not None:
                 assert s.child is not None
@@ -580,6 +589,13 @@ def main(argv: list[str] | None = None) -> int:
         "(bench/variants.py) instead of the standard comparison; writes "
         "bench/EXPERIMENTS.md unless --out is given",
     )
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="run each proxy on the last CPU and the load generator and upstream on the "
+        "others (removes the scheduler's placement from the comparison; direct then has "
+        "one CPU fewer)",
+    )
     ap.add_argument("--out", help="where to write the report (default bench/RESULTS.md)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args(argv)
@@ -605,6 +621,13 @@ def main(argv: list[str] | None = None) -> int:
     skip = {k for k in a.skip.split(",") if k}
     cfgs = [c for c in cfgs if c.key not in skip]
 
+    global PIN
+    if a.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--pin needs at least 2 CPUs")
+        PIN = ({cpus[-1]}, set(cpus[:-1]))
+        os.sched_setaffinity(0, PIN[1])
     t_start = time.monotonic()
     machine = Machine()
     load0 = loadavg()
@@ -666,6 +689,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{a.rounds} interleaved rounds; per configuration per round: "
             f"{a.duration:g} s at c=8, {a.lat_duration:g} s at c=1, {a.bulk} × "
             f"10 MiB; warm-up {a.warmup:g} s; {a.idle} idle tunnels"
+            + (
+                f"; pinned: proxy on CPU {sorted(PIN[0])}, load generator and upstream on "
+                f"CPU {sorted(PIN[1])}"
+                if PIN is not None
+                else ""
+            )
         ),
         "load": f"load average {load0} at start, {load1} at the end of the proxy runs",
         "cpu": (
