@@ -37,7 +37,7 @@ import asyncio
 import functools
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy.connection import Client, Connection, Server
@@ -90,7 +90,7 @@ class Splice:
     counter: ByteCounter
     #: per direction: None (not yet taken over), a _Direction, or _NEVER
     up: _Direction | str | None = None
-    down: _Direction | str | None = field(default=None)
+    down: _Direction | str | None = None
 
 
 #: client connection id -> its spliced tunnel
