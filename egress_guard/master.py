@@ -69,23 +69,32 @@ class HookTable(addonmanager.AddonManager):
             self._table[name] = groups
         return groups
 
+    # Whatever changes the chain (or, through register, an addon's children) forgets the
+    # table afterwards; it is rebuilt at the next event.
+
     def register(self, addon: Any) -> Any:
-        self._table.clear()
-        return super().register(addon)
+        try:
+            return super().register(addon)
+        finally:
+            self._table.clear()
 
     def add(self, *addons: Any) -> None:
-        self._table.clear()
-        super().add(*addons)
-        self._table.clear()
+        try:
+            super().add(*addons)
+        finally:
+            self._table.clear()
 
     def remove(self, addon: Any) -> None:
-        self._table.clear()
-        super().remove(addon)
-        self._table.clear()
+        try:
+            super().remove(addon)
+        finally:
+            self._table.clear()
 
     def clear(self) -> None:
-        super().clear()
-        self._table.clear()
+        try:
+            super().clear()
+        finally:
+            self._table.clear()
 
     async def trigger_event(self, event: hooks.Hook) -> None:
         args = event.args()
