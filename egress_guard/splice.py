@@ -53,30 +53,19 @@ log = logging.getLogger("egress_guard")
 CHUNK = 256 * 1024
 
 
+@dataclass(slots=True, eq=False)
 class _Direction:
     """One direction of a spliced tunnel, read by an event-loop callback."""
 
-    __slots__ = ("done", "dst_tr", "dst_writer", "fd", "handler", "splice", "src_tr", "up")
-
-    def __init__(
-        self,
-        handler: ConnectionHandler,
-        splice: Splice,
-        up: bool,
-        src_tr: Any,
-        dst_tr: Any,
-        dst_writer: asyncio.StreamWriter,
-        fd: int,
-    ) -> None:
-        self.handler = handler
-        self.splice = splice
-        self.up = up
-        self.src_tr = src_tr
-        self.dst_tr = dst_tr
-        self.dst_writer = dst_writer
-        self.fd = fd
-        #: given back to mitmproxy (or its transport closed): never touched again
-        self.done = False
+    handler: ConnectionHandler
+    splice: Splice
+    up: bool
+    src_tr: Any
+    dst_tr: Any
+    dst_writer: asyncio.StreamWriter
+    fd: int
+    #: given back to mitmproxy (or its transport closed): never touched again
+    done: bool = False
 
 
 #: a direction that can never be taken over (checked once, not on every chunk)
@@ -199,6 +188,13 @@ def _give_back(d: _Direction, reading: bool = True) -> None:
     d.src_tr.resume_reading()
 
 
+def _count(counter: ByteCounter, up: bool, n: int) -> None:
+    if up:
+        counter.bytes_up += n
+    else:
+        counter.bytes_down += n
+
+
 def _on_readable(d: _Direction) -> None:
     if d.done:
         return
@@ -222,10 +218,7 @@ def _on_readable(d: _Direction) -> None:
         log.debug("egress-guard: splice write failed; back to the normal path", exc_info=True)
         _give_back(d)
         return
-    if d.up:
-        d.splice.counter.bytes_up += len(data)
-    else:
-        d.splice.counter.bytes_down += len(data)
+    _count(d.splice.counter, d.up, len(data))
     high = d.dst_tr.get_write_buffer_limits()[1]
     if d.dst_tr.get_write_buffer_size() > high and not d.dst_tr.is_closing():
         # the destination is slower: stop reading until its buffer drains
@@ -273,10 +266,7 @@ def install() -> None:
                 except Exception:  # as mitmproxy's own server_event: log, do not raise
                     log.warning("egress-guard: cannot relay a tunnel chunk", exc_info=True)
                     return
-                if peer is sp.server:
-                    sp.counter.bytes_up += len(event.data)
-                else:
-                    sp.counter.bytes_down += len(event.data)
+                _count(sp.counter, peer is sp.server, len(event.data))
                 _arm_safely(self, sp)
                 return
         await original(self, event)
