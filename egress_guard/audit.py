@@ -34,12 +34,12 @@ Threading and back-pressure: the Sink methods never block and never raise for or
 input; they put the event on a bounded queue (``queue_size``) read by one writer thread
 that serialises, hashes, writes and fsyncs. Events do not wake the writer (that would
 hand the GIL to it in the middle of the proxy's work); it looks for new events every
-20 ms, so a record reaches the file within about 20 ms. When the queue is full the event cannot be
-kept without unbounded memory or without blocking the proxy's event loop, so it is
-*counted* as lost and ``healthy`` turns False at once: the proxy refuses new connections
-(reason internal_error) instead of letting traffic through unrecorded. The loss is written
-into the chain as a ``dropped`` line when the writer catches up, after which the sink is
-healthy again. Nothing is dropped silently.
+20 ms, so a record reaches the file within about 20 ms. When the queue is full the
+event cannot be kept without unbounded memory or without blocking the proxy's event
+loop, so it is *counted* as lost and ``healthy`` turns False at once: the proxy refuses
+new connections (reason internal_error) instead of letting traffic through unrecorded.
+The loss is written into the chain as a ``dropped`` line when the writer catches up,
+after which the sink is healthy again. Nothing is dropped silently.
 
 Write failures (permission, disk full, any OSError): ``healthy`` turns False, the failure
 is printed on stderr once per episode, ``write_errors`` counts every failed attempt, and
