@@ -765,16 +765,16 @@ class EgressGuard:
         # decides this layer (or "not yet").
         del context.layers[stream + 1 :]
         nextlayer.layer = None
-        # So are the TLS flags its TLS layers set on both connections (TLSLayer.__init__
-        # marks them): as in mitmproxy's own pass-through, the client is TLS only if it
-        # speaks TLS to the proxy itself, and the tunnel's server is not (inspect mode
-        # builds its TLS layers again). splice.on_relaying reads the client's flag.
-        context.client.tls = any(
-            isinstance(x, ClientTLSLayer) and x.conn is context.client
-            for x in context.layers[:stream]
-        )
-        context.server.tls = False
         try:
+            # So are the TLS flags its TLS layers set on both connections (TLSLayer
+            # marks them): as in mitmproxy's own pass-through, the client is TLS only if
+            # it speaks TLS to the proxy itself, and the tunnel's server is not (inspect
+            # mode builds its TLS layers again). splice.on_relaying reads the client's flag.
+            context.client.tls = any(
+                isinstance(x, ClientTLSLayer) and x.conn is context.client
+                for x in context.layers[:stream]
+            )
+            context.server.tls = False
             self._on_tunnel_start(nextlayer, state)
         except Exception:
             log.exception("egress-guard: internal error starting a tunnel; blocking")
