@@ -307,6 +307,12 @@ EXPERIMENTS: list[Config] = [
         "x_no_sinks", "guard tunnel, no audit, no metrics", "both off", audit=False, metrics=False
     ),
     _exp(
+        "x_copy_relay",
+        "guard tunnel, bulk copied (no splice(2))",
+        "patch: spliced tunnels read and write every chunk in Python",
+        patches="copy_relay",
+    ),
+    _exp(
         "x_optimize",
         "guard tunnel under -O",
         "PYTHONOPTIMIZE=1: no asserts, no mitmproxy __debug__ checks",

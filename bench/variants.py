@@ -17,8 +17,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+
+def _copy_relay() -> None:
+    """Spliced tunnels copy every chunk through Python, never splice(2) through a pipe."""
+    from egress_guard import splice
+
+    splice.ZERO_COPY = False
+
+
 #: name -> function that patches the guard in this process before the CLI starts
-PATCHES: dict[str, Callable[[], None]] = {}
+PATCHES: dict[str, Callable[[], None]] = {"copy_relay": _copy_relay}
 
 
 def main() -> int:

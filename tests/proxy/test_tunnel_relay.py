@@ -9,8 +9,10 @@ close_notify, so nothing that goes through this proxy relies on it."""
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from support.adv_lab import wait_for
 from support.clients import connect
 from support.policies import make_policy
 from support.proxy import ProxyFactory
@@ -54,7 +57,10 @@ class DigestServer:
                 while left > 0 and (chunk := conn.recv(min(left, 1 << 16))):
                     h.update(chunk)
                     left -= len(chunk)
-                conn.sendall(h.hexdigest().encode() + b"\n" + b"d" * self.reply_size)
+                try:
+                    conn.sendall(h.hexdigest().encode() + b"\n" + b"d" * self.reply_size)
+                except OSError:
+                    continue  # the client went away (test_client_gone_mid_download)
                 self.finished_at.append(time.monotonic())
 
     def close(self) -> None:
@@ -199,13 +205,25 @@ def test_tls_tunnel_is_spliced_and_counted_exactly(
     assert {line.rsplit("(", 1)[1] for line in spliced} == {"up)", "down)"}
 
 
+def _pipes(pid: int) -> int:
+    """Pipes the process holds open (splice(2) relays through a pipe per direction)."""
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("pipe:"))
+
+
 def test_slow_reader_gets_every_byte(proxy: ProxyFactory) -> None:
     """Back-pressure: while the client does not read, the proxy stops reading the
-    upstream (instead of buffering all of it), then relays the rest once it drains."""
+    upstream (instead of buffering all of it), then relays the rest once it drains.
+
+    The backlog makes the proxy's reads large, so the download moves through a pipe
+    with splice(2), and the client's full socket makes the pipe's moves partial: the
+    rest goes through the transport, in order. The pipe is closed with the tunnel."""
     size = 48_000_000  # more than every socket buffer on the way can hold
     server = DigestServer(reply_size=size)
     try:
-        p = proxy(make_policy(server.port))
+        p = proxy(make_policy(server.port), "--verbose")
+        assert p.proc is not None
+        pipes_before = _pipes(p.proc.pid)
         sock, resp = connect(p.port, f"api.test:{server.port}")
         assert resp.status == 200
         sock.settimeout(20)
@@ -223,6 +241,35 @@ def test_slow_reader_gets_every_byte(proxy: ProxyFactory) -> None:
         assert server.finished_at[0] > reading_from, "the proxy read the whole reply unasked"
         close = p.wait_audit(lambda r: True, event="close")
         assert close[0]["bytes_down"] == len(got)
+        assert " moves bulk (down) with splice(2)" in p.log()
+        assert _pipes(p.proc.pid) == pipes_before
+    finally:
+        server.close()
+
+
+def test_client_gone_mid_download_leaves_no_pipe(proxy: ProxyFactory) -> None:
+    """A client that resets its tunnel in the middle of a bulk download: the tunnel is
+    closed and recorded, and the pipe its download moved through is closed with it."""
+    server = DigestServer(reply_size=48_000_000)
+    try:
+        p = proxy(make_policy(server.port), "--verbose")
+        assert p.proc is not None
+        pipes_before = _pipes(p.proc.pid)
+        sock, resp = connect(p.port, f"api.test:{server.port}")
+        assert resp.status == 200
+        sock.settimeout(20)
+        sock.sendall((4).to_bytes(8, "big") + b"gone")
+        time.sleep(1)  # a backlog, so the proxy's reads are large
+        got = 0
+        while got < 4_000_000 and (chunk := sock.recv(1 << 20)):
+            got += len(chunk)
+        assert wait_for(lambda: " moves bulk (down) with splice(2)" in p.log(), 10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST, with megabytes still on their way
+        close = p.wait_audit(lambda r: True, event="close")
+        assert got <= close[0]["bytes_down"] < 48_000_000
+        pid = p.proc.pid
+        assert wait_for(lambda: _pipes(pid) == pipes_before, 10)
     finally:
         server.close()
 
