@@ -77,6 +77,7 @@ def _guard(
     metrics: bool = True,
     patches: str = "",
     optimize: bool = False,
+    event_loop: str = "",
 ) -> Child:
     wd = env.workdir / name
     wd.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,8 @@ def _guard(
         run_args += ["--metrics", f"127.0.0.1:{mport}"]
     if inspect:
         run_args += ["--inspect", "--upstream-ca", str(env.ca_pem)]
+    if event_loop:
+        run_args += ["--event-loop", event_loop]
     env_vars = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     if optimize:
         env_vars["PYTHONOPTIMIZE"] = "1"
@@ -262,7 +265,8 @@ CONFIGS: list[Config] = [
     Config(
         "guard_tunnel",
         "egress-guard tunnel (policy+audit+metrics)",
-        "`egress-guard run --policy P --audit-log FILE --audit-fsync interval --metrics ...`",
+        "`egress-guard run --policy P --audit-log FILE --audit-fsync interval --metrics ...`"
+        " (on uvloop, the default event loop)",
         lambda e: _guard(e, "guard_tunnel", inspect=False),
         connect_host=SNI,
     ),
@@ -307,10 +311,10 @@ EXPERIMENTS: list[Config] = [
         "x_no_sinks", "guard tunnel, no audit, no metrics", "both off", audit=False, metrics=False
     ),
     _exp(
-        "x_copy_relay",
-        "guard tunnel, bulk copied (no splice(2))",
-        "patch: spliced tunnels read and write every chunk in Python",
-        patches="copy_relay",
+        "x_asyncio_loop",
+        "guard tunnel on asyncio's own loop",
+        "`--event-loop asyncio` (the default is uvloop)",
+        event_loop="asyncio",
     ),
     _exp(
         "x_optimize",

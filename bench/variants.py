@@ -7,8 +7,9 @@ Nothing here is imported by egress_guard or the tests.
 
 Patches measured here and since adopted in egress_guard (so gone from this file): the
 cached hook dispatch (master.HookTable), cached metric label children, gc.freeze with a
-larger generation-0 threshold, mitmproxy's per-message type check switched off, and the
-audit writer that events no longer wake. ``-O`` / PYTHONOPTIMIZE is not a patch: the bench
+larger generation-0 threshold, mitmproxy's per-message type check switched off, the
+audit writer that events no longer wake, and uvloop as the event loop (now a run flag,
+measured by the ``x_asyncio_loop`` experiment). ``-O`` / PYTHONOPTIMIZE is not a patch: the bench
 sets it in the environment (configs ``x_optimize``).
 """
 
@@ -17,16 +18,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-
-def _copy_relay() -> None:
-    """Spliced tunnels copy every chunk through Python, never splice(2) through a pipe."""
-    from egress_guard import splice
-
-    splice.ZERO_COPY = False
-
-
 #: name -> function that patches the guard in this process before the CLI starts
-PATCHES: dict[str, Callable[[], None]] = {"copy_relay": _copy_relay}
+PATCHES: dict[str, Callable[[], None]] = {}
 
 
 def main() -> int:
