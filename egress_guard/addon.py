@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -27,6 +28,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,35 @@ from egress_guard.tunnel import (
 log = logging.getLogger("egress_guard")
 
 DNS_TIMEOUT_S = 5.0
+#: lookups that may run at once; a lookup that timed out before it started is dropped
+DNS_THREADS = 32
+_dns_pool: ThreadPoolExecutor | None = None
+
+
+def _resolver() -> ThreadPoolExecutor:
+    """The threads that run getaddrinfo, the same on every event loop.
+
+    Not ``loop.getaddrinfo``: on uvloop that is libuv's pool of four threads, shared
+    with everything else, and a lookup whose caller gave up still holds a thread or its
+    place in the queue, so a few names with slow servers could make every CONNECT fail.
+    Here a timed-out lookup that has not started is cancelled (as with asyncio's own
+    executor), and slow lookups hold at most DNS_THREADS threads.
+    """
+    global _dns_pool
+    if _dns_pool is None:
+        _dns_pool = ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="egress-guard-dns")
+    return _dns_pool
+
+
+async def lookup(name: str, port: int) -> list[Any]:
+    """getaddrinfo for a TCP connection, on the resolver threads, within DNS_TIMEOUT_S.
+
+    Raises OSError (the resolver's answer) or TimeoutError."""
+    call = functools.partial(socket.getaddrinfo, name, port, type=socket.SOCK_STREAM)
+    loop = asyncio.get_running_loop()
+    return await asyncio.wait_for(loop.run_in_executor(_resolver(), call), DNS_TIMEOUT_S)
+
+
 RELOAD_POLL_S = 1.0
 #: a changed policy file must keep the same size, mtime and inode this long to be loaded
 RELOAD_SETTLE_S = 0.5
@@ -427,11 +458,8 @@ class EgressGuard:
         static = eng.static_addresses(host)
         if static is not None:
             return static
-        loop = asyncio.get_running_loop()
         try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(host.value, port, type=socket.SOCK_STREAM), DNS_TIMEOUT_S
-            )
+            infos = await lookup(host.value, port)
         except (OSError, TimeoutError) as e:
             raise _dns_failed(host, port, f"DNS lookup failed: {e or 'timeout'}") from None
         out: list[IPAddress] = []

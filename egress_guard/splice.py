@@ -36,6 +36,7 @@ session, so the bytes on its socket are not the tunnel's bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -83,7 +84,11 @@ class _Relay(asyncio.Protocol):
         return orig.eof_received()  # type: ignore[no-any-return]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        _give_back(self.d).connection_lost(exc)
+        self.d.done = True  # whatever happens below, mitmproxy's protocol hears of it
+        try:
+            _give_back(self.d)
+        finally:
+            self.d.orig.connection_lost(exc)
 
     # The transport's own flow control (it is also the other direction's destination):
     # mitmproxy's writers wait on it in drain().
@@ -175,7 +180,9 @@ def _take_over(handler: ConnectionHandler, sp: Splice, up: bool) -> _Direction |
     lock = getattr(handler, "_server_event_lock", None)
     if not isinstance(lock, asyncio.Lock):
         return _NEVER
-    if lock.locked() or getattr(lock, "_waiters", None):
+    if not hasattr(lock, "_waiters"):
+        return _NEVER  # cannot tell whether a chunk is queued: stay on mitmproxy's path
+    if lock.locked() or lock._waiters:
         # A reader task may have taken a chunk out of the StreamReader and be queued on
         # mitmproxy's event lock with it: that chunk must go first. Try again later.
         return None
@@ -215,11 +222,18 @@ def _arm(handler: ConnectionHandler, sp: Splice) -> None:
 
 def _give_back(d: _Direction) -> Any:
     """Put mitmproxy's protocol back on the direction's source transport; returns it."""
-    if not d.done:
-        d.done = True
-        if type(d.src_tr.get_protocol()) is _Relay:
-            d.src_tr.set_protocol(d.orig)
+    d.done = True
+    if type(d.src_tr.get_protocol()) is _Relay:
+        d.src_tr.set_protocol(d.orig)
     return d.orig
+
+
+def _abort(d: _Direction) -> None:
+    """Fail closed: end the tunnel (both transports) rather than relay it partly."""
+    log.warning("egress-guard: a spliced tunnel failed; closing it", exc_info=True)
+    for tr in (d.src_tr, d.dst_tr):
+        with contextlib.suppress(Exception):
+            tr.abort()
 
 
 def _count(counter: ByteCounter, up: bool, n: int) -> None:
@@ -236,9 +250,9 @@ def _relay(d: _Direction, data: bytes) -> None:
     d.handler.timeout_watchdog.register_activity()
     try:
         d.dst_tr.write(data)
-    except Exception:  # e.g. written after write_eof(): let mitmproxy decide
-        log.debug("egress-guard: splice write failed; back to the normal path", exc_info=True)
-        _give_back(d).data_received(data)
+    except Exception:  # e.g. written after write_eof(): this chunk cannot be delivered
+        _give_back(d)
+        _abort(d)
         return
     _count(d.splice.counter, d.up, len(data))
     high = d.dst_tr.get_write_buffer_limits()[1]
@@ -252,10 +266,13 @@ def _relay(d: _Direction, data: bytes) -> None:
 def _drained(d: _Direction, task: asyncio.Future[None]) -> None:
     if not task.cancelled():
         task.exception()  # retrieved: a failed drain shows up as the transport closing
-    if d.dst_tr.is_closing():
-        _give_back(d)  # reading again, mitmproxy's protocol sees what follows
-    if not d.src_tr.is_closing():
-        d.src_tr.resume_reading()
+    try:
+        if d.dst_tr.is_closing():
+            _give_back(d)  # reading again, mitmproxy's protocol sees what follows
+        if not d.src_tr.is_closing():
+            d.src_tr.resume_reading()
+    except Exception:  # a source left paused would hang the tunnel until the idle timeout
+        _abort(d)
 
 
 # -- the patch -------------------------------------------------------------------------------
