@@ -1,8 +1,11 @@
 """Host-pattern index whose lookup cost does not grow with the number of rules.
 
-A name is looked up once per suffix (a.b.c -> a.b.c, b.c, c) in three hash tables; an
-address once per distinct prefix length present. With 100k rules that is still a handful
-of dict probes, where a list of patterns would be 100k comparisons per connection.
+A name is looked up once per suffix (a.b.c -> a.b.c, b.c, c), one hash-table probe
+each; an address once per distinct prefix length present. With 100k rules that is still
+a handful of dict probes, where a list of patterns would be 100k comparisons per
+connection. At that size a probe is mostly cache misses, so the tables are built to need
+one probe per suffix: what covers a name itself (exact and ``**.`` rules) is in one table,
+what covers the names below a suffix (``*.`` and ``**.`` rules) in another.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from egress_guard.policy.patterns import HostPattern, parse_pattern
 class HostIndex:
     """Maps canonical hosts and addresses to the ids (policy order) of matching rules."""
 
-    __slots__ = ("_apex_sub", "_exact", "_ips", "_nets", "_prefixes", "_sub")
+    __slots__ = ("_below", "_ips", "_nets", "_prefixes", "_whole")
 
     def __init__(self, rules: Iterable[tuple[int, Iterable[str | HostPattern]]]) -> None:
         exact: dict[str, list[int]] = defaultdict(list)
@@ -43,9 +46,10 @@ class HostIndex:
                     else:
                         key = (net.version, net.prefixlen)
                         nets[key][int(net.network_address)].append(rule_id)
-        self._exact = {k: tuple(sorted(set(v))) for k, v in exact.items()}
-        self._sub = {k: tuple(sorted(set(v))) for k, v in sub.items()}
-        self._apex_sub = {k: tuple(sorted(set(v))) for k, v in apex_sub.items()}
+        #: name -> rules that cover the name itself: exact ``name`` and ``**.name``
+        self._whole = _union(exact, apex_sub)
+        #: suffix -> rules that cover every name below it: ``*.suffix`` and ``**.suffix``
+        self._below = _union(sub, apex_sub)
         self._ips = {k: tuple(sorted(set(v))) for k, v in ips.items()}
         self._nets = {
             k: {n: tuple(sorted(set(ids))) for n, ids in v.items()} for k, v in nets.items()
@@ -57,26 +61,24 @@ class HostIndex:
 
     def match_name(self, name: str) -> tuple[int, ...]:
         """Rule ids whose name patterns cover the canonical name, in policy order."""
-        found: list[int] = []
-        hit = self._exact.get(name)
-        if hit:
-            found.extend(hit)
-        hit = self._apex_sub.get(name)
-        if hit:
-            found.extend(hit)
+        hit = self._whole.get(name)
+        found: list[int] | None = None
+        one: tuple[int, ...] = hit or ()
+        below = self._below
         dot = name.find(".")
         while dot >= 0:
-            suffix = name[dot + 1 :]
-            hit = self._sub.get(suffix)
+            hit = below.get(name[dot + 1 :])
             if hit:
-                found.extend(hit)
-            hit = self._apex_sub.get(suffix)
-            if hit:
-                found.extend(hit)
+                if not one:
+                    one = hit
+                else:
+                    if found is None:
+                        found = list(one)
+                    found.extend(hit)
             dot = name.find(".", dot + 1)
-        if len(found) > 1:
+        if found is not None:
             return tuple(sorted(set(found)))
-        return tuple(found)
+        return one  # at most one table hit: already sorted and unique
 
     def match_ip(self, ip: IPAddress) -> tuple[int, ...]:
         """Rule ids whose IP or CIDR patterns contain the address, in policy order."""
@@ -89,6 +91,11 @@ class HostIndex:
         if len(found) > 1:
             return tuple(sorted(set(found)))
         return tuple(found)
+
+
+def _union(*tables: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:
+    keys = set().union(*tables)
+    return {k: tuple(sorted({i for t in tables for i in t.get(k, ())})) for k in keys}
 
 
 def _mask(version: int, prefixlen: int) -> int:
