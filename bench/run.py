@@ -316,10 +316,11 @@ def report(
     if a.experiments:
         L.append("# egress-guard hot-path experiments\n")
         L.append(
-            "egress-guard tunnel mode (policy + audit + metrics) with one part removed or "
-            "one candidate change patched in by bench/variants.py — nothing in "
-            "egress_guard/ is changed. Compare the *proxy CPU per tunnel* column first: "
-            "it is the least sensitive to other load on the machine.\n"
+            "egress-guard tunnel mode (policy + audit + metrics) with one part removed, "
+            "one run flag changed (`--event-loop asyncio`), or one candidate change "
+            "patched in by bench/variants.py — nothing in egress_guard/ is changed. "
+            "Compare the *proxy CPU per tunnel* column first: it is the least sensitive "
+            "to other load on the machine.\n"
         )
     else:
         L.append("# egress-guard benchmark results\n")
