@@ -176,9 +176,10 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The event loop the proxy runs on; None means asyncio's own.
 
     uvloop (libuv underneath) runs mitmproxy's per-connection machinery - tasks, futures,
-    transports - with a fifth to a quarter less CPU per tunnel than asyncio's selector
-    loop here (bench/RESULTS.md), which is most of what a tunnel costs. Nothing in the
-    guard depends on which loop runs: both are driven through public asyncio API only.
+    transports - which is most of what a tunnel costs, with less CPU than asyncio's
+    selector loop: 2 to 17 % less per tunnel across this machine's bench runs
+    (bench/EXPERIMENTS.md). Nothing in the guard depends on which loop runs: both are
+    driven through public asyncio API only.
     """
     if choice == "asyncio":
         return None
