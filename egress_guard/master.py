@@ -24,6 +24,7 @@ from typing import Any
 from mitmproxy import addonmanager, exceptions, flow, hooks, http, options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig, upstream_auth
 from mitmproxy.master import Master
+from mitmproxy.utils import asyncio_utils
 
 from egress_guard import splice
 from egress_guard.addon import EgressGuard
@@ -128,6 +129,35 @@ def _no_message_typecheck() -> None:
         http.MessageData.__post_init__ = lambda self: None  # type: ignore[method-assign]
 
 
+def _eager_task_factory(
+    loop: asyncio.AbstractEventLoop,
+    coro: Any,
+    *,
+    eager_start: bool | None = None,
+    **kwargs: Any,
+) -> asyncio.Task[Any]:
+    """``asyncio.eager_task_factory`` that also takes the ``eager_start`` keyword.
+
+    uvloop on Python 3.13 passes ``eager_start`` to the task factory; CPython's own
+    eager factory accepts it only from 3.14, so with mitmproxy's factory every task
+    creation raised TypeError there and the proxy could not start.
+    """
+    eager = True if eager_start is None else eager_start
+    return asyncio.Task(coro, loop=loop, eager_start=eager, **kwargs)
+
+
+@contextlib.contextmanager
+def _set_eager_task_factory() -> Any:
+    """Stands in for mitmproxy's ``asyncio_utils.set_eager_task_factory``."""
+    loop = asyncio.get_running_loop()
+    existing = loop.get_task_factory()
+    loop.set_task_factory(_eager_task_factory)
+    try:
+        yield
+    finally:
+        loop.set_task_factory(existing)
+
+
 def _tune_gc() -> None:
     """Freeze what start-up allocated (policy, catalog, public-suffix list, mitmproxy's
     modules) out of the collector's way, and collect the young generation less often:
@@ -140,6 +170,7 @@ def _tune_gc() -> None:
 
 def _embedded_master(opts: options.Options) -> Master:
     _no_message_typecheck()
+    asyncio_utils.set_eager_task_factory = _set_eager_task_factory
     master = Master(opts, with_termlog=False)
     stock = master.addons
     opts.changed.disconnect(stock._configure_all)
