@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import hashlib
 import hmac
 import ipaddress
@@ -28,7 +27,6 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,7 @@ from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
-from egress_guard import splice
+from egress_guard import resolver, splice
 from egress_guard.engine import Decision, Engine, Match, Reason
 from egress_guard.engine.decide import printable as _printable
 from egress_guard.engine.models import ModelUnknown, api_kind, requested_model
@@ -72,36 +70,6 @@ from egress_guard.tunnel import (
 )
 
 log = logging.getLogger("egress_guard")
-
-DNS_TIMEOUT_S = 5.0
-#: lookups that may run at once; a lookup that timed out before it started is dropped
-DNS_THREADS = 32
-_dns_pool: ThreadPoolExecutor | None = None
-
-
-def _resolver() -> ThreadPoolExecutor:
-    """The threads that run getaddrinfo, the same on every event loop.
-
-    Not ``loop.getaddrinfo``: on uvloop that is libuv's pool of four threads, shared
-    with everything else, and a lookup whose caller gave up still holds a thread or its
-    place in the queue, so a few names with slow servers could make every CONNECT fail.
-    Here a timed-out lookup that has not started is cancelled (as with asyncio's own
-    executor), and slow lookups hold at most DNS_THREADS threads.
-    """
-    global _dns_pool
-    if _dns_pool is None:
-        _dns_pool = ThreadPoolExecutor(DNS_THREADS, thread_name_prefix="egress-guard-dns")
-    return _dns_pool
-
-
-async def lookup(name: str, port: int) -> list[Any]:
-    """getaddrinfo for a TCP connection, on the resolver threads, within DNS_TIMEOUT_S.
-
-    Raises OSError (the resolver's answer) or TimeoutError."""
-    call = functools.partial(socket.getaddrinfo, name, port, type=socket.SOCK_STREAM)
-    loop = asyncio.get_running_loop()
-    return await asyncio.wait_for(loop.run_in_executor(_resolver(), call), DNS_TIMEOUT_S)
-
 
 RELOAD_POLL_S = 1.0
 #: a changed policy file must keep the same size, mtime and inode this long to be loaded
@@ -459,7 +427,7 @@ class EgressGuard:
         if static is not None:
             return static
         try:
-            infos = await lookup(host.value, port)
+            infos = await resolver.lookup(host.value, port)
         except (OSError, TimeoutError) as e:
             raise _dns_failed(host, port, f"DNS lookup failed: {e or 'timeout'}") from None
         out: list[IPAddress] = []

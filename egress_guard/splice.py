@@ -251,8 +251,10 @@ def _relay(d: _Direction, data: bytes) -> None:
     try:
         d.dst_tr.write(data)
     except Exception:  # e.g. written after write_eof(): this chunk cannot be delivered
-        _give_back(d)
-        _abort(d)
+        try:
+            _give_back(d)
+        finally:
+            _abort(d)
         return
     _count(d.splice.counter, d.up, len(data))
     high = d.dst_tr.get_write_buffer_limits()[1]
