@@ -8,16 +8,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvloop
+from support.loops import EACH_LOOP, Factory
 
 from egress_guard import resolver
-
-LOOPS = pytest.mark.parametrize("factory", [uvloop.new_event_loop, None], ids=["uvloop", "asyncio"])
-Factory = Callable[[], asyncio.AbstractEventLoop] | None
 
 
 class FakeResolver:
@@ -49,7 +46,7 @@ def _run(factory: Factory, coro: Any) -> Any:
     return asyncio.run(coro, loop_factory=factory)
 
 
-@LOOPS
+@EACH_LOOP
 def test_hung_lookups_do_not_starve_a_fast_one(fake: FakeResolver, factory: Factory) -> None:
     async def scenario() -> list[Any]:
         slow = [asyncio.ensure_future(resolver.lookup(f"slow{i}.test", 443)) for i in range(8)]
@@ -63,7 +60,7 @@ def test_hung_lookups_do_not_starve_a_fast_one(fake: FakeResolver, factory: Fact
     assert _run(factory, scenario())[0][4] == ("127.0.0.1", 443)
 
 
-@LOOPS
+@EACH_LOOP
 def test_callers_of_one_hung_name_share_one_lookup(
     fake: FakeResolver, factory: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -88,7 +85,7 @@ def test_callers_of_one_hung_name_share_one_lookup(
     assert fake.started == ["slow.test", "fast.test", "slow.test"]
 
 
-@LOOPS
+@EACH_LOOP
 def test_a_lookup_abandoned_before_it_started_never_runs(
     fake: FakeResolver, factory: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

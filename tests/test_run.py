@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable
 
 import pytest
 import uvloop
+from support.loops import EACH_LOOP, Factory
 
 from egress_guard.run import loop_factory
 
@@ -31,10 +31,8 @@ def test_without_uvloop_auto_falls_back_and_uvloop_refuses(
         loop_factory("uvloop")
 
 
-@pytest.mark.parametrize("factory", [uvloop.new_event_loop, None], ids=["uvloop", "asyncio"])
-def test_task_factory_runs_tasks_eagerly_and_takes_eager_start(
-    factory: Callable[[], asyncio.AbstractEventLoop] | None,
-) -> None:
+@EACH_LOOP
+def test_task_factory_runs_tasks_eagerly_and_takes_eager_start(factory: Factory) -> None:
     """mitmproxy wants eager tasks; uvloop on Python 3.13 calls the task factory with an
     ``eager_start`` keyword that CPython's own eager factory takes only from 3.14."""
     from egress_guard.master import _eager_task_factory

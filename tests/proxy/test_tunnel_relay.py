@@ -9,7 +9,6 @@ close_notify, so nothing that goes through this proxy relies on it."""
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import ssl
 import struct
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from support.adv_lab import wait_for
+from support.adv_lab import proc_stats, wait_for
 from support.clients import connect
 from support.policies import make_policy
 from support.proxy import ProxyFactory
@@ -211,10 +210,6 @@ def test_tls_tunnel_is_spliced_and_counted_exactly(
     assert f"egress-guard: event loop {loop}" in p.log()
 
 
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 @LOOPS
 def test_slow_reader_gets_every_byte(proxy: ProxyFactory, loop: str) -> None:
     """Back-pressure: while the client does not read, the proxy stops reading the
@@ -252,7 +247,7 @@ def test_client_reset_mid_download_closes_and_records_the_tunnel(proxy: ProxyFac
         p = proxy(make_policy(server.port), "--verbose")
         assert p.proc is not None
         pid = p.proc.pid
-        fds_before = _fds(pid)
+        fds_before = proc_stats(pid)["fds"]
         sock, resp = connect(p.port, f"api.test:{server.port}")
         assert resp.status == 200
         sock.settimeout(20)
@@ -266,7 +261,7 @@ def test_client_reset_mid_download_closes_and_records_the_tunnel(proxy: ProxyFac
         sock.close()  # RST, with megabytes still on their way
         close = p.wait_audit(lambda r: True, event="close")
         assert got <= close[0]["bytes_down"] < 48_000_000
-        assert wait_for(lambda: _fds(pid) == fds_before, 10)
+        assert wait_for(lambda: proc_stats(pid)["fds"] == fds_before, 10)
     finally:
         server.close()
 
