@@ -24,8 +24,9 @@ Rules that keep this safe:
   event lock), so no byte can overtake another;
 - flow-control calls for the transport (``pause_writing``/``resume_writing``) are
   passed on to mitmproxy's protocol, so its writers' ``drain()`` keeps working;
-- anything unexpected (a transport that is not a plain stream, an error while writing)
-  puts mitmproxy's protocol back, with the chunk in hand, and lets mitmproxy decide.
+- a transport that is not a plain stream stays on mitmproxy's path; a destination found
+  closing gets mitmproxy's protocol back, with the chunk in hand, to decide; an error
+  while relaying (a failed write or resume) closes both ends of the tunnel.
 
 Installed by ``egress-guard run`` only (``install()``); under ``mitmdump -s`` nothing is
 registered and mitmproxy relays as usual. Only plain HTTP/1 CONNECT tunnels are
@@ -257,8 +258,8 @@ def _relay(d: _Direction, data: bytes) -> None:
             _abort(d)
         return
     _count(d.splice.counter, d.up, len(data))
-    high = d.dst_tr.get_write_buffer_limits()[1]
-    if d.dst_tr.get_write_buffer_size() > high and not d.dst_tr.is_closing():
+    queued = d.dst_tr.get_write_buffer_size()  # 0 unless the destination is behind
+    if queued and queued > d.dst_tr.get_write_buffer_limits()[1] and not d.dst_tr.is_closing():
         # the destination is slower: stop reading until its buffer drains
         d.src_tr.pause_reading()
         task = asyncio.ensure_future(d.dst_writer.drain())
@@ -309,7 +310,7 @@ def install() -> None:
                 _arm_safely(self, sp)
                 return
         await original(self, event)
-        if (sp := SPLICES.get(self.client.id)) is not None and (sp.up is None or sp.down is None):
+        if (sp := SPLICES.get(self.client.id)) is not None:
             _arm_safely(self, sp)
 
     ConnectionHandler.server_event = server_event  # type: ignore[method-assign]
