@@ -111,9 +111,10 @@ class HookTable(addonmanager.AddonManager):
 
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
         await self.trigger_event(event)
-        message = event.args()[0]
-        if isinstance(message, flow.Flow) and self._implementers("update"):
-            await self.trigger_event(hooks.UpdateHook([message]))
+        if self._implementers("update"):  # none of the guard's addons: args() not rebuilt
+            message = event.args()[0]
+            if isinstance(message, flow.Flow):
+                await self.trigger_event(hooks.UpdateHook([message]))
 
 
 def _no_message_typecheck() -> None:
