@@ -169,7 +169,7 @@ class Metrics:
         #: label values -> child series, for the per-tunnel families. prometheus-client's
         #: labels() takes a lock and builds a key on every call (five calls per tunnel);
         #: these families never drop a series, so a child, once made, stays valid.
-        self._children: dict[tuple[str, ...], Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
 
         self._decisions = Counter(
             "egress_guard_decisions",
@@ -255,9 +255,9 @@ class Metrics:
             return destination
         return UNLISTED
 
-    def _child(self, family: Counter | Gauge | Histogram, key: str, *values: str) -> Any:
+    def _child(self, family: Counter | Gauge | Histogram, *values: str) -> Any:
         """``family.labels(*values)``, made once per label values."""
-        k = (key, *values)
+        k = (family, *values)
         child = self._children.get(k)
         if child is None:
             child = self._children[k] = family.labels(*values)
@@ -275,15 +275,15 @@ class Metrics:
             log.warning("metrics: ignoring decision with unknown action %r", action)
             return
         dest = self.label(event.decision.destination)
-        self._child(self._decisions, "decisions", dest, action).inc()
+        self._child(self._decisions, dest, action).inc()
         if event.opens:
             self.connection_opened(event.decision.destination)
 
     def close(self, event: CloseEvent) -> None:
         dest = self.label(event.destination)
-        self._child(self._bytes, "bytes", dest, "up").inc(_non_negative(event.bytes_up))
-        self._child(self._bytes, "bytes", dest, "down").inc(_non_negative(event.bytes_down))
-        self._child(self._duration, "duration", dest).observe(_non_negative(event.duration_s))
+        self._child(self._bytes, dest, "up").inc(_non_negative(event.bytes_up))
+        self._child(self._bytes, dest, "down").inc(_non_negative(event.bytes_down))
+        self._child(self._duration, dest).observe(_non_negative(event.duration_s))
         self.connection_closed(event.destination)
 
     def policy(self, event: PolicyEvent) -> None:
@@ -304,7 +304,7 @@ class Metrics:
         with self._lock:
             dest = self.label(destination)
             self._active[dest] = self._active.get(dest, 0) + 1
-            self._child(self._active_gauge, "active", dest).inc()
+            self._child(self._active_gauge, dest).inc()
 
     def connection_closed(self, destination: str | None) -> None:
         """Pair of ``connection_opened``. A close with no matching open is ignored."""
@@ -317,7 +317,7 @@ class Metrics:
                 log.debug("metrics: connection_closed(%r) without an open", destination)
                 return
             self._active[dest] -= 1
-            self._child(self._active_gauge, "active", dest).dec()
+            self._child(self._active_gauge, dest).dec()
 
     # -- exposition --------------------------------------------------------------------
 
