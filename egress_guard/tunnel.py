@@ -105,7 +105,9 @@ def read_plain_client_hello(data: bytes) -> PlainHello | None:
     so this reader answers only where skipping them makes no difference.
     """
     n = len(data)
-    if n < 9 or data[0] != 0x16 or data[1] != 0x03 or data[2] > 0x03 or data[5] != 0x01:
+    if n < 9 or data[0] != 0x16 or data[1] != 0x03 or data[2] > 0x03:
+        return None
+    if data[5] != _HANDSHAKE_CLIENT_HELLO:
         return None
     rec_len = (data[3] << 8) | data[4]
     hs_len = (data[6] << 16) | (data[7] << 8) | data[8]
