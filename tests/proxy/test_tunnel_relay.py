@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from support.adv_lab import proc_stats, wait_for
+from support.adv_lab import tcp_ports, wait_for
 from support.clients import connect
 from support.policies import make_policy
 from support.proxy import ProxyFactory
@@ -247,12 +247,16 @@ def test_client_reset_mid_download_closes_and_records_the_tunnel(proxy: ProxyFac
         p = proxy(make_policy(server.port), "--verbose")
         assert p.proc is not None
         pid = p.proc.pid
-        fds_before = proc_stats(pid)["fds"]
         sock, resp = connect(p.port, f"api.test:{server.port}")
+        client_port = sock.getsockname()[1]
+        # the proxy's two sockets of this tunnel: toward the client and toward the upstream
+        tunnel = {(p.port, client_port)}
         assert resp.status == 200
         sock.settimeout(20)
         sock.sendall((4).to_bytes(8, "big") + b"gone")
         time.sleep(1)  # a backlog: megabytes queued in the proxy and its sockets
+        assert wait_for(lambda: any(remote == server.port for _, remote in tcp_ports(pid)), 5)
+        assert tunnel <= tcp_ports(pid)
         got = 0
         while got < 4_000_000 and (chunk := sock.recv(1 << 20)):
             got += len(chunk)
@@ -261,7 +265,12 @@ def test_client_reset_mid_download_closes_and_records_the_tunnel(proxy: ProxyFac
         sock.close()  # RST, with megabytes still on their way
         close = p.wait_audit(lambda r: True, event="close")
         assert got <= close[0]["bytes_down"] < 48_000_000
-        assert wait_for(lambda: proc_stats(pid)["fds"] == fds_before, 10)
+
+        def holds_tunnel() -> bool:
+            held = tcp_ports(pid)
+            return bool(tunnel & held) or any(remote == server.port for _, remote in held)
+
+        assert wait_for(lambda: not holds_tunnel(), 10), tcp_ports(pid)
     finally:
         server.close()
 
