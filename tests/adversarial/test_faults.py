@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 from adversarial.stats import STATS
-from support.adv_lab import EGRESS_GUARD, Lab, audit_verify, proc_stats, wait_for
+from support.adv_lab import EGRESS_GUARD, Lab, audit_verify, wait_for
 from support.adv_wire import client_hello, exchange, open_conn, read_outcome
 from support.ports import free_port
+from support.procfs import proc_stats
 from support.proxy import ProxyProcess
 
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 from adversarial.stats import STATS
-from support.adv_lab import Lab, audit_verify, proc_stats, wait_for
+from support.adv_lab import Lab, audit_verify, wait_for
 from support.adv_wire import TLSTunnel, exchange, read_outcome
+from support.procfs import proc_stats
 from support.proxy import ProxyProcess
 
 FD_SLACK = 8

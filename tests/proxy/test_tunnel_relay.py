@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from support.adv_lab import tcp_ports, wait_for
+from support.adv_lab import wait_for
 from support.clients import connect
 from support.policies import make_policy
+from support.procfs import tcp_ports
 from support.proxy import ProxyFactory
 from support.upstream import Upstream
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from support.ports import free_port
+from support.procfs import tcp_ports
 
 BIN_DIR = Path(sys.executable).parent
 EGRESS_GUARD = str(BIN_DIR / "egress-guard")
@@ -89,7 +90,23 @@ class ProxyProcess:
             cwd=self.workdir,
         )
         wait_listening(self.host, self.port, self.proc, self.log_path)
+        self._wait_probe_closed()
         return self
+
+    def _wait_probe_closed(self, timeout: float = 5.0) -> None:
+        """Return once the proxy has closed the readiness probe's connection, so a test
+        starts from a proxy holding no client connection (its descriptor count is then
+        a baseline). Under a launcher the pid is not the proxy's: nothing to wait for."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                held = tcp_ports(self.proc.pid)
+            except OSError:
+                return  # exited: the next request will say so
+            if not any(local == self.port and remote for local, remote in held):
+                return
+            time.sleep(0.01)
 
     @property
     def url(self) -> str:
