@@ -40,7 +40,7 @@ from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
-from egress_guard import resolver, splice
+from egress_guard import backpressure, resolver, splice
 from egress_guard.engine import Decision, Engine, Match, Reason
 from egress_guard.engine.decide import printable as _printable
 from egress_guard.engine.models import ModelUnknown, api_kind, requested_model
@@ -105,6 +105,9 @@ class EgressGuard:
     # -- mitmproxy lifecycle ------------------------------------------------------------
 
     def load(self, loader: Loader) -> None:
+        # Here, not in `egress-guard run` only: under `mitmdump -s` too, a client must not
+        # be able to fill the proxy's memory while its upstream connection opens.
+        backpressure.install()
         loader.add_option(
             "egress_guard_policy",
             str,

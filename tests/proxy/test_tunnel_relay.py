@@ -21,15 +21,13 @@ from typing import Any, TypeVar
 import pytest
 from support.adv_lab import wait_for
 from support.clients import connect
+from support.loops import LOOPS
 from support.policies import make_policy
 from support.procfs import tcp_ports
 from support.proxy import ProxyFactory
 from support.upstream import Upstream
 
 T = TypeVar("T")
-
-#: the relay runs on both event loops egress-guard supports (uvloop is the default)
-LOOPS = pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 
 
 class DigestServer:

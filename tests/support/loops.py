@@ -16,3 +16,6 @@ Factory = Callable[[], asyncio.AbstractEventLoop] | None
 EACH_LOOP = pytest.mark.parametrize(
     "factory", [uvloop.new_event_loop, None], ids=["uvloop", "asyncio"]
 )
+
+#: parametrize a test's ``loop`` argument: the value for ``egress-guard run --event-loop``
+LOOPS = pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
