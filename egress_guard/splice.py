@@ -230,11 +230,17 @@ def _give_back(d: _Direction) -> Any:
 
 
 def _abort(d: _Direction) -> None:
-    """Fail closed: end the tunnel (both transports) rather than relay it partly."""
+    _abort_all(d.src_tr, d.dst_tr)
+
+
+def _abort_all(*transports: Any) -> None:
+    """Fail closed: end the tunnel (both transports) rather than relay it partly: a
+    dropped chunk would leave a stream with a hole in it."""
     log.warning("egress-guard: a spliced tunnel failed; closing it", exc_info=True)
-    for tr in (d.src_tr, d.dst_tr):
-        with contextlib.suppress(Exception):
-            tr.abort()
+    for tr in transports:
+        if tr is not None:
+            with contextlib.suppress(Exception):
+                tr.abort()
 
 
 def _count(counter: ByteCounter, up: bool, n: int) -> None:
@@ -303,8 +309,10 @@ def install() -> None:
                 self.timeout_watchdog.register_activity()
                 try:
                     writer.write(event.data)
-                except Exception:  # as mitmproxy's own server_event: log, do not raise
-                    log.warning("egress-guard: cannot relay a tunnel chunk", exc_info=True)
+                except Exception:  # a chunk that cannot be delivered: end the tunnel
+                    src_io = self.transports.get(conn)
+                    src = src_io.writer if src_io is not None else None
+                    _abort_all(getattr(writer, "transport", None), getattr(src, "transport", None))
                     return
                 _count(sp.counter, peer is sp.server, len(event.data))
                 _arm_safely(self, sp)
