@@ -111,6 +111,10 @@ _MAX_TEXT = 1024
 _BATCH = 256
 #: how often the writer looks for new events (events do not wake it, see _QuietQueue)
 _POLL_S = 0.02
+#: after this long without an event the writer waits to be woken instead of polling
+_IDLE_AFTER_S = 1.0
+#: the longest the writer sleeps (it also checks the log file's health then)
+_IDLE_WAIT_S = 1.0
 _PENDING_HIGH_WATER = 64 * 1024
 _TAIL_WINDOW = 256 * 1024
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
@@ -222,15 +226,27 @@ class _QuietQueue(queue.Queue[_Item]):
     takes the GIL from the event loop in the middle of a CONNECT (measured: about 0.4 ms
     of a tunnel's set-up latency at concurrency 1). The writer polls every ``_POLL_S``
     instead and takes whatever has gathered; markers (flush, shutdown) still wake it.
+    Once nothing has come for ``_IDLE_AFTER_S``, the writer stops polling (an idle proxy
+    on a laptop should not wake 50 times a second) and the next event wakes it, once.
     """
 
+    #: the writer sleeps until notified (set and cleared by the writer, under mutex)
+    idle = False
+
     def put_quiet(self, item: _Item) -> None:
-        """put_nowait() without notifying the consumer. Raises queue.Full."""
+        """put_nowait(), notifying the consumer only when it is idle. Raises queue.Full."""
         with self.mutex:
             if 0 < self.maxsize <= self._qsize():
                 raise queue.Full
             self._put(item)
             self.unfinished_tasks += 1
+            if self.idle:
+                self.idle = False
+                self.not_empty.notify()
+
+    def set_idle(self, idle: bool) -> None:
+        with self.mutex:
+            self.idle = idle
 
 
 class AuditLog:
@@ -437,6 +453,7 @@ class AuditLog:
     # -- writer thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        last_item = time.monotonic()
         try:
             while True:
                 if not self._service():
@@ -447,10 +464,14 @@ class AuditLog:
                 if self._stop.is_set() and self._q.empty():
                     self._clean_exit = True
                     break
+                due = self._wait_time()
+                idle = due >= _IDLE_WAIT_S and time.monotonic() - last_item > _IDLE_AFTER_S
+                self._q.set_idle(idle)
                 try:
-                    item = self._q.get(timeout=min(self._wait_time(), _POLL_S))
+                    item = self._q.get(timeout=due if idle else min(due, _POLL_S))
                 except queue.Empty:
                     continue  # _service() syncs when the interval is due
+                last_item = time.monotonic()
                 self._backlog.append(item)
                 while len(self._backlog) < _BATCH:
                     try:
@@ -487,10 +508,11 @@ class AuditLog:
         return True
 
     def _wait_time(self) -> float:
+        """How long the writer may sleep: until a due fsync, at most _IDLE_WAIT_S."""
         if self.fsync_policy == "interval" and self._dirty:
             due = self._last_sync + self.fsync_interval - time.monotonic()
-            return min(1.0, max(0.0, due))
-        return 1.0
+            return min(_IDLE_WAIT_S, max(0.0, due))
+        return _IDLE_WAIT_S
 
     def _fail(self, e: OSError) -> None:
         self.write_errors += 1

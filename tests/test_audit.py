@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from egress_guard import audit
 from egress_guard.audit import GENESIS, AuditLog, read_tail, rotated_set, scrub_path, scrub_text
 from egress_guard.audit_cli import order_files, verify
 from egress_guard.engine import Decision
@@ -520,3 +521,31 @@ def test_stdout_mode_writes_a_verifiable_chain(tmp_path: Path) -> None:
     assert_chain(lines)
     assert b"SECRET" not in out.stdout
     assert not list(tmp_path.iterdir())
+
+
+def _wakes(thread_id: int) -> int:
+    status = Path(f"/proc/self/task/{thread_id}/status").read_text()
+    return int(next(ln for ln in status.splitlines() if ln.startswith("voluntary_ctxt")).split()[1])
+
+
+def test_idle_writer_sleeps_and_the_next_event_wakes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle proxy's audit writer does not poll (it did, 50 times a second), and an
+    event after a quiet spell is written at once, not at the writer's next timeout."""
+    monkeypatch.setattr(audit, "_IDLE_WAIT_S", 60.0)  # so only a wake-up can write it
+    with AuditLog(tmp_path / "audit.log", fsync="interval") as log:
+        log.decision(decision(0))
+        assert log.flush(5)
+        tid = log._thread.native_id
+        assert tid is not None
+        time.sleep(1.5)  # past the idle threshold, and the interval fsync is done
+        before = _wakes(tid)
+        time.sleep(2)
+        assert _wakes(tid) - before <= 2  # not 100 polls
+        written = log.lines_written
+        t0 = time.monotonic()
+        log.decision(decision(1))
+        while log.lines_written == written and time.monotonic() - t0 < 20:
+            time.sleep(0.005)
+        assert log.lines_written == written + 1  # woken: its timeout is a minute away
