@@ -34,7 +34,8 @@ Threading and back-pressure: the Sink methods never block and never raise for or
 input; they put the event on a bounded queue (``queue_size``) read by one writer thread
 that serialises, hashes, writes and fsyncs. Events do not wake the writer (that would
 hand the GIL to it in the middle of the proxy's work); it looks for new events every
-20 ms, so a record reaches the file within about 20 ms. When the queue is full the
+20 ms, so a record reaches the file within about 20 ms (after a quiet second it sleeps
+until the next event wakes it). When the queue is full the
 event cannot be kept without unbounded memory or without blocking the proxy's event
 loop, so it is *counted* as lost and ``healthy`` turns False at once: the proxy refuses
 new connections (reason internal_error) instead of letting traffic through unrecorded.
