@@ -1,19 +1,26 @@
-"""Stop reading a client while one of its upstream connections is being opened.
+"""Stop reading a client while its layer waits for an upstream connection or a hook.
 
-mitmproxy keeps reading a client while the client's layer waits for an upstream
-connection (the guard's DNS lookup, then the TCP connect) and queues every chunk in the
-paused layer, with no bound: its only back-pressure is ``drain_writers``, which waits
-for *write* buffers, and nothing is written while the upstream does not exist yet. A
+mitmproxy keeps reading a client while the client's layer is paused: waiting for an
+upstream connection (TCP connect, then the TLS handshake in inspect mode) or for a
+blocking hook (the guard resolves names in ``http_connect`` and ``requestheaders``). It
+queues every chunk in the paused layer, with no bound: its only back-pressure is
+``drain_writers``, which waits for *write* buffers, and nothing is written meanwhile. A
 client that kept sending during a connect that hangs (an address that drops SYNs, a full
-accept queue, a slow name server) made the proxy hold all of it: 512 MiB in three
+accept queue) or a slow name server made the proxy hold all of it: 512 MiB in three
 seconds in tests/proxy/test_backpressure.py, enough to take the proxy down for everyone.
 
-Here the client's read loop waits, after handing a chunk on, until no upstream
-connection of that client is opening any more. Its bytes then stay in its own socket
-and TCP tells the client to hold back. The wait sits in ``drain_writers``, the step of
-mitmproxy's read loop that exists for back-pressure and whose cancellation the loop
-already handles, so an idle timeout or a closing client still ends the connection
-cleanly.
+Here the client's read loop waits, after handing a chunk on, until nothing it waits for
+is pending any more. Its bytes then stay in its own socket and TCP tells the client to
+hold back. The wait sits in ``drain_writers``, the step of mitmproxy's read loop that
+exists for back-pressure and whose cancellation the loop already handles, so an idle
+timeout or a closing client still ends the connection cleanly.
+
+Clients that multiplex (HTTP/2, HTTP/3) are not held back: their other streams may need
+the client's next frames to finish and free one of mitmproxy's five connection slots
+per address that a new stream's connect waits for, so holding the client back could
+deadlock it. Not covered either (mitmproxy buffers, the guard does not bound it): a
+request whose model the guard must read, bytes pipelined behind a request whose answer
+has not come, and the wait for a parent proxy's CONNECT answer. See docs/decisions.md.
 
 It also fails closed where mitmproxy would hang: ``open_connection`` asserts the
 upstream's peername, which a reset between connect and ``getpeername`` leaves unset.
@@ -29,45 +36,74 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from mitmproxy.connection import Connection
+from mitmproxy.connection import Connection, ConnectionState
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.server import ConnectionHandler
 
 log = logging.getLogger("egress_guard")
 
+#: what a client's layer can be waiting for: an upstream connection, or a hook (by id:
+#: hooks are dataclasses compared by value, and unhashable)
+_Pending = Connection | int
+
 
 @dataclass(slots=True, eq=False)
-class _Opening:
-    """The upstream connections of one client that are being opened."""
+class _Waits:
+    """What the client's layer waits for that the client itself does not provide."""
 
-    conns: set[Connection] = field(default_factory=set)
-    #: set while nothing is opening
+    pending: set[_Pending] = field(default_factory=set)
+    #: connections whose OpenConnectionCompleted has come (their TLS may still be going)
+    opened: set[Connection] = field(default_factory=set)
+    #: set while nothing is pending
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-_OPENING: weakref.WeakKeyDictionary[ConnectionHandler, _Opening] = weakref.WeakKeyDictionary()
+_WAITS: weakref.WeakKeyDictionary[ConnectionHandler, _Waits] = weakref.WeakKeyDictionary()
 _installed = False
 
 
-def _begin(handler: ConnectionHandler, conn: Connection) -> None:
-    st = _OPENING.get(handler)
+def _begin(handler: ConnectionHandler, what: _Pending) -> None:
+    st = _WAITS.get(handler)
     if st is None:
-        st = _OPENING[handler] = _Opening()
-    st.conns.add(conn)
+        st = _WAITS[handler] = _Waits()
+    st.pending.add(what)
     st.idle.clear()
 
 
-def _end(handler: ConnectionHandler, conn: Connection) -> None:
-    st = _OPENING.get(handler)
-    if st is not None and conn in st.conns:
-        st.conns.discard(conn)
-        if not st.conns:
+def _end(handler: ConnectionHandler, what: _Pending) -> None:
+    st = _WAITS.get(handler)
+    if st is not None and what in st.pending:
+        st.pending.discard(what)
+        if isinstance(what, Connection):
+            st.opened.discard(what)
+        if not st.pending:
             st.idle.set()
+
+
+def _ready(conn: Connection) -> bool:
+    """An opened connection no longer holds its layer back: its TLS handshake (inspect
+    mode) is done, or it failed or closed (the layer then answers the client)."""
+    return (
+        conn.error is not None
+        or conn.state is ConnectionState.CLOSED
+        or not conn.tls
+        or conn.tls_established
+    )
+
+
+def _settle(handler: ConnectionHandler, st: _Waits) -> None:
+    for conn in [c for c in st.opened if _ready(c)]:
+        _end(handler, conn)
 
 
 def _is_client_reader(handler: ConnectionHandler) -> bool:
     io = handler.transports.get(handler.client)
     return io is not None and io.handler is not None and io.handler is asyncio.current_task()
+
+
+def _multiplexed(handler: ConnectionHandler) -> bool:
+    client = handler.client
+    return client.transport_protocol != "tcp" or client.alpn in (b"h2", b"h3")
 
 
 def _close_client(handler: ConnectionHandler, why: str) -> None:
@@ -82,6 +118,7 @@ def install() -> None:
     if _installed:
         return
     open_connection = ConnectionHandler.open_connection
+    hook_task = ConnectionHandler.hook_task
     server_event = ConnectionHandler.server_event
     drain_writers: Callable[[ConnectionHandler], Awaitable[None]] = (
         ConnectionHandler.drain_writers  # untyped in mitmproxy
@@ -93,28 +130,48 @@ def install() -> None:
             await open_connection(self, command)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.error(
-                "egress-guard: an upstream connection failed inside mitmproxy; closing the "
-                "client rather than leaving it waiting",
-                exc_info=True,
+        except Exception as e:
+            # a remote server can cause this at will (a reset right after connect): one
+            # line, the traceback only when debugging
+            log.warning(
+                "egress-guard: upstream connection %s failed inside mitmproxy (%r); closing "
+                "the client rather than leaving it waiting",
+                command.connection.address,
+                e,
             )
+            log.debug("egress-guard: the failure", exc_info=True)
             _close_client(self, "upstream connection failed")
         finally:
             _end(self, command.connection)
 
+    async def hooking(self: ConnectionHandler, hook: commands.StartHook) -> None:
+        if not hook.blocking:
+            await hook_task(self, hook)
+            return
+        _begin(self, id(hook))  # the hook lives (in this frame) until _end
+        try:
+            await hook_task(self, hook)  # ends with HookCompleted: the layer goes on
+        finally:
+            _end(self, id(hook))
+
     async def event(self: ConnectionHandler, event: events.Event) -> None:
         await server_event(self, event)
+        st = _WAITS.get(self)
+        if st is None or not st.pending:
+            return
         if type(event) is events.OpenConnectionCompleted:
-            _end(self, event.command.connection)
+            st.opened.add(event.command.connection)
+        if st.opened:
+            _settle(self, st)
 
     async def drain(self: ConnectionHandler) -> None:
         await drain_writers(self)
-        st = _OPENING.get(self)
-        if st is not None and st.conns and _is_client_reader(self):
+        st = _WAITS.get(self)
+        if st is not None and st.pending and _is_client_reader(self) and not _multiplexed(self):
             await st.idle.wait()
 
     ConnectionHandler.open_connection = opening  # type: ignore[method-assign]
+    ConnectionHandler.hook_task = hooking  # type: ignore[method-assign]
     ConnectionHandler.server_event = event  # type: ignore[method-assign]
     ConnectionHandler.drain_writers = drain  # type: ignore[method-assign]
     _installed = True

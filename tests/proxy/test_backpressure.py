@@ -2,9 +2,9 @@
 own socket, not in the proxy's memory.
 
 mitmproxy queues every chunk a client sends while its layer waits for the upstream
-connection to open (or a hook to answer), and keeps reading: a client could make the
-proxy hold gigabytes while a connect hangs. The guard stops reading such a client until
-the upstream connection is open or has failed.
+connection (TCP connect, then TLS in inspect mode) or for a hook (the guard's DNS
+lookup), and keeps reading: a client could make the proxy hold gigabytes while a connect
+or a lookup hangs. The guard stops reading such a client until what it waits for is done.
 """
 
 from __future__ import annotations
@@ -12,12 +12,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import socket
+import ssl
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
+from proxy.test_inspect import guard_ca
 from support.adv_lab import wait_for
 from support.adv_wire import client_hello
 from support.clients import connect
@@ -25,6 +32,7 @@ from support.loops import LOOPS
 from support.policies import make_policy
 from support.procfs import proc_stats, tcp_ports
 from support.proxy import ProxyFactory
+from support.upstream import Upstream
 
 MiB = 1 << 20
 
@@ -218,3 +226,145 @@ def test_an_upstream_reset_during_connect_never_leaves_the_client_waiting(
         assert len(closes) == tunnels  # and every tunnel is on the record
     finally:
         server.close()
+
+
+SLOW_DNS = [sys.executable, str(Path(__file__).parent.parent / "support" / "slow_dns_run.py")]
+
+
+def slow_name_policy(port: int) -> str:
+    return f"""\
+version: 1
+mode: enforce
+destinations:
+  - name: slow-api
+    purpose: a name whose DNS answer takes seconds
+    hosts: [api.slow.test]
+    ports: [{port}]
+network:
+  allow_cidrs: [127.0.0.1/32]
+"""
+
+
+def test_client_bytes_wait_while_the_guard_resolves_the_name(proxy: ProxyFactory) -> None:
+    """The guard resolves a CONNECT's name in its http_connect hook; the layer waits for
+    the hook, and so does the client (it sends on without waiting for the 200)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        p = proxy(slow_name_policy(port), launcher=SLOW_DNS, env={"EG_DNS_DELAY": "4"})
+        sock = socket.create_connection(("127.0.0.1", p.port))
+        sock.sendall(f"CONNECT api.slow.test:{port} HTTP/1.1\r\n\r\n".encode())
+        sent = flood(sock, seconds=3, limit=512 * MiB)
+        sock.close()
+        assert sent < 32 * MiB, f"the proxy took {sent / MiB:.0f} MiB during a DNS lookup"
+    finally:
+        listener.close()
+
+
+def paths_policy(port: int) -> str:
+    """api.test with request rules (so inspect mode intercepts it) but no model list
+    (so bodies stream rather than wait whole for a model check)."""
+    rules = '    methods: [POST]\n    paths: ["/v1/*"]\n'
+    return make_policy(port).replace(
+        f"    ports: [{port}]\n  - name: private-api",
+        f"    ports: [{port}]\n{rules}  - name: private-api",
+        1,
+    )
+
+
+def test_client_bytes_wait_during_the_upstream_tls_handshake(
+    proxy: ProxyFactory, ca_file: Path
+) -> None:
+    """Inspect mode: the upstream accepts TCP but never answers the proxy's ClientHello.
+    The request's body waits in the client's socket, not in the proxy."""
+    mute = socket.create_server(("127.0.0.1", 0))
+    port = mute.getsockname()[1]
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(mute.accept()[0]), daemon=True).start()
+    try:
+        p = proxy(paths_policy(port), "--inspect", "--upstream-ca", str(ca_file))
+        sock, resp = connect(p.port, f"api.test:{port}")
+        assert resp.status == 200
+        tls = guard_ca(p).wrap_socket(sock, server_hostname="api.test")
+        size = 512 * MiB
+        tls.sendall(
+            f"POST /v1/upload HTTP/1.1\r\nHost: api.test:{port}\r\n"
+            f"Content-Length: {size}\r\n\r\n".encode()
+        )
+        assert wait_for(lambda: held, 5)  # the proxy's upstream connection is open
+        tls.settimeout(0.2)
+        chunk, sent = b"\0" * MiB, 0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError, ssl.SSLWantWriteError):
+                sent += tls.send(chunk)
+        tls.close()
+        assert sent < 32 * MiB, f"the proxy took {sent / MiB:.0f} MiB during a TLS handshake"
+    finally:
+        for s in held:
+            s.close()
+        mute.close()
+
+
+def test_http2_client_with_more_streams_than_connection_slots_is_not_held_back(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    """An HTTP/2 client's streams each get an upstream HTTP/1 connection, five at most
+    per address; the sixth stream's connect waits for a slot that only the others'
+    finishing frees, and they need the client's next frames (their bodies) to finish.
+    Holding a multiplexing client back while a connect is pending deadlocked this (the
+    first version of the back-pressure did); every stream must complete."""
+    p = proxy(paths_policy(tls_upstream.port), "--inspect", "--upstream-ca", str(ca_file))
+    sock, resp = connect(p.port, f"api.test:{tls_upstream.port}")
+    assert resp.status == 200
+    ctx = guard_ca(p)
+    ctx.set_alpn_protocols(["h2"])
+    tls = ctx.wrap_socket(sock, server_hostname="api.test")
+    assert tls.selected_alpn_protocol() == "h2"
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    body = 256 * 1024
+    left: dict[int, int] = {}
+    for i in range(6):
+        sid = c.get_next_available_stream_id()
+        left[sid] = body
+        c.send_headers(
+            sid,
+            [
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":authority", f"api.test:{tls_upstream.port}"),
+                (":path", f"/v1/s{i}"),
+                ("content-length", str(body)),
+            ],
+        )
+    tls.sendall(c.data_to_send())
+    time.sleep(1)  # every stream's connect has started; the sixth waits for a slot
+    status: dict[int, bytes] = {}
+    done: set[int] = set()
+    tls.settimeout(0.2)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(done) < len(left):
+        for sid, n in left.items():
+            step = min(n, c.local_flow_control_window(sid), c.max_outbound_frame_size)
+            if step > 0:
+                left[sid] -= step
+                c.send_data(sid, b"x" * step, end_stream=not left[sid])
+        tls.sendall(c.data_to_send())
+        try:
+            data = tls.recv(65536)
+        except (TimeoutError, ssl.SSLWantReadError):
+            continue
+        assert data, "the proxy closed the connection"
+        for ev in c.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                status[ev.stream_id] = dict(ev.headers)[b":status"]
+            elif isinstance(ev, h2.events.StreamEnded):
+                done.add(ev.stream_id)
+            elif isinstance(ev, h2.events.DataReceived):
+                c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        tls.sendall(c.data_to_send())
+    tls.close()
+    assert len(done) == 6, f"{len(done)} of 6 streams completed; body bytes unsent: {left}"
+    assert set(status.values()) == {b"200"}
+    assert len(tls_upstream.seen.requests) == 6
