@@ -924,6 +924,10 @@ class EgressGuard:
             return
         state.first_bytes_checked = True
         data.ignore_connection = not self._inspect(state)
+        if data.ignore_connection:
+            # passed through raw: no TLS of ours towards the server (as in next_layer);
+            # the flag would otherwise say a handshake is coming that never does
+            data.context.server.tls = False
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         try:

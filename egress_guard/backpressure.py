@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from mitmproxy.connection import Connection, ConnectionState
 from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers.tls import TlsStartServerHook
 from mitmproxy.proxy.server import ConnectionHandler
 
 log = logging.getLogger("egress_guard")
@@ -54,18 +55,30 @@ class _Waits:
     pending: set[_Pending] = field(default_factory=set)
     #: connections whose OpenConnectionCompleted has come (their TLS may still be going)
     opened: set[Connection] = field(default_factory=set)
+    #: connections whose TLS handshake has started (tls_start_server): only those are
+    #: waited for; ``conn.tls`` alone does not mean a handshake will follow (a layer
+    #: can pass the connection through raw)
+    handshaking: set[Connection] = field(default_factory=set)
     #: set while nothing is pending
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 _WAITS: weakref.WeakKeyDictionary[ConnectionHandler, _Waits] = weakref.WeakKeyDictionary()
+#: handlers whose client has been seen multiplexing: never held back again (an inspected
+#: CONNECT inside an HTTP/2 session resets the shared client's ALPN to the inner one)
+_MULTIPLEXED: weakref.WeakSet[ConnectionHandler] = weakref.WeakSet()
 _installed = False
 
 
-def _begin(handler: ConnectionHandler, what: _Pending) -> None:
+def _waits(handler: ConnectionHandler) -> _Waits:
     st = _WAITS.get(handler)
     if st is None:
         st = _WAITS[handler] = _Waits()
+    return st
+
+
+def _begin(handler: ConnectionHandler, what: _Pending) -> None:
+    st = _waits(handler)
     st.pending.add(what)
     st.idle.clear()
 
@@ -76,23 +89,25 @@ def _end(handler: ConnectionHandler, what: _Pending) -> None:
         st.pending.discard(what)
         if isinstance(what, Connection):
             st.opened.discard(what)
+            st.handshaking.discard(what)
         if not st.pending:
             st.idle.set()
 
 
-def _ready(conn: Connection) -> bool:
-    """An opened connection no longer holds its layer back: its TLS handshake (inspect
-    mode) is done, or it failed or closed (the layer then answers the client)."""
+def _ready(conn: Connection, st: _Waits) -> bool:
+    """An opened connection no longer holds its layer back: no TLS handshake of ours
+    started on it, or it is done (inspect mode), or the connection failed or closed
+    (the layer then answers the client)."""
     return (
-        conn.error is not None
-        or conn.state is ConnectionState.CLOSED
-        or not conn.tls
+        conn not in st.handshaking
         or conn.tls_established
+        or conn.error is not None
+        or conn.state is ConnectionState.CLOSED
     )
 
 
 def _settle(handler: ConnectionHandler, st: _Waits) -> None:
-    for conn in [c for c in st.opened if _ready(c)]:
+    for conn in [c for c in st.opened if _ready(c, st)]:
         _end(handler, conn)
 
 
@@ -102,8 +117,13 @@ def _is_client_reader(handler: ConnectionHandler) -> bool:
 
 
 def _multiplexed(handler: ConnectionHandler) -> bool:
+    if handler in _MULTIPLEXED:
+        return True
     client = handler.client
-    return client.transport_protocol != "tcp" or client.alpn in (b"h2", b"h3")
+    if client.transport_protocol != "tcp" or client.alpn in (b"h2", b"h3"):
+        _MULTIPLEXED.add(handler)
+        return True
+    return False
 
 
 def _close_client(handler: ConnectionHandler, why: str) -> None:
@@ -148,6 +168,11 @@ def install() -> None:
         if not hook.blocking:
             await hook_task(self, hook)
             return
+        if type(hook) is TlsStartServerHook:
+            # started from the event that opened the connection (tasks start eagerly),
+            # so _settle after that event already sees it; without eager tasks the
+            # connection is released at its TCP connect: less held back, never stuck
+            _waits(self).handshaking.add(hook.data.conn)
         _begin(self, id(hook))  # the hook lives (in this frame) until _end
         try:
             await hook_task(self, hook)  # ends with HookCompleted: the layer goes on
@@ -166,8 +191,10 @@ def install() -> None:
 
     async def drain(self: ConnectionHandler) -> None:
         await drain_writers(self)
+        if not _is_client_reader(self) or _multiplexed(self):
+            return  # checked on every client chunk: a multiplexing client is seen early
         st = _WAITS.get(self)
-        if st is not None and st.pending and _is_client_reader(self) and not _multiplexed(self):
+        if st is not None and st.pending:
             await st.idle.wait()
 
     ConnectionHandler.open_connection = opening  # type: ignore[method-assign]
