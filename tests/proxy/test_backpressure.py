@@ -32,6 +32,7 @@ from support.loops import LOOPS
 from support.policies import make_policy
 from support.procfs import proc_stats, tcp_ports
 from support.proxy import ProxyFactory
+from support.servers import LoopbackServer
 from support.upstream import Upstream
 
 MiB = 1 << 20
@@ -176,26 +177,13 @@ def test_bytes_held_back_during_a_slow_connect_arrive_whole_and_in_order(
     assert close[0]["bytes_up"] == len(client_hello("api.test")) + 8 + len(payload)
 
 
-class ResettingServer:
+class ResettingServer(LoopbackServer):
     """Accepts and resets at once: the proxy's connect succeeds, then the connection is
     gone, sometimes before mitmproxy reads the upstream's peername."""
 
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
+    def handle(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
 
 
 @LOOPS

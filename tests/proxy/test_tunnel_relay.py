@@ -12,7 +12,6 @@ import hashlib
 import socket
 import ssl
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,12 +24,13 @@ from support.loops import LOOPS
 from support.policies import make_policy
 from support.procfs import tcp_ports
 from support.proxy import ProxyFactory
+from support.servers import LoopbackServer
 from support.upstream import Upstream
 
 T = TypeVar("T")
 
 
-class DigestServer:
+class DigestServer(LoopbackServer):
     """Reads a length-prefixed upload, answers its SHA-256 and ``reply_size`` bytes, and
     closes."""
 
@@ -38,34 +38,23 @@ class DigestServer:
         self.reply_size = reply_size
         #: time.monotonic() when each reply had been handed to the kernel in full
         self.finished_at: list[float] = []
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
+            h = hashlib.sha256()
+            head = b""
+            while len(head) < 8 and (chunk := conn.recv(8 - len(head))):
+                head += chunk
+            left = int.from_bytes(head, "big")
+            while left > 0 and (chunk := conn.recv(min(left, 1 << 16))):
+                h.update(chunk)
+                left -= len(chunk)
             try:
-                conn, _ = self.sock.accept()
+                conn.sendall(h.hexdigest().encode() + b"\n" + b"d" * self.reply_size)
             except OSError:
-                return
-            with conn:
-                h = hashlib.sha256()
-                head = b""
-                while len(head) < 8 and (chunk := conn.recv(8 - len(head))):
-                    head += chunk
-                left = int.from_bytes(head, "big")
-                while left > 0 and (chunk := conn.recv(min(left, 1 << 16))):
-                    h.update(chunk)
-                    left -= len(chunk)
-                try:
-                    conn.sendall(h.hexdigest().encode() + b"\n" + b"d" * self.reply_size)
-                except OSError:
-                    continue  # the client went away (test_client_gone_mid_download)
-                self.finished_at.append(time.monotonic())
-
-    def close(self) -> None:
-        self.sock.close()
+                return  # the client went away (test_client_gone_mid_download)
+            self.finished_at.append(time.monotonic())
 
 
 @pytest.fixture
