@@ -43,7 +43,12 @@ from mitmproxy.tls import ClientHelloData
 from egress_guard import backpressure, resolver, splice
 from egress_guard.engine import Decision, Engine, Match, Reason
 from egress_guard.engine.decide import printable as _printable
-from egress_guard.engine.models import ModelUnknown, api_kind, requested_model
+from egress_guard.engine.models import (
+    DEFAULT_MAX_MODEL_BODY,
+    ModelUnknown,
+    api_kind,
+    requested_model,
+)
 from egress_guard.engine.paths import AmbiguousPath, canonical_path
 from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent, Sink
 from egress_guard.normalize import (
@@ -126,6 +131,13 @@ class EgressGuard:
             bool,
             False,
             "Intercept TLS for destinations that declare methods, paths or models.",
+        )
+        loader.add_option(
+            "egress_guard_max_model_body",
+            int,
+            DEFAULT_MAX_MODEL_BODY,
+            "Largest request body (bytes) kept whole to read the model it asks for; larger "
+            "bodies, and bodies of unknown length, are refused on destinations with models.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -728,6 +740,23 @@ class EgressGuard:
                 raise _Blocked(final)
             decision = final  # audit mode: recorded as would_block
         if dest.models is not None and api_kind(_rule_path(req.path)) is not None:
+            problem = _model_body_problem(req, ctx.options.egress_guard_max_model_body)
+            if problem is not None:
+                # the model is in a body the guard would have to hold whole, unbounded
+                final = eng.finalize(
+                    replace(
+                        decision,
+                        allowed=False,
+                        action="block",
+                        reason="model_not_allowed",
+                        hint=f"destination {dest.name!r} allows models {dest.models}; the "
+                        "body must be sent with a Content-Length within --max-model-body",
+                        detail=problem,
+                    )
+                )
+                if not final.allowed:
+                    raise _Blocked(final)
+                return final  # audit mode: would_block, and the body streams unbuffered
             flow.metadata[_MODEL_CHECK_KEY] = dest.name
             flow.metadata[_DECISION_KEY] = decision
             approval.bytes_up += _head_size(req.method, req.path, req.headers)
@@ -1055,6 +1084,28 @@ class EgressGuard:
 
 _APPROVAL_KEY = "egress_guard_approval"
 _MODEL_CHECK_KEY = "egress_guard_model_check"
+
+
+def _model_body_problem(req: http.Request, limit: int) -> str | None:
+    """Why a request's body cannot be held whole to read its model, or None.
+
+    mitmproxy buffers such a body without any limit of its own, so a body of unknown
+    length (chunked, or HTTP/2 without content-length) could fill the proxy's memory.
+    """
+    if "transfer-encoding" in req.headers:
+        return "a body of unknown length (Transfer-Encoding) cannot be checked for its model"
+    length = req.headers.get("content-length")
+    if length is None:
+        if req.method.upper() in ("POST", "PUT", "PATCH"):
+            return "a body without Content-Length cannot be checked for its model"
+        return None
+    if not length.isdigit():
+        return "an invalid Content-Length"
+    if int(length) > limit:
+        return f"a body of {int(length)} bytes is larger than --max-model-body ({limit})"
+    return None
+
+
 #: the decision a deferred model check starts from (and records when the model is fine)
 _DECISION_KEY = "egress_guard_decision"
 #: plain HTTP with a deferred model check: whether this request opens the upstream

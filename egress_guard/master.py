@@ -209,6 +209,7 @@ def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, E
         "egress_guard_policy": os.path.abspath(args.policy) if args.policy else "",
         "egress_guard_mode": args.mode or "",
         "egress_guard_inspect": bool(args.inspect),
+        "egress_guard_max_model_body": args.max_model_body,
         # HTTP/2 and HTTP/3 towards the client only matter when intercepting.
         "http2": bool(args.inspect),
         "http3": False,

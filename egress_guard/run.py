@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from egress_guard.audit import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, FSYNC_POLICIES, AuditLog
+from egress_guard.engine.models import DEFAULT_MAX_MODEL_BODY
 from egress_guard.events import Sink
 from egress_guard.metrics import Metrics
 from egress_guard.normalize import NormalizationError, parse_authority
@@ -121,6 +122,15 @@ def add_run_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="close a connection (client and upstream) after this long without traffic "
         f"(default {DEFAULT_IDLE_TIMEOUT}); covers stalled upstreams and slow-loris clients",
+    )
+    r.add_argument(
+        "--max-model-body",
+        type=_positive_int,
+        default=DEFAULT_MAX_MODEL_BODY,
+        metavar="BYTES",
+        help="inspect mode: the largest request body kept whole to read the model it asks "
+        f"for (default {DEFAULT_MAX_MODEL_BODY}); larger ones, and ones of unknown length, "
+        "are refused on destinations with models",
     )
     r.add_argument(
         "--event-loop",

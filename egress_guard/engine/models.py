@@ -54,6 +54,11 @@ _ANTHROPIC = re.compile(r"/v1/messages(?:/count_tokens)?/?$", _I)
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
+#: default for --max-model-body: the largest request body held whole to read its model
+#: (LLM requests with images run to tens of MB)
+DEFAULT_MAX_MODEL_BODY = 64 * 1024 * 1024
+
+
 def api_kind(path: str) -> ApiKind | None:
     """The provider API a request path belongs to, or None when it is not a model call."""
     bare = path.split("?", 1)[0]

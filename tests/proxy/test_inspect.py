@@ -7,6 +7,7 @@ import json
 import socket
 import ssl
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -445,3 +446,59 @@ def test_reload_repinning_the_name_refuses_the_open_tunnels_next_request(
         again = c.post(url, json={"model": "good-model"})
     assert again.status_code == 403
     assert len(tls_upstream.seen.requests) == 1
+
+
+def _small_body_guard(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path, mode: str
+) -> ProxyProcess:
+    return proxy(
+        inspect_policy(tls_upstream.port, mode=mode),
+        "--inspect",
+        "--upstream-ca",
+        str(ca_file),
+        "--max-model-body",
+        "1000",
+    )
+
+
+def test_model_body_over_the_limit_or_of_unknown_length_is_refused_before_buffering(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    """The model is in the body, so the guard holds the body whole before deciding:
+    only up to --max-model-body, and only when its length is known up front (mitmproxy
+    would buffer a chunked body without any bound)."""
+    guard = _small_body_guard(proxy, tls_upstream, ca_file, "enforce")
+    url = f"https://api.test:{tls_upstream.port}/v1/chat/completions"
+    fits = {"model": "good-model", "messages": [], "pad": "x" * 500}
+    too_big = {"model": "good-model", "messages": [], "pad": "x" * 2000}
+
+    def chunks() -> Iterator[bytes]:
+        yield json.dumps(fits).encode()  # small, but its length is not declared
+
+    with client(guard) as c:
+        ok = c.post(url, json=fits)
+        big = c.post(url, json=too_big)
+        chunked = c.post(url, content=chunks(), headers={"content-type": "application/json"})
+    assert ok.status_code == 200
+    for r in (big, chunked):
+        assert r.status_code == 403
+        assert r.headers["x-egress-guard-reason"] == "model_not_allowed"
+    assert len(tls_upstream.seen.requests) == 1  # only the one that fits
+    recs = guard.wait_audit(lambda r: r["reason"] == "model_not_allowed", count=2)
+    details = sorted(r["detail"] for r in recs)
+    assert "larger than --max-model-body (1000)" in details[0]
+    assert "unknown length" in details[1]
+
+
+def test_audit_mode_lets_an_oversized_model_body_through_unbuffered(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    guard = _small_body_guard(proxy, tls_upstream, ca_file, "audit")
+    body = {"model": "gpt-evil", "messages": [], "pad": "x" * 2000}
+    with client(guard) as c:
+        r = c.post(f"https://api.test:{tls_upstream.port}/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    assert json.loads(tls_upstream.seen.bodies[0]) == body
+    recs = guard.wait_audit(lambda r: r["reason"] == "model_not_allowed")
+    assert recs[0]["decision"] == "would_block"
+    assert "--max-model-body" in recs[0]["detail"]
