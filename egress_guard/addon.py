@@ -40,7 +40,7 @@ from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
-from egress_guard import backpressure, resolver, splice
+from egress_guard import backpressure, early_answer, resolver, splice
 from egress_guard.engine import Decision, Engine, Match, Reason
 from egress_guard.engine.decide import printable as _printable
 from egress_guard.engine.models import (
@@ -113,6 +113,7 @@ class EgressGuard:
         # Here, not in `egress-guard run` only: under `mitmdump -s` too, a client must not
         # be able to fill the proxy's memory while its upstream connection opens.
         backpressure.install()
+        early_answer.install()  # a refused request's body is not taken into memory
         loader.add_option(
             "egress_guard_policy",
             str,
@@ -520,6 +521,10 @@ class EgressGuard:
                 flow.response = provider_block_response(d, api_kind(flow.request.path))
             else:
                 flow.response = block_response(d)
+            if not connect:
+                # no "100 Continue" for a body that is refused already
+                flow.request.headers.pop("expect", None)
+                early_answer.mark(flow)
 
     @staticmethod
     def _raw_target(req: http.Request) -> tuple[str, str | int]:

@@ -27,7 +27,7 @@ import pytest
 from proxy.test_inspect import guard_ca
 from support.adv_lab import wait_for
 from support.adv_wire import client_hello
-from support.clients import connect
+from support.clients import connect, read_response
 from support.loops import LOOPS
 from support.policies import make_policy
 from support.procfs import proc_stats, tcp_ports
@@ -101,10 +101,9 @@ def stalled() -> Iterator[StalledListener]:
     listener.close()
 
 
-def flood(sock: socket.socket, seconds: float, limit: int) -> int:
+def flood(sock: socket.socket, seconds: float, limit: int, chunk: bytes = b"\0" * MiB) -> int:
     """Send as much as the proxy accepts in ``seconds`` (at most ``limit`` bytes)."""
     sock.setblocking(False)
-    chunk = b"\0" * MiB
     sent = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and sent < limit:
@@ -356,3 +355,71 @@ def test_http2_client_with_more_streams_than_connection_slots_is_not_held_back(
     assert len(done) == 6, f"{len(done)} of 6 streams completed; body bytes unsent: {left}"
     assert set(status.values()) == {b"200"}
     assert len(tls_upstream.seen.requests) == 6
+
+
+@pytest.mark.parametrize("length", ["Content-Length: 100000000000", "Transfer-Encoding: chunked"])
+def test_refused_request_is_answered_before_its_body_and_the_body_is_not_kept(
+    proxy: ProxyFactory, length: str
+) -> None:
+    """mitmproxy reads a refused request's whole body into memory before it sends the
+    answer. The guard answers at the headers, then drops what follows of the body."""
+    p = proxy(make_policy(9))
+    assert p.proc is not None
+    sock = socket.create_connection(("127.0.0.1", p.port))
+    sock.sendall(
+        f"POST http://other.test:9/upload HTTP/1.1\r\nHost: other.test:9\r\n{length}\r\n\r\n".encode()
+    )
+    resp = read_response(sock, timeout=10)  # before: no answer until the body ended
+    assert resp.status == 403
+    assert resp.headers["x-egress-guard-reason"] == "not_allowlisted"
+    assert resp.headers["connection"] == "close"
+    rss_before = proc_stats(p.proc.pid)["rss_kb"]
+    body = b"\0" * MiB
+    if "chunked" in length:  # well-formed chunks: the body's own framing
+        body = f"{len(body):x}\r\n".encode() + body + b"\r\n"
+    with contextlib.suppress(OSError):  # the proxy may stop reading: that is fine too
+        flood(sock, seconds=2, limit=256 * MiB, chunk=body)
+    grown = proc_stats(p.proc.pid)["rss_kb"] - rss_before
+    sock.close()
+    assert grown < 32 * 1024, f"the proxy grew by {grown / 1024:.0f} MiB"
+    assert len(p.wait_audit(lambda r: True)) == 1
+
+
+def test_after_a_refused_body_the_connection_closes_once_the_body_is_read(
+    proxy: ProxyFactory,
+) -> None:
+    """The early answer ends the exchange: the body is read and dropped, then the
+    connection closes (Connection: close), so bytes sent after it are never parsed."""
+    p = proxy(make_policy(9))
+    sock = socket.create_connection(("127.0.0.1", p.port))
+    sock.sendall(
+        b"POST http://other.test:9/ HTTP/1.1\r\nHost: other.test:9\r\nContent-Length: 5\r\n\r\n"
+    )
+    resp = read_response(sock, timeout=10)
+    assert resp.status == 403
+    sock.sendall(b"hello" + b"GET http://other.test:9/ HTTP/1.1\r\nHost: other.test:9\r\n\r\n")
+    sock.settimeout(10)
+    rest = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            rest += chunk
+    sock.close()
+    assert rest == b""  # closed, and the second request was not answered
+    assert len(p.wait_audit(lambda r: True)) == 1
+
+
+def test_refused_request_in_an_inspected_tunnel_is_answered_before_its_body(
+    proxy: ProxyFactory, ca_file: Path
+) -> None:
+    p = proxy(paths_policy(9), "--inspect", "--upstream-ca", str(ca_file))
+    sock, resp = connect(p.port, "api.test:9")
+    assert resp.status == 200
+    tls = guard_ca(p).wrap_socket(sock, server_hostname="api.test")
+    tls.sendall(
+        b"POST /admin/upload HTTP/1.1\r\nHost: api.test:9\r\nContent-Length: 100000000000\r\n\r\n"
+    )
+    tls.sendall(b"\0" * MiB)
+    answer = read_response(tls, timeout=10)  # type: ignore[arg-type]
+    tls.close()
+    assert answer.status == 403
+    assert answer.headers["x-egress-guard-reason"] == "path_not_allowed"
