@@ -5,10 +5,10 @@ whole body into memory and answers only at its end. For a refused request that i
 wrong way round: the body is going nowhere, and a client could send gigabytes (a
 ``POST`` to a host that is not allowed, a model-endpoint body over
 ``--max-model-body``) that the proxy would hold. Here a request the guard refused is
-answered as soon as its headers are decided, with ``Connection: close``; the rest of
-its body is still read, and dropped, and the connection closes once it has been (as web
-servers do after an early error response: closing with unread bytes could reset the
-connection before the client reads the answer). A client that waits for
+answered as soon as its headers are decided; the rest of its body is still read, and
+dropped, and only then does the connection close or take the next request, as the
+answer says (as web servers do after an early error response: closing with unread
+bytes could reset the connection before the client reads the answer). A client that waits for
 ``100 Continue`` gets the answer instead and need not send the body at all.
 
 HTTP/2 and HTTP/3 requests keep mitmproxy's behaviour: a stream cannot be ended early
@@ -58,11 +58,11 @@ def install() -> None:
         ):
             return
         self.client_state = self.state_errored  # what follows of the body is dropped
-        flow.response.headers["connection"] = "close"
         yield from self.send_response()
         # end the exchange as flow_done would: the stream goes (the body's remaining
-        # events then find none and are dropped by HttpLayer), the response is complete,
-        # and once the body has been read the connection closes (Connection: close)
+        # events then find none and are dropped by HttpLayer) and the response is
+        # complete; once the body has been read, the connection goes on or closes as
+        # the answer says (the guard's plain 403 closes, a provider-format one keeps it)
         flow.live = False
         yield DropStream(self.stream_id)
         yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
