@@ -635,14 +635,7 @@ class EgressGuard:
         try:
             model = requested_model(_rule_path(req.path), req.raw_content)
         except ModelUnknown as e:
-            bad: Decision | None = replace(
-                decision,
-                allowed=False,
-                action="block",
-                reason="model_not_allowed",
-                hint=f"destination {dest.name!r} allows models {dest.models}",
-                detail=str(e),
-            )
+            bad: Decision | None = eng.refuse_model(dest, decision, str(e))
         else:
             bad = eng.check_request(dest, req.method, req.path, model, decision)
             if bad is not None:
@@ -745,20 +738,16 @@ class EgressGuard:
                 raise _Blocked(final)
             decision = final  # audit mode: recorded as would_block
         if dest.models is not None and api_kind(_rule_path(req.path)) is not None:
-            problem = _model_body_problem(req, ctx.options.egress_guard_max_model_body)
-            if problem is not None:
-                # the model is in a body the guard would have to hold whole, unbounded
-                final = eng.finalize(
-                    replace(
-                        decision,
-                        allowed=False,
-                        action="block",
-                        reason="model_not_allowed",
-                        hint=f"destination {dest.name!r} allows models {dest.models}; the "
-                        "body must be sent with a Content-Length within --max-model-body",
-                        detail=problem,
-                    )
-                )
+            unheld = eng.check_model_body(
+                dest,
+                decision,
+                req.method,
+                req.headers.get("content-length"),
+                "transfer-encoding" in req.headers,
+                ctx.options.egress_guard_max_model_body,
+            )
+            if unheld is not None:
+                final = eng.finalize(unheld)
                 if not final.allowed:
                     raise _Blocked(final)
                 return final  # audit mode: would_block, and the body streams unbuffered
@@ -1089,28 +1078,6 @@ class EgressGuard:
 
 _APPROVAL_KEY = "egress_guard_approval"
 _MODEL_CHECK_KEY = "egress_guard_model_check"
-
-
-def _model_body_problem(req: http.Request, limit: int) -> str | None:
-    """Why a request's body cannot be held whole to read its model, or None.
-
-    mitmproxy buffers such a body without any limit of its own, so a body of unknown
-    length (chunked, or HTTP/2 without content-length) could fill the proxy's memory.
-    """
-    if "transfer-encoding" in req.headers:
-        return "a body of unknown length (Transfer-Encoding) cannot be checked for its model"
-    length = req.headers.get("content-length")
-    if length is None:
-        if req.method.upper() in ("POST", "PUT", "PATCH"):
-            return "a body without Content-Length cannot be checked for its model"
-        return None
-    if not length.isdigit():
-        return "an invalid Content-Length"
-    if int(length) > limit:
-        return f"a body of {int(length)} bytes is larger than --max-model-body ({limit})"
-    return None
-
-
 #: the decision a deferred model check starts from (and records when the model is fine)
 _DECISION_KEY = "egress_guard_decision"
 #: plain HTTP with a deferred model check: whether this request opens the upstream

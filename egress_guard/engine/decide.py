@@ -359,9 +359,7 @@ class Engine:
         """
 
         def refuse(reason: Reason, hint: str, detail: str | None = None) -> Decision:
-            return replace(
-                decision, allowed=False, action="block", reason=reason, hint=hint, detail=detail
-            )
+            return _refusal(decision, reason, hint, detail)
 
         if dest.methods is not None and method not in dest.methods:
             return refuse(
@@ -379,7 +377,7 @@ class Engine:
             )
         if dest.models is None:
             return None
-        models_hint = f"destination {dest.name!r} allows models {dest.models}"
+        models_hint = _models_hint(dest)
         if upgrade:
             return refuse(
                 "model_not_allowed",
@@ -395,6 +393,42 @@ class Engine:
         if model is not None and model not in dest.models:
             return refuse("model_not_allowed", models_hint)
         return None
+
+    def check_model_body(
+        self,
+        dest: Destination,
+        decision: Decision,
+        method: str,
+        content_length: str | None,
+        chunked: bool,
+        limit: int,
+    ) -> Decision | None:
+        """Before a model endpoint's body is held whole to read its model (stage 4).
+
+        The proxy would buffer such a body without a limit of its own, so it must
+        declare its length up front, and that length must be within ``limit``.
+        """
+        if chunked:
+            problem = "a body of unknown length (Transfer-Encoding) cannot be checked for its model"
+        elif content_length is None:
+            if method.upper() not in ("POST", "PUT", "PATCH"):
+                return None
+            problem = "a body without Content-Length cannot be checked for its model"
+        elif not content_length.isdigit():
+            problem = "an invalid Content-Length"
+        elif int(content_length) > limit:
+            problem = (
+                f"a body of {int(content_length)} bytes is larger than --max-model-body ({limit})"
+            )
+        else:
+            return None
+        hint = f"{_models_hint(dest)}; the body must be sent with a Content-Length within --max-model-body"
+        return _refusal(decision, "model_not_allowed", hint, problem)
+
+    @staticmethod
+    def refuse_model(dest: Destination, decision: Decision, detail: str) -> Decision:
+        """The model a request asks for could not be read from it (stage 4)."""
+        return _refusal(decision, "model_not_allowed", _models_hint(dest), detail)
 
     # -- mode --------------------------------------------------------------------------
 
@@ -485,6 +519,15 @@ class Engine:
 
 
 _LOOPBACK_OR_ANY = frozenset({"127.0.0.1", "::1", "0.0.0.0", "::"})
+
+
+def _refusal(decision: Decision, reason: Reason, hint: str, detail: str | None) -> Decision:
+    """A stage-4 refusal of a request whose target ``decision`` allowed."""
+    return replace(decision, allowed=False, action="block", reason=reason, hint=hint, detail=detail)
+
+
+def _models_hint(dest: Destination) -> str:
+    return f"destination {dest.name!r} allows models {dest.models}"
 
 
 def _canonical_endpoint(host: str, port: int) -> tuple[str, int]:

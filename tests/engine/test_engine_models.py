@@ -98,3 +98,39 @@ def test_requests_with_a_body_to_unknown_paths_are_refused_when_models_are_liste
         assert isinstance(d, Decision) and d.reason == "model_not_allowed" and not d.allowed
     else:
         assert d is None
+
+
+@pytest.mark.parametrize(
+    ("method", "length", "chunked", "detail"),
+    [
+        ("POST", "1000", False, None),  # within the limit: held whole, then checked
+        ("POST", "1001", False, "a body of 1001 bytes is larger than --max-model-body (1000)"),
+        ("POST", None, True, "a body of unknown length (Transfer-Encoding) cannot be"),
+        ("POST", "10", True, "a body of unknown length (Transfer-Encoding) cannot be"),
+        ("post", None, False, "a body without Content-Length cannot be checked"),
+        ("PUT", None, False, "a body without Content-Length cannot be checked"),
+        ("GET", None, False, None),  # no body to hold
+        ("POST", "+5", False, "an invalid Content-Length"),
+        ("POST", "1e3", False, "an invalid Content-Length"),
+    ],
+)
+def test_model_body_must_declare_a_length_within_the_limit(
+    make_engine: Callable[..., Engine],
+    method: str,
+    length: str | None,
+    chunked: bool,
+    detail: str | None,
+) -> None:
+    eng = make_engine(
+        "version: 1\ndestinations:\n  - name: llm\n    hosts: [api.example.com]\n    models: [m1]\n"
+    )
+    m = eng.decide_target("api.example.com", 443)
+    assert isinstance(m, Match)
+    ok = eng.decide_addresses(m, [ipaddress.ip_address("93.184.216.34")])
+    d = eng.check_model_body(m.destination, ok, method, length, chunked, 1000)
+    if detail is None:
+        assert d is None
+    else:
+        assert d is not None and not d.allowed and d.reason == "model_not_allowed"
+        assert d.detail is not None and d.detail.startswith(detail)
+        assert "--max-model-body" in (d.hint or "") and "'llm' allows models" in (d.hint or "")
