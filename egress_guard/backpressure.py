@@ -18,9 +18,9 @@ timeout or a closing client still ends the connection cleanly.
 Clients that multiplex (HTTP/2, HTTP/3) are not held back: their other streams may need
 the client's next frames to finish and free one of mitmproxy's five connection slots
 per address that a new stream's connect waits for, so holding the client back could
-deadlock it. Not covered either (mitmproxy buffers, the guard does not bound it): a
-request whose model the guard must read, bytes pipelined behind a request whose answer
-has not come, and the wait for a parent proxy's CONNECT answer. See docs/decisions.md.
+deadlock it. Not covered either (mitmproxy buffers, the guard does not bound it): bytes
+pipelined behind a request whose answer has not come, and the wait for a parent proxy's
+CONNECT answer. See docs/decisions.md.
 
 It also fails closed where mitmproxy would hang: ``open_connection`` asserts the
 upstream's peername, which a reset between connect and ``getpeername`` leaves unset.
@@ -111,9 +111,10 @@ def _settle(handler: ConnectionHandler, st: _Waits) -> None:
         _end(handler, conn)
 
 
-def _is_client_reader(handler: ConnectionHandler) -> bool:
+def _client_reader(handler: ConnectionHandler) -> asyncio.Task[None] | None:
+    """The task reading the client (mitmproxy's handle_connection for it), if any."""
     io = handler.transports.get(handler.client)
-    return io is not None and io.handler is not None and io.handler is asyncio.current_task()
+    return io.handler if io is not None else None
 
 
 def _multiplexed(handler: ConnectionHandler) -> bool:
@@ -127,9 +128,8 @@ def _multiplexed(handler: ConnectionHandler) -> bool:
 
 
 def _close_client(handler: ConnectionHandler, why: str) -> None:
-    io = handler.transports.get(handler.client)
-    if io is not None and io.handler is not None:
-        io.handler.cancel(why)  # as mitmproxy's own idle timeout ends a client
+    if (reader := _client_reader(handler)) is not None:
+        reader.cancel(why)  # as mitmproxy's own idle timeout ends a client
 
 
 def install() -> None:
@@ -191,7 +191,7 @@ def install() -> None:
 
     async def drain(self: ConnectionHandler) -> None:
         await drain_writers(self)
-        if not _is_client_reader(self) or _multiplexed(self):
+        if _client_reader(self) is not asyncio.current_task() or _multiplexed(self):
             return  # checked on every client chunk: a multiplexing client is seen early
         st = _WAITS.get(self)
         if st is not None and st.pending:
