@@ -72,6 +72,16 @@ def test_unreadable_model_is_refused(path: str, body: bytes | None) -> None:
         requested_model(path, body)
 
 
+def llm_allowed(make_engine: Callable[..., Engine]) -> tuple[Engine, Match, Decision]:
+    """An engine whose destination ``llm`` lists models, and an allowed target on it."""
+    eng = make_engine(
+        "version: 1\ndestinations:\n  - name: llm\n    hosts: [api.example.com]\n    models: [m1]\n"
+    )
+    m = eng.decide_target("api.example.com", 443)
+    assert isinstance(m, Match)
+    return eng, m, eng.decide_addresses(m, [ipaddress.ip_address("93.184.216.34")])
+
+
 @pytest.mark.parametrize(
     ("method", "path", "refused"),
     [
@@ -87,12 +97,7 @@ def test_unreadable_model_is_refused(path: str, body: bytes | None) -> None:
 def test_requests_with_a_body_to_unknown_paths_are_refused_when_models_are_listed(
     make_engine: Callable[..., Engine], method: str, path: str, refused: bool
 ) -> None:
-    eng = make_engine(
-        "version: 1\ndestinations:\n  - name: llm\n    hosts: [api.example.com]\n    models: [m1]\n"
-    )
-    m = eng.decide_target("api.example.com", 443)
-    assert isinstance(m, Match)
-    ok = eng.decide_addresses(m, [ipaddress.ip_address("93.184.216.34")])
+    eng, m, ok = llm_allowed(make_engine)
     d = eng.check_request(m.destination, method, path, None, ok)
     if refused:
         assert isinstance(d, Decision) and d.reason == "model_not_allowed" and not d.allowed
@@ -121,12 +126,7 @@ def test_model_body_must_declare_a_length_within_the_limit(
     chunked: bool,
     detail: str | None,
 ) -> None:
-    eng = make_engine(
-        "version: 1\ndestinations:\n  - name: llm\n    hosts: [api.example.com]\n    models: [m1]\n"
-    )
-    m = eng.decide_target("api.example.com", 443)
-    assert isinstance(m, Match)
-    ok = eng.decide_addresses(m, [ipaddress.ip_address("93.184.216.34")])
+    eng, m, ok = llm_allowed(make_engine)
     d = eng.check_model_body(m.destination, ok, method, length, chunked, 1000)
     if detail is None:
         assert d is None
