@@ -119,7 +119,10 @@ class ProxyProcess:
         if not self.audit_path.exists():
             return []
         out = []
-        for line in self.audit_path.read_text().splitlines():
+        text = self.audit_path.read_text()
+        # the writer may be appending right now: a line without its newline is not whole
+        # yet (wait_audit polls again); every record the writer finishes ends in one
+        for line in text[: text.rfind("\n") + 1].splitlines():
             if not line.strip():
                 continue
             rec = json.loads(line)
