@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from support.proxy import EGRESS_GUARD
+from support.proxy import EGRESS_GUARD, whole_lines
 from support.upstream import Upstream
 
 pytestmark = pytest.mark.netns
@@ -241,11 +241,7 @@ def test_agent_reaches_upstream_only_through_guard(
         assert upstream.seen.connections == before == 1
 
         def read_decisions() -> list[dict[str, str]]:
-            return [
-                json.loads(line)
-                for line in audit.read_text().splitlines()
-                if '"event":"decision"' in line
-            ]
+            return [json.loads(line) for line in whole_lines(audit) if '"event":"decision"' in line]
 
         # the audit writer is asynchronous: give the last record a moment to land
         deadline = time.monotonic() + 10

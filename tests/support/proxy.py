@@ -35,6 +35,13 @@ def wait_listening(
     raise RuntimeError(f"proxy did not listen on {host}:{port} in {timeout}s:\n{log.read_text()}")
 
 
+def whole_lines(path: Path) -> list[str]:
+    """The lines of a file another process appends to, without a last line that is not
+    whole yet (no newline): every record the audit writer finishes ends in one."""
+    text = path.read_text()
+    return text[: text.rfind("\n") + 1].splitlines()
+
+
 class ProxyProcess:
     """One egress-guard process. ``argv`` replaces the command for wrappers (mitmdump)."""
 
@@ -119,10 +126,7 @@ class ProxyProcess:
         if not self.audit_path.exists():
             return []
         out = []
-        text = self.audit_path.read_text()
-        # the writer may be appending right now: a line without its newline is not whole
-        # yet (wait_audit polls again); every record the writer finishes ends in one
-        for line in text[: text.rfind("\n") + 1].splitlines():
+        for line in whole_lines(self.audit_path):
             if not line.strip():
                 continue
             rec = json.loads(line)
