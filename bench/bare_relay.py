@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import os
 import select
 import socket
+from typing import Any
 
 CHUNK = 256 * 1024
 
@@ -56,7 +58,67 @@ def _pump(
     loop.add_reader(fd, readable)
 
 
-async def _handle(client: socket.socket) -> None:
+def _splice_pump(
+    loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket, ended: list[int]
+) -> None:
+    """The same pump with splice(2): socket -> pipe -> socket, no copy through Python."""
+    fd, out = src.fileno(), dst.fileno()
+    pr, pw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(pw, 1031, CHUNK)  # F_SETPIPE_SZ: move up to CHUNK per call
+    flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+    held = [0]  # bytes in the pipe
+
+    def end() -> None:
+        loop.remove_reader(fd)
+        loop.remove_writer(out)
+        os.close(pr)
+        os.close(pw)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+        ended[0] += 1
+        if ended[0] == 2:
+            src.close()
+            dst.close()
+
+    def flush() -> bool:
+        while held[0]:
+            try:
+                held[0] -= os.splice(pr, out, held[0], flags=flags)
+            except BlockingIOError:
+                return False
+        return True
+
+    def writable() -> None:
+        try:
+            if flush():
+                loop.remove_writer(out)
+                loop.add_reader(fd, readable)
+        except OSError:
+            end()
+
+    def readable() -> None:
+        try:
+            n = os.splice(fd, pw, CHUNK, flags=flags)
+        except BlockingIOError:
+            return
+        except OSError:
+            n = 0
+        if not n:
+            end()
+            return
+        held[0] += n
+        try:
+            if not flush():
+                loop.remove_reader(fd)
+                loop.add_writer(out, writable)
+        except OSError:
+            end()
+
+    loop.add_reader(fd, readable)
+
+
+async def _handle(client: socket.socket, pump: Any) -> None:
     loop = asyncio.get_running_loop()
     head = b""
     while b"\r\n\r\n" not in head and len(head) < 8192:
@@ -75,11 +137,12 @@ async def _handle(client: socket.socket) -> None:
     upstream.setblocking(False)
     await loop.sock_sendall(client, b"HTTP/1.1 200 Connection established\r\n\r\n")
     ended = [0]
-    _pump(loop, client, upstream, ended)
-    _pump(loop, upstream, client, ended)
+    pump(loop, client, upstream, ended)
+    pump(loop, upstream, client, ended)
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, splice: bool) -> None:
+    pump = _splice_pump if splice else _pump
     loop = asyncio.get_running_loop()
     srv = socket.create_server(("127.0.0.1", port), backlog=1024)
     srv.setblocking(False)
@@ -87,7 +150,7 @@ async def serve(port: int) -> None:
     while True:
         client, _ = await loop.sock_accept(srv)
         client.setblocking(False)
-        task = loop.create_task(_handle(client))
+        task = loop.create_task(_handle(client, pump))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -95,7 +158,9 @@ async def serve(port: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
-    asyncio.run(serve(ap.parse_args().port))
+    ap.add_argument("--splice", action="store_true", help="relay with splice(2)")
+    args = ap.parse_args()
+    asyncio.run(serve(args.port, args.splice))
 
 
 if __name__ == "__main__":

@@ -168,13 +168,13 @@ def _minimal(env: Env) -> Child:
     )
 
 
-def _bare_relay(env: Env) -> Child:
-    wd = env.workdir / "bare_relay"
+def _bare_relay(env: Env, splice: bool = False) -> Child:
+    name = "bare_splice" if splice else "bare_relay"
+    wd = env.workdir / name
     port = free_port()
     argv = [sys.executable, "-m", "bench.bare_relay", "--port", str(port)]
-    return Child(
-        "bare_relay", argv, wd, port, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    )
+    argv += ["--splice"] if splice else []
+    return Child(name, argv, wd, port, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
 
 
 SQUID_CONF = """\
@@ -287,6 +287,14 @@ CONFIGS: list[Config] = [
         _bare_relay,
     ),
     Config("tinyproxy", "tinyproxy", "tinyproxy -d, LogLevel Info", _tinyproxy),
+    Config(
+        "bare_splice",
+        "bare Python relay with splice(2) (reference, no policy)",
+        "bench/bare_relay.py --splice: the same relay moving bytes socket → pipe → socket "
+        "with splice(2), so they never enter Python",
+        lambda e: _bare_relay(e, splice=True),
+        default=False,
+    ),
 ]
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -32,6 +34,8 @@ class Target:
     #: the CONNECT authority's host: the test name for egress-guard, the address for
     #: proxies that would otherwise look it up in DNS
     connect_host: str = "127.0.0.1"
+    #: PEM bundle of the CAs ``ssl`` trusts, for the curl bulk client
+    cafile: str | None = None
 
     def __post_init__(self) -> None:
         if self.proxy is not None and self.proxy[0] not in LOOPBACK:
@@ -173,6 +177,59 @@ async def bulk(t: Target, downloads: int) -> list[float]:
             rates.append(n / (time.perf_counter() - t0) / 1e6)
         finally:
             await _close(writer)
+    return rates
+
+
+def curl_path() -> str | None:
+    return shutil.which("curl")
+
+
+#: curl's environment: no proxy variables, so "direct" is direct and a proxied run goes
+#: only through the proxy given with -x
+_CURL_ENV = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+
+
+async def bulk_curl(t: Target, downloads: int, expect: int) -> list[float]:
+    """The same downloads with curl as the client (C, OpenSSL), one process per download.
+
+    The asyncio client spends more CPU per MB than nginx and the proxy together, so on a
+    small machine the Python bulk figure says as much about the client as about the
+    relay. MB/s from just before the GET (curl's ``time_pretransfer``: TCP, CONNECT and
+    TLS done) to the last byte, the same window as ``bulk``.
+    """
+    binary = curl_path()
+    if binary is None or t.cafile is None:
+        raise BenchError("curl not installed")
+    url_host = f"{SNI}:{t.upstream_port}"
+    argv = [binary, "-sS", "--http1.1", "-o", "/dev/null", "--cacert", t.cafile]
+    argv += ["-w", "%{size_download} %{time_pretransfer} %{time_total}", "--max-time", "60"]
+    if t.proxy is None:
+        argv += ["--noproxy", "*", "--resolve", f"{url_host}:127.0.0.1"]
+    else:
+        argv += ["-x", f"http://{t.proxy[0]}:{t.proxy[1]}"]
+        if t.connect_host != SNI:  # proxies that would otherwise look the name up in DNS
+            argv += ["--connect-to", f"{url_host}:{t.connect_host}:{t.upstream_port}"]
+    argv.append(f"https://{url_host}/bulk")
+    rates = []
+    for _ in range(downloads):
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=_CURL_ENV,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 70)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            raise BenchError(f"curl exited {proc.returncode}: {err.decode(errors='replace')[:200]}")
+        size, pre, total = out.split()
+        if int(size) != expect:
+            raise BenchError(f"curl got {int(size)} of {expect} bytes")
+        rates.append(int(size) / (float(total) - float(pre)) / 1e6)
     return rates
 
 
