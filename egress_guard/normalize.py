@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
-from typing import Literal
+from socket import inet_aton
+from typing import Literal, NamedTuple
 
 import idna
 
@@ -29,15 +29,21 @@ _LDH_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 # IDNA's own mapping cannot turn them into something harmless-looking.
 _FORBIDDEN = re.compile(r"[\x00-\x20\x7f/\\@?#%\[\]<>\"'`{}|^,;=+$&()*!~]")
 _IPV4_NUMBER_LABEL = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)$")
+# A plain IPv4 address: four decimal parts 0-255 without leading zeros (see _plain_host).
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_PLAIN_IPV4 = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
 
 
 class NormalizationError(ValueError):
     """A host, port or authority that has no canonical form. Always means: block."""
 
 
-@dataclass(frozen=True, slots=True)
-class Host:
-    """A canonical host: ``value`` is what matching and logging use."""
+class Host(NamedTuple):
+    """A canonical host: ``value`` is what matching and logging use.
+
+    A NamedTuple rather than a frozen dataclass: as immutable, and built in well under
+    half the time (one is built for every CONNECT target, SNI and Host header).
+    """
 
     kind: Literal["name", "ipv4", "ipv6"]
     value: str
@@ -57,6 +63,10 @@ def normalize_port(raw: str | int) -> int:
     ``int()`` alone would accept ``+443``, ``0443``, `` 443`` and full-width
     digits); each of those is a spelling a filter and a resolver may read differently.
     """
+    if raw.__class__ is str and raw.isdigit() and raw.isascii() and raw[0] != "0" and len(raw) < 6:
+        port = int(raw)  # the common case first: a plain decimal port
+        if port <= 65535:
+            return port
     if isinstance(raw, bool):
         raise NormalizationError("port must be a number")
     if isinstance(raw, int):
@@ -163,12 +173,54 @@ def _to_a_labels(name: str) -> str:
     return ".".join(out)
 
 
+def _plain_host(raw: str) -> Host | None:
+    """The Host for a spelling that is already canonical, or a case fold away from it;
+    None for anything else, which the full normaliser decides.
+
+    Most hosts a proxy sees are like this, and the full path costs several times more.
+    Whatever this returns, the full path returns too (a property test holds the two
+    together): a plain name is LDH labels of 1-63 characters, the last one starting with
+    a letter (so never an IPv4 number), no ``xn--`` (punycode is checked in full), no
+    trailing dot; a plain IPv4 address is four decimal parts 0-255 without leading zeros.
+    ``raw`` is a non-empty ASCII str of at most MAX_NAME_LENGTH characters.
+    """
+    low = raw.lower()
+    if (
+        low.replace("-", "").replace(".", "").isalnum()
+        and low[0] not in ".-"
+        and low[-1] not in ".-"
+        and ".." not in low
+        and ".-" not in low
+        and "-." not in low
+        and "xn--" not in low
+    ):
+        if low[low.rfind(".") + 1].isalpha():
+            if len(low) <= MAX_LABEL_LENGTH or all(
+                len(label) <= MAX_LABEL_LENGTH for label in low.split(".")
+            ):
+                return Host("name", low)
+        elif _PLAIN_IPV4.fullmatch(raw):
+            # inet_aton reads this canonical spelling exactly as ipaddress does, in a
+            # third of the time
+            return Host("ipv4", raw, ipaddress.IPv4Address(int.from_bytes(inet_aton(raw))))
+    return None
+
+
 def normalize_host(raw: str) -> Host:
     """Canonicalise a host as it appears on its own (SNI, Host without port, URI host).
 
     Bare IPv6 (as mitmproxy hands it over, brackets removed) is accepted; bracketed IPv6
     is accepted; brackets around anything else are rejected.
     """
+    if raw.__class__ is str and raw.isascii() and 0 < len(raw) <= MAX_NAME_LENGTH:
+        plain = _plain_host(raw)
+        if plain is not None:
+            return plain
+    return _normalize_host_full(raw)
+
+
+def _normalize_host_full(raw: str) -> Host:
+    """normalize_host without the shortcut for plain spellings."""
     if not isinstance(raw, str) or not raw:
         raise NormalizationError("empty host")
     if len(raw) > 1024:

@@ -14,7 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from egress_guard.normalize import (
+    Host,
     NormalizationError,
+    _normalize_host_full,
     normalize_host,
     normalize_port,
     parse_authority,
@@ -382,3 +384,81 @@ def test_normalize_host_is_idempotent(raw: str) -> None:
     assert not any(c in h.value for c in "@/\\%[] \t\r\n\x00#?")
     if h.kind == "name":
         assert 0 < len(h.value) <= 253 and not h.value.endswith(".")
+
+
+# -- the shortcut for plain spellings ------------------------------------------------------
+
+_LABELISH = st.lists(
+    st.sampled_from([*"aZ0-9.x", "xn--", "-.", ".-", "..", "a" * 30, "b" * 33, "0x", "256"]),
+    min_size=1,
+    max_size=14,
+).map("".join)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "a",
+        "A.B.C",
+        "a-b.c",
+        "ab--c.example.com",
+        "1.2.3.4",
+        "255.255.255.255",
+        "0.0.0.0",
+        "a" * 63 + ".com",
+        "a" * 64 + ".com",
+        ".".join(["a" * 63] * 3) + "." + "b" * 61,  # 253 characters
+        "a.1com",
+        "a.com1",
+        "a.b-",
+        "-a.b",
+        "a..b",
+        "a.-b.c",
+        "a-.b.c",
+        "a.",
+        "xn--bcher-kva.example",
+        "xn--zz.example",
+        "1.2.3",
+        "1.2.3.04",
+        "1.2.3.256",
+        "01.2.3.4",
+        "a.0x10",
+        "a.123",
+    ],
+)
+def test_plain_shortcut_boundaries(raw: str) -> None:
+    """At the edges of the shortcut: whatever normalize_host says, the full path says."""
+    _assert_same_as_full_path(raw)
+
+
+_DOTTED = st.lists(
+    st.one_of(
+        st.text(alphabet="aZ09-x", max_size=66),
+        st.sampled_from(["xn--", "xn--bcher-kva", "256", "0x1f", "0", "-", "", "-a", "a-"]),
+    ),
+    min_size=1,
+    max_size=5,
+).map(".".join)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_DOTTED, _LABELISH, _HOSTISH))
+def test_plain_shortcut_agrees_with_the_full_path(raw: str) -> None:
+    """The shortcut for plain spellings never decides differently from the full
+    normaliser: same Host (kind, value, address) or the same refusal."""
+    _assert_same_as_full_path(raw)
+
+
+def _assert_same_as_full_path(raw: str) -> None:
+    try:
+        want: object = _normalize_host_full(raw)
+    except NormalizationError:
+        want = NormalizationError
+    try:
+        got: object = normalize_host(raw)
+    except NormalizationError:
+        got = NormalizationError
+    assert got == want
+    if isinstance(got, Host):
+        assert isinstance(want, Host)
+        assert (got.kind, got.value, got.ip) == (want.kind, want.value, want.ip)
