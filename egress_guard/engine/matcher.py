@@ -21,7 +21,17 @@ from egress_guard.policy.patterns import HostPattern, parse_pattern
 class HostIndex:
     """Maps canonical hosts and addresses to the ids (policy order) of matching rules."""
 
-    __slots__ = ("_below", "_ips", "_nets", "_prefixes", "_whole")
+    __slots__ = (
+        "_below",
+        "_depths",
+        "_ips",
+        "_max_depth",
+        "_nets",
+        "_prefixes",
+        "_whole",
+        "has_ips",
+        "has_names",
+    )
 
     def __init__(self, rules: Iterable[tuple[int, Iterable[str | HostPattern]]]) -> None:
         exact: dict[str, list[int]] = defaultdict(list)
@@ -54,28 +64,41 @@ class HostIndex:
         self._nets = {
             k: {n: tuple(sorted(set(ids))) for n, ids in v.items()} for k, v in nets.items()
         }
+        #: label counts of the suffixes in _below: only suffixes of those lengths are probed
+        self._depths = frozenset(k.count(".") + 1 for k in self._below)
+        self._max_depth = max(self._depths, default=0)
+        #: whether any name / any address rule exists: an empty side needs no lookup
+        self.has_names = bool(self._whole or self._below)
+        self.has_ips = bool(self._ips or self._nets)
         self._prefixes: dict[int, tuple[tuple[int, int], ...]] = {
             4: tuple(sorted((p, _mask(4, p)) for (v, p) in self._nets if v == 4)),
             6: tuple(sorted((p, _mask(6, p)) for (v, p) in self._nets if v == 6)),
         }
 
     def match_name(self, name: str) -> tuple[int, ...]:
-        """Rule ids whose name patterns cover the canonical name, in policy order."""
-        hit = self._whole.get(name)
+        """Rule ids whose name patterns cover the canonical name, in policy order.
+
+        The suffixes are walked from the right (``c``, ``b.c``, ...) and only those with
+        as many labels as some key of the table are probed, so a name deeper than every
+        rule costs a few ``rfind`` calls, not a slice and a probe per label.
+        """
+        one: tuple[int, ...] = self._whole.get(name) or ()
         found: list[int] | None = None
-        one: tuple[int, ...] = hit or ()
-        below = self._below
-        dot = name.find(".")
-        while dot >= 0:
-            hit = below.get(name[dot + 1 :])
-            if hit:
-                if not one:
-                    one = hit
-                else:
-                    if found is None:
-                        found = list(one)
-                    found.extend(hit)
-            dot = name.find(".", dot + 1)
+        below, depths = self._below, self._depths
+        pos = name.rfind(".")
+        depth = 1
+        while pos >= 0 and depth <= self._max_depth:
+            if depth in depths:
+                hit = below.get(name[pos + 1 :])
+                if hit:
+                    if not one:
+                        one = hit
+                    else:
+                        if found is None:
+                            found = list(one)
+                        found.extend(hit)
+            pos = name.rfind(".", 0, pos)
+            depth += 1
         if found is not None:
             return tuple(sorted(set(found)))
         return one  # at most one table hit: already sorted and unique

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from egress_guard.engine import HostIndex
 from egress_guard.engine.matcher import networks_contain
@@ -121,3 +123,32 @@ def test_networks_contain_checks_version() -> None:
     # 10.0.0.1 as an integer lies inside ::/96, but it is not an IPv6 address
     assert not networks_contain(nets, ipaddress.ip_address("10.0.0.1"))
     assert networks_contain(nets, ipaddress.ip_address("::a00:1"))
+
+
+# -- the index against the definition ---------------------------------------------------------
+
+_LABELS = st.lists(st.sampled_from(["a", "b", "c", "example", "x-y"]), max_size=4)
+#: under example.com (a wildcard over a public suffix is refused by the pattern parser)
+_BASES = _LABELS.map(lambda labels: ".".join([*labels, "example", "com"]))
+_NAMES = st.one_of(_BASES, _LABELS.map(lambda labels: ".".join([*labels, "com"])))
+_PATTERNS = st.tuples(st.sampled_from(["", "*.", "**."]), _BASES).map("".join)
+
+
+def _covers(pattern: str, name: str) -> bool:
+    """The pattern language, read literally (the index must agree with this)."""
+    if pattern.startswith("**."):
+        base = pattern[3:]
+        return name == base or name.endswith("." + base)
+    if pattern.startswith("*."):
+        return name.endswith("." + pattern[2:])
+    return name == pattern
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(_PATTERNS, min_size=1, max_size=3), max_size=6), _NAMES)
+def test_match_name_is_the_pattern_language(rules: list[list[str]], name: str) -> None:
+    """However deep the rules and the name, the suffixes the index skips are never ones
+    a rule could cover: the answer is every rule with a covering pattern, in order."""
+    idx = HostIndex(enumerate(rules))
+    want = tuple(i for i, patterns in enumerate(rules) if any(_covers(p, name) for p in patterns))
+    assert idx.match_name(name) == want
