@@ -40,7 +40,7 @@ from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
-from egress_guard import backpressure, early_answer, resolver, splice
+from egress_guard import backpressure, connlimit, early_answer, resolver, splice
 from egress_guard.engine import Decision, Engine, Match, Reason
 from egress_guard.engine.decide import printable as _printable
 from egress_guard.engine.models import (
@@ -113,6 +113,7 @@ class EgressGuard:
         # Here, not in `egress-guard run` only: under `mitmdump -s` too, a client must not
         # be able to fill the proxy's memory while its upstream connection opens.
         backpressure.install()
+        connlimit.install()
         early_answer.install()  # a refused request's body is not taken into memory
         loader.add_option(
             "egress_guard_policy",
@@ -1000,6 +1001,7 @@ class EgressGuard:
         # Connect to the checked address; server_connected puts the name back.
         state.pinned[data.server.id] = (data.server.address, key)
         data.server.address = (str(approval.address), approval.port)
+        connlimit.pinned(key, data.server.address)
 
     @staticmethod
     def _retire(state: ConnState, key: tuple[str, int], old: Approval) -> None:

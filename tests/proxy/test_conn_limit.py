@@ -1,0 +1,67 @@
+"""Names that share a pinned address do not share mitmproxy's per-address connection cap.
+
+mitmproxy lets one client connection hold at most five upstream connections per
+address, and holds a slot for a connection's whole life. The guard connects to the
+address it checked, so without care the cap is counted per IP: on one keep-alive client
+connection, the sixth allowed name behind the same address (one CDN, one host with
+virtual hosts) waited for a slot that only the client's leaving would free.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from support.proxy import ProxyFactory
+from support.upstream import Upstream
+
+NAMES = [f"h{i}.test" for i in range(8)]
+
+
+def _policy(port: int) -> str:
+    resolve = "\n".join(f"    {n}: 127.0.0.1" for n in NAMES)
+    return f"""\
+version: 1
+mode: enforce
+destinations:
+  - name: many-names
+    purpose: eight virtual hosts on one address
+    hosts: [{", ".join(NAMES)}]
+    ports: [{port}]
+network:
+  allow_cidrs: [127.0.0.1/32]
+  resolve:
+{resolve}
+"""
+
+
+def _get(sock: socket.socket, authority: str, path: str) -> int:
+    """One absolute-form GET on an open keep-alive connection; the status code."""
+    sock.sendall(f"GET http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before the answer to {authority}"
+        head += chunk
+    head, _, body = head.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split(b" ", 2)[1])
+
+
+def test_eight_names_on_one_address_over_one_client_connection(
+    proxy: ProxyFactory, http_upstream: Upstream
+) -> None:
+    p = proxy(_policy(http_upstream.port))
+    port = http_upstream.port
+    with socket.create_connection((p.host, p.port), timeout=8) as s:
+        codes = [_get(s, f"{n}:{port}", f"/{n}") for n in NAMES]
+        # back to the first names: their connections are reused, not reopened
+        codes += [_get(s, f"{n}:{port}", "/again") for n in NAMES[:2]]
+    assert codes == [200] * (len(NAMES) + 2)
+    assert [q[1] for q in http_upstream.seen.requests][: len(NAMES)] == [f"/{n}" for n in NAMES]
+    assert http_upstream.seen.connections == len(NAMES)
