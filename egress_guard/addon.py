@@ -999,9 +999,13 @@ class EgressGuard:
         if data.server.sni is None and approval.host.kind == "name":
             data.server.sni = approval.host.value
         # Connect to the checked address; server_connected puts the name back.
-        state.pinned[data.server.id] = (data.server.address, key)
+        requested = data.server.address
+        state.pinned[data.server.id] = (requested, key)
         data.server.address = (str(approval.address), approval.port)
-        connlimit.pinned(key, data.server.address)
+        # mitmproxy's connection cap, counted as mitmproxy would: per spelling requested
+        # (it reuses a connection only for the same spelling), and afresh after a reload
+        # retired this connection's upstreams (they stay open, holding their slots)
+        connlimit.pinned((requested, len(state.retired)), data.server.address)
 
     @staticmethod
     def _retire(state: ConnState, key: tuple[str, int], old: Approval) -> None:

@@ -9,8 +9,10 @@ one address (a CDN, a host serving several names) waited for a slot that only th
 client's leaving would free. Plain mitmproxy counts those per name.
 
 So the cap is counted per name again: the hook records, for the task that is opening the
-connection, which name it pinned (``pinned``), and the handler's ``max_conns`` table
-answers a lookup of that task's address with the name's semaphore. A context variable
+connection, what to count it under (``pinned``: the spelling the client asked for, as
+mitmproxy would, and how many reloads have retired this client's upstreams, whose
+connections stay open with their slots), and the handler's ``max_conns`` table answers
+a lookup of that task's address with that key's semaphore. A context variable
 carries the name: the hook runs in the task that opens the connection, and every opening
 starts from "no name", so a name cannot leak into another opening. Connections the guard
 does not pin (a parent proxy, ``mitmdump -s`` without a decision) are counted by address,
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Hashable
 from contextvars import ContextVar
 from typing import Any
 
@@ -29,15 +32,16 @@ from mitmproxy.proxy.server import ConnectionHandler
 
 Address = tuple[str, int]
 
-#: the (name, port) the guard pinned for the connection this task is opening
-_NAME: ContextVar[tuple[Address, Address] | None] = ContextVar("egress_guard_pinned", default=None)
+#: (what the guard counts the connection under, the address it pinned it to), for the
+#: connection this task is opening
+_NAME: ContextVar[tuple[Hashable, Address] | None] = ContextVar("egress_guard_pinned", default=None)
 _installed = False
 
 
-def pinned(name: Address, address: Address) -> None:
-    """The server_connect hook pinned ``name`` to ``address`` for the connection that the
-    current task is opening."""
-    _NAME.set((name, address))
+def pinned(key: Hashable, address: Address) -> None:
+    """The server_connect hook pinned the connection the current task is opening to
+    ``address``; count it under ``key``."""
+    _NAME.set((key, address))
 
 
 class _PerName(collections.defaultdict[Any, asyncio.Semaphore]):
@@ -46,7 +50,7 @@ class _PerName(collections.defaultdict[Any, asyncio.Semaphore]):
     def __getitem__(self, address: Any) -> asyncio.Semaphore:
         p = _NAME.get()
         if p is not None and p[1] == address:
-            return super().__getitem__(("name", *p[0]))
+            return super().__getitem__(("pinned", p[0]))
         return super().__getitem__(address)
 
 
