@@ -40,7 +40,7 @@ from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
-from egress_guard import backpressure, connlimit, early_answer, resolver, splice
+from egress_guard import backpressure, connlimit, early_answer, http1limit, resolver, splice
 from egress_guard.engine import Decision, Engine, Match, Reason
 from egress_guard.engine.decide import printable as _printable
 from egress_guard.engine.models import (
@@ -114,6 +114,8 @@ class EgressGuard:
         # be able to fill the proxy's memory while its upstream connection opens.
         backpressure.install()
         connlimit.install()
+        http1limit.install()  # nor by sending a head, a chunk line or pipelined bytes without end
+        http1limit.on_refused = self._on_oversized
         early_answer.install()  # a refused request's body is not taken into memory
         loader.add_option(
             "egress_guard_policy",
@@ -343,6 +345,13 @@ class EgressGuard:
                 opens=opens,
             ),
         )
+
+    def _on_oversized(self, client: Client, message: str, host: str) -> None:
+        """http1limit ended a client connection: record it like any malformed request."""
+        d = Decision(
+            False, "block", "malformed_request", None, _printable(host), None, detail=message
+        )
+        self._record(client.id, self._state(client), d)
 
     def _state(self, client: Client) -> ConnState:
         st = self.conns.get(client.id)

@@ -18,9 +18,10 @@ timeout or a closing client still ends the connection cleanly.
 Clients that multiplex (HTTP/2, HTTP/3) are not held back: their other streams may need
 the client's next frames to finish and free one of mitmproxy's five connection slots
 per address that a new stream's connect waits for, so holding the client back could
-deadlock it. Not covered either (mitmproxy buffers, the guard does not bound it): bytes
-pipelined behind a request whose answer has not come, and the wait for a parent proxy's
-CONNECT answer. See docs/decisions.md.
+deadlock it. HTTP/1 bytes pipelined behind a request whose answer has not come are held
+back the same way once a layer asks for it (``hold``, from egress_guard/http1limit.py).
+Not covered (mitmproxy buffers, the guard does not bound it): the wait for a parent
+proxy's CONNECT answer. See docs/decisions.md.
 
 It also fails closed where mitmproxy would hang: ``open_connection`` asserts the
 upstream's peername, which a reset between connect and ``getpeername`` leaves unset.
@@ -31,6 +32,7 @@ unexpected error now closes the client.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
@@ -43,9 +45,10 @@ from mitmproxy.proxy.server import ConnectionHandler
 
 log = logging.getLogger("egress_guard")
 
-#: what a client's layer can be waiting for: an upstream connection, or a hook (by id:
-#: hooks are dataclasses compared by value, and unhashable)
-_Pending = Connection | int
+#: what a client's layer can be waiting for: an upstream connection, a hook (by id:
+#: hooks are dataclasses compared by value, and unhashable), or a layer holding too many
+#: of the client's bytes (see ``hold``)
+_Pending = Connection | int | object
 
 
 @dataclass(slots=True, eq=False)
@@ -59,6 +62,8 @@ class _Waits:
     #: waited for; ``conn.tls`` alone does not mean a handshake will follow (a layer
     #: can pass the connection through raw)
     handshaking: set[Connection] = field(default_factory=set)
+    #: layers that hold too many of the client's bytes -> "may the client be read again?"
+    held: dict[object, Callable[[], bool]] = field(default_factory=dict)
     #: set while nothing is pending
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -67,6 +72,8 @@ _WAITS: weakref.WeakKeyDictionary[ConnectionHandler, _Waits] = weakref.WeakKeyDi
 #: handlers whose client has been seen multiplexing: never held back again (an inspected
 #: CONNECT inside an HTTP/2 session resets the shared client's ALPN to the inner one)
 _MULTIPLEXED: weakref.WeakSet[ConnectionHandler] = weakref.WeakSet()
+#: client connection id -> its handler, for layers (which know only their connection)
+_HANDLERS: weakref.WeakValueDictionary[str, ConnectionHandler] = weakref.WeakValueDictionary()
 _installed = False
 
 
@@ -125,6 +132,31 @@ def _multiplexed(handler: ConnectionHandler) -> bool:
         _MULTIPLEXED.add(handler)
         return True
     return False
+
+
+def hold(client: Connection, layer: object, released: Callable[[object], bool]) -> bool:
+    """Stop reading ``client`` until ``released(layer)`` says its bytes have been used.
+
+    For a layer that holds too many of the client's bytes it cannot parse yet (HTTP/1
+    requests pipelined behind one still being answered). Checked after every event of
+    the client's handler. False when the client's read loop is not known (the caller
+    then ends the connection rather than keep buffering).
+    """
+    handler = _HANDLERS.get(client.id)
+    if handler is None or _multiplexed(handler):
+        return False
+    st = _waits(handler)
+    if layer not in st.held:
+        st.held[layer] = functools.partial(released, layer)
+        _begin(handler, layer)
+    return True
+
+
+def _release(handler: ConnectionHandler, st: _Waits) -> None:
+    for layer, released in list(st.held.items()):
+        if released():
+            del st.held[layer]
+            _end(handler, layer)
 
 
 def _close_client(handler: ConnectionHandler, why: str) -> None:
@@ -188,11 +220,15 @@ def install() -> None:
             st.opened.add(event.command.connection)
         if st.opened:
             _settle(self, st)
+        if st.held:
+            _release(self, st)
 
     async def drain(self: ConnectionHandler) -> None:
         await drain_writers(self)
         if _client_reader(self) is not asyncio.current_task() or _multiplexed(self):
             return  # checked on every client chunk: a multiplexing client is seen early
+        if self.client.id not in _HANDLERS:
+            _HANDLERS[self.client.id] = self
         st = _WAITS.get(self)
         if st is not None and st.pending:
             await st.idle.wait()

@@ -1,0 +1,131 @@
+"""Bound the unparsed bytes mitmproxy's HTTP/1 layers hold for a peer.
+
+mitmproxy appends every byte a peer sends over HTTP/1 to the connection's receive buffer
+and parses what it can. Three shapes of input never parse, and the buffer grew without
+bound (its own code says "FIXME: protect against header size DoS"): a request or
+response head that never ends, a chunk-size line that never ends, and bytes a client
+pipelines behind a request whose answer has not come. One local client sent 300 MiB of
+one header line and the proxy grew by 295 MiB: enough to take it down for everyone.
+The idle timeout does not help, since the bytes keep coming.
+
+Here, after each chunk a layer has parsed:
+
+- a head (request or response) or a line inside a chunked body still unfinished after
+  MAX_HEAD bytes is refused: the client gets 431 (head) or 400 (body) and its connection
+  closes; an upstream's oversized response head or chunk line ends its stream, and the
+  client gets mitmproxy's 502. A head of 64 KiB is what Squid accepts by default, four
+  times nginx's default;
+- bytes waiting behind a request that is still being answered are not refused (HTTP/1.1
+  lets a client pipeline) but, past MAX_PIPELINED, the client is not read any more until
+  the answer is out and the bytes are parsed (``backpressure.hold``): they stay in the
+  client's socket, and TCP holds the client back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator
+from typing import Any
+
+from mitmproxy.connection import Client
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._http1 import (
+    Http1Connection,
+    Http1Server,
+    make_error_response,
+)
+
+from egress_guard import backpressure
+
+log = logging.getLogger("egress_guard")
+
+#: a request or response head, or one chunk-size or trailer line, at most
+MAX_HEAD = 64 * 1024
+#: bytes held behind a request whose answer has not come, before the client is paused
+MAX_PIPELINED = 64 * 1024
+
+_installed = False
+#: told of every client connection refused here (the addon records it in the audit log)
+on_refused: Callable[[Client, str, str], None] | None = None
+
+
+def _drop(conn_layer: Http1Connection) -> None:
+    conn_layer.buf.maybe_extract_at_most(len(conn_layer.buf))
+
+
+def _refuse(layer: Http1Connection, what: str) -> Generator[commands.Command, Any, None]:
+    """End a connection whose peer sent more than a layer may hold unparsed."""
+    server_side = isinstance(layer, Http1Server)  # the peer is our client
+    message = (
+        f"{'request' if server_side else 'response'} {what} longer than {MAX_HEAD // 1024} KiB"
+    )
+    log.warning("egress-guard: %s from %s; closing the connection", message, layer.conn.peername)
+    if server_side and on_refused is not None:
+        try:
+            host = layer.request.host if layer.request is not None else ""
+            on_refused(layer.context.client, message, host)
+        except Exception:  # the refusal itself must go ahead
+            log.exception("egress-guard: cannot record an oversized request")
+    _drop(layer)
+    head_pending = getattr(layer.state, "__name__", "") == "read_headers"
+    layer.state = layer.done
+    if server_side and layer.response is None:
+        # the client has no answer yet: tell it why, as mitmproxy does for a head it
+        # cannot read (the stream's own error answer would find the connection closed)
+        yield commands.SendData(
+            layer.conn, make_error_response(431 if head_pending else 400, message)
+        )
+    yield commands.CloseConnection(layer.conn)
+    if layer.stream_id is not None and not (head_pending and server_side):
+        yield ReceiveHttp(
+            layer.ReceiveProtocolError(
+                layer.stream_id,
+                f"HTTP/1 protocol error: {message}",
+                code=layer.ReceiveProtocolError.code,
+            )
+        )
+
+
+#: what an overlong buffer is, by the state of the layer that could not parse it
+_WHAT = {"read_headers": "head", "read_body": "chunk line", "wait": "data after the answer"}
+
+
+def install() -> None:
+    """Patch Http1Connection._handle_event once (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    original = Http1Connection._handle_event
+
+    def _handle_event(
+        self: Http1Connection, event: events.Event
+    ) -> Generator[commands.Command, Any, None]:
+        yield from original(self, event)
+        if type(event) is not events.DataReceived or len(self.buf) <= _SMALLEST:
+            return
+        state = getattr(self.state, "__name__", "")
+        if state == "passthrough":
+            return  # the buffer is not used any more
+        if state == "done":
+            _drop(self)  # closing: nothing will read these
+        elif state == "wait" and isinstance(self, Http1Server):
+            if len(self.buf) > MAX_PIPELINED and not backpressure.hold(
+                self.context.client, self, _released
+            ):
+                yield from _refuse(self, "pipelined data")
+        elif len(self.buf) > MAX_HEAD:
+            yield from _refuse(self, _WHAT.get(state, "data"))
+
+    Http1Connection._handle_event = _handle_event  # type: ignore[method-assign]
+    _installed = True
+
+
+_SMALLEST = min(MAX_HEAD, MAX_PIPELINED)
+
+
+def _released(layer: object) -> bool:
+    """A paused client may be read again: its pipelined bytes have been parsed (or the
+    connection is going away)."""
+    assert isinstance(layer, Http1Connection)
+    return len(layer.buf) <= MAX_PIPELINED or getattr(layer.state, "__name__", "") != "wait"
