@@ -346,12 +346,25 @@ class EgressGuard:
             ),
         )
 
-    def _on_oversized(self, client: Client, message: str, host: str) -> None:
-        """http1limit ended a client connection: record it like any malformed request."""
+    def _on_oversized(self, client: Client, message: str, req: http.Request | None) -> None:
+        """http1limit ended a client connection: record it like any malformed request
+        (with the request it was reading, if its head had been read)."""
         d = Decision(
-            False, "block", "malformed_request", None, _printable(host), None, detail=message
+            False,
+            "block",
+            "malformed_request",
+            None,
+            _printable(req.host) if req is not None else "",
+            req.port if req is not None else None,
+            detail=message,
         )
-        self._record(client.id, self._state(client), d)
+        self._record(
+            client.id,
+            self._state(client),
+            d,
+            method=req.method if req is not None else None,
+            path=req.path if req is not None else None,
+        )
 
     def _state(self, client: Client) -> ConnState:
         st = self.conns.get(client.id)

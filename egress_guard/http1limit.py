@@ -28,6 +28,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from mitmproxy.connection import Client
+from mitmproxy.http import Request
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http._http1 import (
@@ -47,7 +48,7 @@ MAX_PIPELINED = 64 * 1024
 
 _installed = False
 #: told of every client connection refused here (the addon records it in the audit log)
-on_refused: Callable[[Client, str, str], None] | None = None
+on_refused: Callable[[Client, str, Request | None], None] | None = None
 
 
 def _drop(conn_layer: Http1Connection) -> None:
@@ -63,16 +64,16 @@ def _refuse(layer: Http1Connection, what: str) -> Generator[commands.Command, An
     log.warning("egress-guard: %s from %s; closing the connection", message, layer.conn.peername)
     if server_side and on_refused is not None:
         try:
-            host = layer.request.host if layer.request is not None else ""
-            on_refused(layer.context.client, message, host)
+            on_refused(layer.context.client, message, layer.request)
         except Exception:  # the refusal itself must go ahead
             log.exception("egress-guard: cannot record an oversized request")
     _drop(layer)
     head_pending = getattr(layer.state, "__name__", "") == "read_headers"
     layer.state = layer.done
-    if server_side and layer.response is None:
-        # the client has no answer yet: tell it why, as mitmproxy does for a head it
-        # cannot read (the stream's own error answer would find the connection closed)
+    if server_side and (layer.response is None or layer.response.status_code < 200):
+        # the client has no answer yet (at most an interim 100 Continue): tell it why, as
+        # mitmproxy does for a head it cannot read (the stream's own error answer would
+        # find the connection closed)
         yield commands.SendData(
             layer.conn, make_error_response(431 if head_pending else 400, message)
         )

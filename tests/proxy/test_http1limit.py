@@ -14,6 +14,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from proxy.test_backpressure import MiB, flood
 from support.clients import read_response
 from support.policies import make_policy
@@ -82,21 +83,34 @@ def test_a_large_but_bounded_header_still_passes(
     assert http_upstream.seen.headers[-1]["cookie"] == "c" * 32768
 
 
+@pytest.mark.parametrize("expect", [False, True], ids=["plain", "expect-100-continue"])
 def test_a_chunk_size_line_without_end_ends_the_request(
-    proxy: ProxyFactory, http_upstream: Upstream
+    proxy: ProxyFactory, http_upstream: Upstream, expect: bool
 ) -> None:
+    """After an interim 100 Continue the client still has no answer: it gets the 400."""
     p = proxy(make_policy(http_upstream.port))
     head = (
         f"POST http://api.test:{http_upstream.port}/upload HTTP/1.1\r\n"
-        f"Host: api.test:{http_upstream.port}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        f"Host: api.test:{http_upstream.port}\r\nTransfer-Encoding: chunked\r\n"
+        + ("Expect: 100-continue\r\n" if expect else "")
+        + "\r\n"
     ).encode()
     with socket.create_connection((p.host, p.port)) as s:
         answer = _send_all_then_read(s, head + b"1" * (70 * 1024))
+    if expect:
+        interim, _, answer = answer.partition(b"\r\n\r\n")
+        assert interim == b"HTTP/1.1 100 Continue"
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert b"chunk line longer than 64 KiB" in answer
     assert "request chunk line longer than 64 KiB" in p.log()
     (rec,) = p.wait_audit(lambda r: r["reason"] == "malformed_request")
-    assert (rec["host"], rec["detail"]) == ("api.test", "request chunk line longer than 64 KiB")
+    assert (rec["host"], rec["port"], rec["method"], rec["path"]) == (
+        "api.test",
+        http_upstream.port,
+        "POST",
+        "/upload",
+    )
+    assert rec["detail"] == "request chunk line longer than 64 KiB"
 
 
 class SlowAnswers(LoopbackServer):
