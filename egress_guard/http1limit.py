@@ -8,10 +8,10 @@ pipelines behind a request whose answer has not come. One local client sent 300 
 one header line and the proxy grew by 295 MiB: enough to take it down for everyone.
 The idle timeout does not help, since the bytes keep coming.
 
-Here, after each chunk a layer has parsed:
+Here, around each chunk a layer parses:
 
-- a head (request or response) or a line inside a chunked body still unfinished after
-  MAX_HEAD bytes is refused: the client gets 431 (head) or 400 (body) and its connection
+- a head (request or response) longer than MAX_HEAD, whether or not it has ended, or a
+  line inside a chunked body still unfinished after MAX_HEAD bytes, is refused: the client gets 431 (head) or 400 (body) and its connection
   closes; an upstream's oversized response head or chunk line ends its stream, and the
   client gets mitmproxy's 502. A head of 64 KiB is what Squid accepts by default, four
   times nginx's default;
@@ -24,6 +24,7 @@ Here, after each chunk a layer has parsed:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -102,6 +103,16 @@ def install() -> None:
     def _handle_event(
         self: Http1Connection, event: events.Event
     ) -> Generator[commands.Command, Any, None]:
+        if (
+            type(event) is events.DataReceived
+            and len(self.buf) + len(event.data) > MAX_HEAD
+            and getattr(self.state, "__name__", "") == "read_headers"
+            and _head_length(bytes(self.buf) + event.data) > MAX_HEAD
+        ):
+            # refused before parsing: a head that ends in this chunk is as much too long
+            # as one that has not ended yet
+            yield from _refuse(self, "head")
+            return
         yield from original(self, event)
         if type(event) is not events.DataReceived or len(self.buf) <= _SMALLEST:
             return
@@ -123,6 +134,14 @@ def install() -> None:
 
 
 _SMALLEST = min(MAX_HEAD, MAX_PIPELINED)
+#: where a head ends, as h11's ReceiveBuffer (mitmproxy's parser) finds it
+_BLANK_LINE = re.compile(rb"\n\r?\n", re.MULTILINE)
+
+
+def _head_length(data: bytes) -> int:
+    """Bytes up to the end of the first head in ``data``; above MAX_HEAD if it has none."""
+    m = _BLANK_LINE.search(data)
+    return m.end() if m is not None else MAX_HEAD + 1
 
 
 def _released(layer: object) -> bool:

@@ -55,6 +55,22 @@ def test_a_request_head_without_end_is_refused_with_431(
     assert rec["detail"] == "request head longer than 64 KiB"
 
 
+def test_a_complete_head_over_the_limit_is_refused_too(
+    proxy: ProxyFactory, http_upstream: Upstream
+) -> None:
+    """The limit is the head's size, not how it is split into reads: 70 KiB that end
+    in the second read are refused like 70 KiB that do not end."""
+    p = proxy(make_policy(http_upstream.port))
+    head = (
+        f"GET http://api.test:{http_upstream.port}/ HTTP/1.1\r\n"
+        f"Host: api.test:{http_upstream.port}\r\nX-Long: {'a' * 70 * 1024}\r\n\r\n"
+    )
+    with socket.create_connection((p.host, p.port)) as s:
+        answer = _send_all_then_read(s, head.encode())
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert http_upstream.seen.connections == 0
+
+
 def test_an_endless_header_does_not_fill_the_proxy(
     proxy: ProxyFactory, http_upstream: Upstream
 ) -> None:
