@@ -102,15 +102,21 @@ def stalled() -> Iterator[StalledListener]:
 
 
 def flood(sock: socket.socket, seconds: float, limit: int, chunk: bytes = b"\0" * MiB) -> int:
-    """Send as much as the proxy accepts in ``seconds`` (at most ``limit`` bytes)."""
+    """Send as much as the proxy accepts in ``seconds`` (at most ``limit`` bytes): copies
+    of ``chunk`` back to back, a partly sent copy finished before the next begins (so a
+    chunk that frames itself, like an HTTP/1 body chunk, stays well-formed)."""
     sock.setblocking(False)
-    sent = 0
+    view = memoryview(chunk)
+    sent = pos = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and sent < limit:
         try:
-            sent += sock.send(chunk)
+            n = sock.send(view[pos:])
         except BlockingIOError:
             time.sleep(0.005)
+            continue
+        sent += n
+        pos = (pos + n) % len(chunk)
     return sent
 
 
