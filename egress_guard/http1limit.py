@@ -56,18 +56,22 @@ def _drop(conn_layer: Http1Connection) -> None:
     conn_layer.buf.maybe_extract_at_most(len(conn_layer.buf))
 
 
-def _refuse(layer: Http1Connection, what: str) -> Generator[commands.Command, Any, None]:
+def _too_long(layer: Http1Connection, what: str) -> Generator[commands.Command, Any, None]:
     """End a connection whose peer sent more than a layer may hold unparsed."""
+    side = "request" if isinstance(layer, Http1Server) else "response"
+    yield from _refuse(layer, f"{side} {what} longer than {MAX_HEAD // 1024} KiB")
+
+
+def _refuse(layer: Http1Connection, message: str) -> Generator[commands.Command, Any, None]:
+    """End the connection with a status for a client that has no answer yet, and end
+    the stream; the refusal of a client's bytes is recorded (``on_refused``)."""
     server_side = isinstance(layer, Http1Server)  # the peer is our client
-    message = (
-        f"{'request' if server_side else 'response'} {what} longer than {MAX_HEAD // 1024} KiB"
-    )
     log.warning("egress-guard: %s from %s; closing the connection", message, layer.conn.peername)
     if server_side and on_refused is not None:
         try:
             on_refused(layer.context.client, message, layer.request)
         except Exception:  # the refusal itself must go ahead
-            log.exception("egress-guard: cannot record an oversized request")
+            log.exception("egress-guard: cannot record a refused request")
     _drop(layer)
     head_pending = getattr(layer.state, "__name__", "") == "read_headers"
     layer.state = layer.done
@@ -111,9 +115,18 @@ def install() -> None:
         ):
             # refused before parsing: a head that ends in this chunk is as much too long
             # as one that has not ended yet
-            yield from _refuse(self, "head")
+            yield from _too_long(self, "head")
             return
-        yield from original(self, event)
+        try:
+            yield from original(self, event)
+        except NotImplementedError as e:
+            # mitmproxy cannot pass HTTP trailers on ("HTTP trailers are not implemented
+            # yet."): the layer would die with the connection, the client without an
+            # answer and the audit log without a record
+            side = "request" if isinstance(self, Http1Server) else "response"
+            log.debug("egress-guard: %s", e)
+            yield from _refuse(self, f"{side} trailers are not supported")
+            return
         if type(event) is not events.DataReceived or len(self.buf) <= _SMALLEST:
             return
         state = getattr(self.state, "__name__", "")
@@ -125,9 +138,9 @@ def install() -> None:
             if len(self.buf) > MAX_PIPELINED and not backpressure.hold(
                 self.context.client, self, _released
             ):
-                yield from _refuse(self, "pipelined data")
+                yield from _too_long(self, "pipelined data")
         elif len(self.buf) > MAX_HEAD:
-            yield from _refuse(self, _WHAT.get(state, "data"))
+            yield from _too_long(self, _WHAT.get(state, "data"))
 
     Http1Connection._handle_event = _handle_event  # type: ignore[method-assign]
     _installed = True

@@ -129,6 +129,29 @@ def test_a_chunk_size_line_without_end_ends_the_request(
     assert rec["detail"] == "request chunk line longer than 64 KiB"
 
 
+def test_a_request_with_trailers_is_answered_and_recorded(
+    proxy: ProxyFactory, http_upstream: Upstream
+) -> None:
+    """mitmproxy cannot pass HTTP trailers on, and its layer died on them: the client got
+    no answer and the audit log no record. Now: 400 and a malformed_request record."""
+    p = proxy(make_policy(http_upstream.port))
+    authority = f"api.test:{http_upstream.port}"
+    request = (
+        f"POST http://{authority}/t HTTP/1.1\r\nHost: {authority}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Checksum: 1\r\n\r\n"
+    )
+    with socket.create_connection((p.host, p.port)) as s:
+        answer = _send_all_then_read(s, request.encode())
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"request trailers are not supported" in answer
+    (rec,) = p.wait_audit(lambda r: r["reason"] == "malformed_request")
+    assert (rec["host"], rec["path"]) == ("api.test", "/t")
+    assert rec["detail"] == "request trailers are not supported"
+    # and the proxy goes on serving
+    with httpx.Client(proxy=p.url, trust_env=False, timeout=10) as c:
+        assert c.get(f"http://{authority}/after").status_code == 200
+
+
 class SlowAnswers(LoopbackServer):
     """Answers each request on a connection after ``delay`` seconds (keep-alive)."""
 
