@@ -115,7 +115,7 @@ class EgressGuard:
         backpressure.install()
         connlimit.install()
         http1limit.install()  # nor by sending a head, a chunk line or pipelined bytes without end
-        http1limit.on_refused = self._on_oversized
+        http1limit.on_refused = self._on_http1_refused
         early_answer.install()  # a refused request's body is not taken into memory
         loader.add_option(
             "egress_guard_policy",
@@ -346,9 +346,10 @@ class EgressGuard:
             ),
         )
 
-    def _on_oversized(self, client: Client, message: str, req: http.Request | None) -> None:
-        """http1limit ended a client connection: record it like any malformed request
-        (with the request it was reading, if its head had been read)."""
+    def _on_http1_refused(self, client: Client, message: str, req: http.Request | None) -> None:
+        """http1limit ended a client connection (a head or line over its bound, trailers):
+        record it like any malformed request, with the request it was reading, if its
+        head had been read."""
         d = Decision(
             False,
             "block",

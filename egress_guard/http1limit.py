@@ -11,10 +11,10 @@ The idle timeout does not help, since the bytes keep coming.
 Here, around each chunk a layer parses:
 
 - a head (request or response) longer than MAX_HEAD, whether or not it has ended, or a
-  line inside a chunked body still unfinished after MAX_HEAD bytes, is refused: the client gets 431 (head) or 400 (body) and its connection
-  closes; an upstream's oversized response head or chunk line ends its stream, and the
-  client gets mitmproxy's 502. A head of 64 KiB is what Squid accepts by default, four
-  times nginx's default;
+  line inside a chunked body still unfinished after MAX_HEAD bytes, is refused: the
+  client gets 431 (head) or 400 (body) and its connection closes; an upstream's
+  oversized response head or chunk line ends its stream, and the client gets mitmproxy's
+  502. A head of 64 KiB is what Squid accepts by default, four times nginx's default;
 - bytes waiting behind a request that is still being answered are not refused (HTTP/1.1
   lets a client pipeline) but, past MAX_PIPELINED, the client is not read any more until
   the answer is out and the bytes are parsed (``backpressure.hold``): they stay in the
@@ -52,14 +52,23 @@ _installed = False
 on_refused: Callable[[Client, str, Request | None], None] | None = None
 
 
-def _drop(conn_layer: Http1Connection) -> None:
-    conn_layer.buf.maybe_extract_at_most(len(conn_layer.buf))
+def _drop(layer: Http1Connection) -> None:
+    layer.buf.maybe_extract_at_most(len(layer.buf))
+
+
+def _state(layer: Http1Connection) -> str:
+    """The layer's state by name: read_headers, read_body, wait, done, passthrough."""
+    return getattr(layer.state, "__name__", "")
+
+
+def _side(layer: Http1Connection) -> str:
+    """What the layer's peer sends: requests (our client) or responses (an upstream)."""
+    return "request" if isinstance(layer, Http1Server) else "response"
 
 
 def _too_long(layer: Http1Connection, what: str) -> Generator[commands.Command, Any, None]:
     """End a connection whose peer sent more than a layer may hold unparsed."""
-    side = "request" if isinstance(layer, Http1Server) else "response"
-    yield from _refuse(layer, f"{side} {what} longer than {MAX_HEAD // 1024} KiB")
+    yield from _refuse(layer, f"{_side(layer)} {what} longer than {MAX_HEAD // 1024} KiB")
 
 
 def _refuse(layer: Http1Connection, message: str) -> Generator[commands.Command, Any, None]:
@@ -73,7 +82,7 @@ def _refuse(layer: Http1Connection, message: str) -> Generator[commands.Command,
         except Exception:  # the refusal itself must go ahead
             log.exception("egress-guard: cannot record a refused request")
     _drop(layer)
-    head_pending = getattr(layer.state, "__name__", "") == "read_headers"
+    head_pending = _state(layer) == "read_headers"
     layer.state = layer.done
     if server_side and (layer.response is None or layer.response.status_code < 200):
         # the client has no answer yet (at most an interim 100 Continue): tell it why, as
@@ -110,7 +119,7 @@ def install() -> None:
         if (
             type(event) is events.DataReceived
             and len(self.buf) + len(event.data) > MAX_HEAD
-            and getattr(self.state, "__name__", "") == "read_headers"
+            and _state(self) == "read_headers"
             and _head_length(bytes(self.buf) + event.data) > MAX_HEAD
         ):
             # refused before parsing: a head that ends in this chunk is as much too long
@@ -123,13 +132,12 @@ def install() -> None:
             # mitmproxy cannot pass HTTP trailers on ("HTTP trailers are not implemented
             # yet."): the layer would die with the connection, the client without an
             # answer and the audit log without a record
-            side = "request" if isinstance(self, Http1Server) else "response"
             log.debug("egress-guard: %s", e)
-            yield from _refuse(self, f"{side} trailers are not supported")
+            yield from _refuse(self, f"{_side(self)} trailers are not supported")
             return
         if type(event) is not events.DataReceived or len(self.buf) <= _SMALLEST:
             return
-        state = getattr(self.state, "__name__", "")
+        state = _state(self)
         if state == "passthrough":
             return  # the buffer is not used any more
         if state == "done":
@@ -161,4 +169,4 @@ def _released(layer: object) -> bool:
     """A paused client may be read again: its pipelined bytes have been parsed (or the
     connection is going away)."""
     assert isinstance(layer, Http1Connection)
-    return len(layer.buf) <= MAX_PIPELINED or getattr(layer.state, "__name__", "") != "wait"
+    return len(layer.buf) <= MAX_PIPELINED or _state(layer) != "wait"
