@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 
+from support.clients import read_response
 from support.proxy import ProxyFactory
 from support.upstream import Upstream
 
@@ -37,20 +38,7 @@ network:
 def _get(sock: socket.socket, authority: str, path: str) -> int:
     """One absolute-form GET on an open keep-alive connection; the status code."""
     sock.sendall(f"GET http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before the answer to {authority}"
-        head += chunk
-    head, _, body = head.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    while len(body) < length:
-        body += sock.recv(65536)
-    return int(head.split(b" ", 2)[1])
+    return read_response(sock, timeout=8).status
 
 
 def test_eight_names_on_one_address_over_one_client_connection(

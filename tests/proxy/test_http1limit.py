@@ -20,7 +20,7 @@ from support.clients import read_response
 from support.policies import make_policy
 from support.procfs import proc_stats
 from support.proxy import ProxyFactory
-from support.servers import LoopbackServer
+from support.servers import ThreadedLoopbackServer
 from support.upstream import Upstream
 
 
@@ -152,15 +152,12 @@ def test_a_request_with_trailers_is_answered_and_recorded(
         assert c.get(f"http://{authority}/after").status_code == 200
 
 
-class SlowAnswers(LoopbackServer):
+class SlowAnswers(ThreadedLoopbackServer):
     """Answers each request on a connection after ``delay`` seconds (keep-alive)."""
 
     delay = 2.0
 
-    def handle(self, conn: socket.socket) -> None:
-        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         with conn:
             buf = b""
             while True:
@@ -249,13 +246,10 @@ def test_pipelined_requests_are_still_answered_in_order(proxy: ProxyFactory) -> 
         server.close()
 
 
-class EndlessHead(LoopbackServer):
+class EndlessHead(ThreadedLoopbackServer):
     """Answers with a response head that never ends."""
 
-    def handle(self, conn: socket.socket) -> None:
-        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         with conn:
             conn.recv(65536)
             try:

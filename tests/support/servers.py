@@ -28,3 +28,14 @@ class LoopbackServer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class ThreadedLoopbackServer(LoopbackServer):
+    """A LoopbackServer that serves each connection on a thread of its own (``serve``),
+    for servers that hold a connection open while the next one arrives."""
+
+    def handle(self, conn: socket.socket) -> None:
+        threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError("a ThreadedLoopbackServer subclass says what a connection gets")
