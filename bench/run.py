@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,16 +147,17 @@ async def measure_round(s: Stats, a: argparse.Namespace) -> None:
     s.add(r1)
     s.c1_lat += r1.latencies
     mb = a.bulk * BULK_BYTES / 1e6
-    clients = [("asyncio", s.bulk_py, s.bulk_py_cpu)]
+    clients: list[tuple[str, Callable[[], Awaitable[list[float]]], list[float], list[float]]] = [
+        ("asyncio", lambda: loadgen.bulk(t, a.bulk), s.bulk_py, s.bulk_py_cpu)
+    ]
     if loadgen.curl_path():
-        clients.insert(0, ("curl", s.bulk, s.bulk_cpu))
-    for name, rates, cpu in clients:
+        clients.insert(
+            0, ("curl", lambda: loadgen.bulk_curl(t, a.bulk, BULK_BYTES), s.bulk, s.bulk_cpu)
+        )
+    for name, download_all, rates, cpu in clients:
         try:
             cpu0 = s.child.cpu_seconds() if s.child else 0.0
-            if name == "curl":
-                rates += await loadgen.bulk_curl(t, a.bulk, BULK_BYTES)
-            else:
-                rates += await loadgen.bulk(t, a.bulk)
+            rates += await download_all()
             if s.child and a.bulk:
                 cpu.append((s.child.cpu_seconds() - cpu0) * 1e3 / mb)
         except (
@@ -733,7 +735,8 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": (
             f"{a.rounds} interleaved rounds; per configuration per round: "
             f"{a.duration:g} s at c=8, {a.lat_duration:g} s at c=1, {a.bulk} × "
-            f"10 MiB with curl and {a.bulk} with the asyncio client; warm-up {a.warmup:g} s; {a.idle} idle tunnels"
+            f"10 MiB{' with curl and ' + str(a.bulk) if loadgen.curl_path() else ''} with the "
+            f"asyncio client; warm-up {a.warmup:g} s; {a.idle} idle tunnels"
             + (
                 f"; pinned: proxy on CPU {sorted(PIN[0])}, load generator and upstream on "
                 f"CPU {sorted(PIN[1])}"
