@@ -385,7 +385,7 @@ class EgressGuard:
         """Client ACL, proxy auth, sink health: refuse before looking at the target."""
         d = eng.check_client(state.client)
         if d is not None:
-            raise _Blocked(replace(d, host=host))
+            raise _Blocked(d._replace(host=host))
         if eng.policy.clients.auth is not None and not self._authorized(headers):
             raise _Blocked(
                 Decision(
@@ -663,7 +663,7 @@ class EgressGuard:
         else:
             bad = eng.check_request(dest, req.method, req.path, model, decision)
             if bad is not None:
-                bad = replace(bad, detail=f"model {model!r}")
+                bad = bad._replace(detail=f"model {model!r}")
         if bad is not None:
             final = eng.finalize(bad)
             if not final.allowed:

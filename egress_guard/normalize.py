@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from socket import inet_aton
+from socket import inet_aton, inet_ntoa
 from typing import Literal, NamedTuple
 
 import idna
@@ -30,8 +30,6 @@ _LDH_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _FORBIDDEN = re.compile(r"[\x00-\x20\x7f/\\@?#%\[\]<>\"'`{}|^,;=+$&()*!~]")
 _IPV4_NUMBER_LABEL = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)$")
 # A plain IPv4 address: four decimal parts 0-255 without leading zeros (see _plain_host).
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_PLAIN_IPV4 = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
 
 
 class NormalizationError(ValueError):
@@ -199,10 +197,16 @@ def _plain_host(raw: str) -> Host | None:
                 len(label) <= MAX_LABEL_LENGTH for label in low.split(".")
             ):
                 return Host("name", low)
-        elif _PLAIN_IPV4.fullmatch(raw):
-            # inet_aton reads this canonical spelling exactly as ipaddress does, in a
-            # third of the time
-            return Host("ipv4", raw, ipaddress.IPv4Address(int.from_bytes(inet_aton(raw))))
+        else:
+            # inet_aton reads many spellings (octal, hex, fewer parts, trailing junk after
+            # a space); only the canonical dotted quad comes back unchanged through
+            # inet_ntoa, and that one inet_aton reads exactly as ipaddress does
+            try:
+                packed = inet_aton(raw)
+            except OSError:
+                return None
+            if inet_ntoa(packed) == raw:
+                return Host("ipv4", raw, ipaddress.IPv4Address(int.from_bytes(packed)))
     return None
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Literal, NamedTuple
 
@@ -74,8 +74,13 @@ NEVER_AUDITED: frozenset[str] = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """What the engine says of one connection or request, and why.
+
+    (A NamedTuple rather than a frozen dataclass: one is built for every refused target,
+    and a frozen dataclass's ``__init__`` costs several times more for the same
+    immutability. Change one with ``_replace``.)"""
+
     allowed: bool
     action: Action
     reason: Reason
@@ -136,8 +141,14 @@ class Engine:
         dests = self.policy.destinations
         self._dests: tuple[Destination, ...] = dests
         self._by_name = {d.name: d for d in dests}
+        #: each destination's ports as a set, by position: probed once per allowed target
+        self._ports = tuple(frozenset(d.ports) for d in dests)
         self._allow = HostIndex((i, d.hosts) for i, d in enumerate(dests))
         self._deny = HostIndex((i, r.hosts) for i, r in enumerate(self.policy.deny))
+        #: _name_ids of every name the allow rules spell out in full (``a.b``, ``**.a.b``),
+        #: worked out once per policy: the names a policy lists are most of what its
+        #: clients ask for, and each then costs one probe instead of two suffix walks
+        self._names = {n: self._name_ids(n) for n in self._allow.full_names()}
         self._dest_nets = [
             tuple(p.network for p in map(parse_pattern, d.hosts) if p.network is not None)
             for d in dests
@@ -187,26 +198,28 @@ class Engine:
         return self.decide_normalized(host, port)
 
     def decide_normalized(self, host: Host, port: int) -> Decision | Match:
-        deny = self._deny_hit(host, port)
-        if deny is not None:
-            return deny
-        if host.ip is not None:
-            ids = self._allow.match_ip(host.ip)
-            if not ids:
-                cls = special_class(host.ip)
-                if (
-                    cls is not None
-                    and self.policy.network.block_private
-                    and not (networks_contain(self._allow_cidrs, host.ip))
-                ):
-                    return self._unlisted("private_address", host, port, detail=cls)
-                return self._unlisted("ip_literal_not_allowed", host, port)
+        ip = host.ip
+        if ip is None:
+            deny_ids, ids = self._names.get(host.value) or self._name_ids(host.value)
         else:
-            ids = self._allow.match_name(host.value)
-            if not ids:
+            deny_ids, ids = self._deny_ip_ids(ip), self._allow.match_ip(ip)
+        if deny_ids:
+            deny = self._deny_hit(deny_ids, host, port)
+            if deny is not None:
+                return deny
+        if not ids:
+            if ip is None:
                 return self._unlisted("not_allowlisted", host, port)
+            cls = special_class(ip)
+            if (
+                cls is not None
+                and self.policy.network.block_private
+                and not (networks_contain(self._allow_cidrs, ip))
+            ):
+                return self._unlisted("private_address", host, port, detail=cls)
+            return self._unlisted("ip_literal_not_allowed", host, port)
         for i in ids:
-            if port in self._dests[i].ports:
+            if port in self._ports[i]:
                 return Match(host, port, self._dests[i], i)
         first = self._dests[ids[0]]
         return _block(
@@ -438,7 +451,7 @@ class Engine:
         """Apply audit mode: let a block through as would_block, unless it must not be."""
         if decision.allowed or self.policy.mode != "audit" or decision.reason in NEVER_AUDITED:
             return decision
-        return replace(decision, allowed=True, action="would_block")
+        return decision._replace(allowed=True, action="would_block")
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -449,9 +462,8 @@ class Engine:
         ports = self.policy.deny[rule_id].ports
         return ports is None or port in ports
 
-    def _deny_hit(self, host: Host, port: int) -> Decision | None:
-        ids = self._deny_ids(host)
-        for i in ids:
+    def _deny_hit(self, deny_ids: Iterable[int], host: Host, port: int) -> Decision | None:
+        for i in deny_ids:
             if self._deny_port_ok(i, port):
                 return _block(
                     "denylisted",
@@ -461,10 +473,10 @@ class Engine:
                 )
         return None
 
-    def _deny_ids(self, host: Host) -> Iterable[int]:
-        if host.ip is not None:
-            return self._deny_ip_ids(host.ip)
-        return self._deny.match_name(host.value) if self._deny.has_names else ()
+    def _name_ids(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(deny rule ids, destination ids) whose patterns cover the canonical name."""
+        deny = self._deny.match_name(name) if self._deny.has_names else ()
+        return deny, self._allow.match_name(name)
 
     def _deny_ip_ids(self, ip: IPAddress) -> tuple[int, ...]:
         """Deny rules covering ``ip`` or an IPv4 address it carries (NAT64, 6to4, ...):
@@ -472,9 +484,10 @@ class Engine:
         if not self._deny.has_ips:
             return ()
         ids = self._deny.match_ip(ip)
-        if isinstance(ip, ipaddress.IPv6Address):
-            for inner in embedded_ipv4(ip):
-                ids += self._deny.match_ip(inner)
+        if ip.version == 4:
+            return ids  # sorted and unique already
+        for inner in embedded_ipv4(ip):
+            ids += self._deny.match_ip(inner)
         return tuple(sorted(set(ids)))
 
     def _is_self(self, ip: IPAddress, port: int) -> bool:
@@ -527,7 +540,7 @@ _LOOPBACK_OR_ANY = frozenset({"127.0.0.1", "::1", "0.0.0.0", "::"})
 
 def _refusal(decision: Decision, reason: Reason, hint: str, detail: str | None) -> Decision:
     """A stage-4 refusal of a request whose target ``decision`` allowed."""
-    return replace(decision, allowed=False, action="block", reason=reason, hint=hint, detail=detail)
+    return decision._replace(allowed=False, action="block", reason=reason, hint=hint, detail=detail)
 
 
 def _models_hint(dest: Destination) -> str:

@@ -24,10 +24,9 @@ class HostIndex:
     __slots__ = (
         "_below",
         "_depths",
-        "_ips",
         "_max_depth",
         "_nets",
-        "_prefixes",
+        "_tlds",
         "_whole",
         "has_ips",
         "has_names",
@@ -37,7 +36,7 @@ class HostIndex:
         exact: dict[str, list[int]] = defaultdict(list)
         sub: dict[str, list[int]] = defaultdict(list)
         apex_sub: dict[str, list[int]] = defaultdict(list)
-        ips: dict[IPAddress, list[int]] = defaultdict(list)
+        #: (version, prefix length) -> network address as an int -> rule ids
         nets: dict[tuple[int, int], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
         for rule_id, patterns in rules:
             for raw in patterns:
@@ -51,29 +50,36 @@ class HostIndex:
                 else:
                     assert pat.network is not None
                     net = pat.network
-                    if net.num_addresses == 1:
-                        ips[net.network_address].append(rule_id)
-                    else:
-                        key = (net.version, net.prefixlen)
-                        nets[key][int(net.network_address)].append(rule_id)
+                    nets[(net.version, net.prefixlen)][int(net.network_address)].append(rule_id)
         #: name -> rules that cover the name itself: exact ``name`` and ``**.name``
         self._whole = _union(exact, apex_sub)
         #: suffix -> rules that cover every name below it: ``*.suffix`` and ``**.suffix``
         self._below = _union(sub, apex_sub)
-        self._ips = {k: tuple(sorted(set(v))) for k, v in ips.items()}
-        self._nets = {
-            k: {n: tuple(sorted(set(ids))) for n, ids in v.items()} for k, v in nets.items()
+        #: per IP version, one (mask, table) pair per prefix length present, a single
+        #: address being a /32 or /128: an address costs one probe per prefix length, and
+        #: an int key hashes several times faster than an ipaddress object
+        self._nets: dict[int, tuple[tuple[int, dict[int, tuple[int, ...]]], ...]] = {
+            version: tuple(
+                (_mask(version, p), {n: tuple(sorted(set(ids))) for n, ids in nets[(v, p)].items()})
+                for (v, p) in sorted(nets)
+                if v == version
+            )
+            for version in (4, 6)
         }
         #: label counts of the suffixes in _below: only suffixes of those lengths are probed
         self._depths = frozenset(k.count(".") + 1 for k in self._below)
         self._max_depth = max(self._depths, default=0)
+        #: the last label of every name and suffix in the tables: a name ending in any
+        #: other label matches nothing, which one probe settles (most names a deny list
+        #: or the catalog is asked about)
+        self._tlds = frozenset(k[k.rfind(".") + 1 :] for k in (*self._whole, *self._below))
         #: whether any name / any address rule exists: an empty side needs no lookup
         self.has_names = bool(self._whole or self._below)
-        self.has_ips = bool(self._ips or self._nets)
-        self._prefixes: dict[int, tuple[tuple[int, int], ...]] = {
-            4: tuple(sorted((p, _mask(4, p)) for (v, p) in self._nets if v == 4)),
-            6: tuple(sorted((p, _mask(6, p)) for (v, p) in self._nets if v == 6)),
-        }
+        self.has_ips = bool(nets)
+
+    def full_names(self) -> Iterable[str]:
+        """The names some rule covers by spelling them in full (exact and ``**.``)."""
+        return self._whole.keys()
 
     def match_name(self, name: str) -> tuple[int, ...]:
         """Rule ids whose name patterns cover the canonical name, in policy order.
@@ -82,10 +88,12 @@ class HostIndex:
         as many labels as some key of the table are probed, so a name deeper than every
         rule costs a few ``rfind`` calls, not a slice and a probe per label.
         """
+        pos = name.rfind(".")
+        if name[pos + 1 :] not in self._tlds:
+            return ()
         one: tuple[int, ...] = self._whole.get(name) or ()
         found: list[int] | None = None
         below, depths = self._below, self._depths
-        pos = name.rfind(".")
         depth = 1
         while pos >= 0 and depth <= self._max_depth:
             if depth in depths:
@@ -105,15 +113,21 @@ class HostIndex:
 
     def match_ip(self, ip: IPAddress) -> tuple[int, ...]:
         """Rule ids whose IP or CIDR patterns contain the address, in policy order."""
-        found: list[int] = list(self._ips.get(ip, ()))
         value = int(ip)
-        for prefixlen, mask in self._prefixes[ip.version]:
-            hit = self._nets[(ip.version, prefixlen)].get(value & mask)
+        one: tuple[int, ...] = ()
+        found: list[int] | None = None
+        for mask, table in self._nets[ip.version]:
+            hit = table.get(value & mask)
             if hit:
-                found.extend(hit)
-        if len(found) > 1:
+                if not one:
+                    one = hit
+                else:
+                    if found is None:
+                        found = list(one)
+                    found.extend(hit)
+        if found is not None:
             return tuple(sorted(set(found)))
-        return tuple(found)
+        return one  # at most one table hit: already sorted and unique
 
 
 def _union(*tables: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:

@@ -128,9 +128,16 @@ def test_networks_contain_checks_version() -> None:
 # -- the index against the definition ---------------------------------------------------------
 
 _LABELS = st.lists(st.sampled_from(["a", "b", "c", "example", "x-y"]), max_size=4)
-#: under example.com (a wildcard over a public suffix is refused by the pattern parser)
-_BASES = _LABELS.map(lambda labels: ".".join([*labels, "example", "com"]))
-_NAMES = st.one_of(_BASES, _LABELS.map(lambda labels: ".".join([*labels, "com"])))
+#: several last labels, so names ending in one no rule has are asked about too
+_TLDS = st.sampled_from(["com", "org", "test"])
+#: under example.<tld> (a wildcard over a public suffix is refused by the pattern parser)
+_BASES = st.tuples(_LABELS, _TLDS).map(lambda lt: ".".join([*lt[0], "example", lt[1]]))
+_NAMES = st.one_of(
+    _BASES,
+    st.tuples(_LABELS, st.sampled_from(["com", "org", "test", "net"])).map(
+        lambda lt: ".".join([*lt[0], lt[1]])
+    ),
+)
 _PATTERNS = st.tuples(st.sampled_from(["", "*.", "**."]), _BASES).map("".join)
 
 
@@ -152,3 +159,43 @@ def test_match_name_is_the_pattern_language(rules: list[list[str]], name: str) -
     idx = HostIndex(enumerate(rules))
     want = tuple(i for i, patterns in enumerate(rules) if any(_covers(p, name) for p in patterns))
     assert idx.match_name(name) == want
+
+
+_V4_NETS = st.builds(
+    lambda a, p: ipaddress.ip_network((a << 24 | 0xABCDEF, p), strict=False),
+    st.integers(10, 12),
+    st.sampled_from([8, 12, 16, 24, 30, 32]),
+)
+_V6_NETS = st.builds(
+    lambda a, p: ipaddress.ip_network(((0x20010DB8 + a) << 96 | 0xAB, p), strict=False),
+    st.integers(0, 2),
+    st.sampled_from([32, 64, 120, 128]),
+)
+_V4_ADDRS = st.builds(
+    lambda a, rest: ipaddress.ip_address(a << 24 | rest),
+    st.integers(10, 12),
+    st.sampled_from([0, 0xABCDEF, 0xABCDEE, 0xAB0000, 0xFFFFFF, 0xABCD00]),
+)
+_V6_ADDRS = st.builds(
+    lambda a, low: ipaddress.ip_address((0x20010DB8 + a) << 96 | low),
+    st.integers(0, 2),
+    st.sampled_from([0, 0xAB, 0xAC, 1 << 40, (1 << 96) - 1]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.lists(st.one_of(_V4_NETS, _V6_NETS), min_size=1, max_size=3), max_size=6),
+    st.one_of(_V4_ADDRS, _V6_ADDRS),
+)
+def test_match_ip_is_containment(
+    rules: list[list[ipaddress.IPv4Network | ipaddress.IPv6Network]],
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> None:
+    """Single addresses, overlapping networks and both versions: the answer is every rule
+    with a network that contains the address, in order, each once."""
+    idx = HostIndex((i, [str(n) for n in nets]) for i, nets in enumerate(rules))
+    want = tuple(
+        i for i, nets in enumerate(rules) if any(networks_contain([n], addr) for n in nets)
+    )
+    assert idx.match_ip(addr) == want

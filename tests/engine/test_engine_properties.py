@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from egress_guard.engine import Decision, Engine, HostIndex, Match
-from egress_guard.normalize import NormalizationError, normalize_host, normalize_port
+from egress_guard.engine.addresses import embedded_ipv4
+from egress_guard.normalize import Host, NormalizationError, normalize_host, normalize_port
 from egress_guard.policy import load_catalog, load_policy_text
 from egress_guard.policy.patterns import HostPattern, parse_pattern
 
@@ -386,3 +387,80 @@ def test_fixtures_are_what_they_claim() -> None:
     assert (ENGINE.policy.mode, AUDIT.policy.mode) == ("enforce", "audit")
     d = AUDIT.finalize(AUDIT.decide_target("example.net", 443))  # type: ignore[arg-type]
     assert d.action == "would_block"
+
+
+# -- (e) the Engine's name and address decisions against the policy read literally -----------
+
+CATALOG = load_catalog()
+_PORTS = st.lists(st.sampled_from([443, 8443]), min_size=1, max_size=2, unique=True)
+_PATS = st.lists(
+    patterns(), min_size=1, max_size=4, unique_by=lambda p: (p.kind, p.value, p.network)
+)
+DESTS = st.lists(st.tuples(_PATS, _PORTS), min_size=1, max_size=6)
+DENY = st.lists(st.tuples(_PATS, st.none() | _PORTS), max_size=3)
+
+
+def _yaml_hosts(pats: list[HostPattern]) -> str:
+    prefix = {"exact": "", "sub": "*.", "apex_sub": "**."}
+    return ", ".join(
+        f'"{prefix[p.kind]}{p.value}"' if p.network is None else f'"{p.network}"' for p in pats
+    )
+
+
+def _covers(pats: list[HostPattern], host: Host) -> bool:
+    if host.ip is not None:
+        return any(_reference_ip(p, host.ip) for p in pats)
+    return any(_reference_name(p, host.value) for p in pats)
+
+
+def _denied_by(pats: list[HostPattern], host: Host) -> bool:
+    """Deny rules also cover an IPv4 address carried inside an IPv6 one."""
+    inner = embedded_ipv4(host.ip) if isinstance(host.ip, ipaddress.IPv6Address) else []
+    return _covers(pats, host) or any(_reference_ip(p, ip) for p in pats for ip in inner)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(DESTS, DENY, st.lists(QUERY_NAMES, max_size=6), st.lists(ADDRS, max_size=4), st.data())
+def test_engine_decides_as_the_policy_reads(
+    dests: list[tuple[list[HostPattern], list[int]]],
+    deny: list[tuple[list[HostPattern], list[int] | None]],
+    names: list[str],
+    addrs: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
+    data: st.DataObject,
+) -> None:
+    """Deny (on its ports) wins; otherwise the first destination in policy order that
+    covers the host on the port; a host covered only on other ports is port_not_allowed.
+    The names the policy spells out are asked about too: they take a precomputed path."""
+    lines = ["version: 1", "network: {block_private: false}", "destinations:"]
+    for k, (pats, ports) in enumerate(dests):
+        lines += [f"  - name: d{k}", f"    hosts: [{_yaml_hosts(pats)}]", f"    ports: {ports}"]
+    if deny:
+        lines.append("deny:")
+        for pats, ports in deny:
+            lines.append(f"  - hosts: [{_yaml_hosts(pats)}]")
+            if ports is not None:
+                lines.append(f"    ports: {ports}")
+    engine = Engine(load_policy_text("\n".join(lines) + "\n", "p.yaml"), CATALOG)
+    listed = [p.value for pats, _ in dests for p in pats if p.network is None]
+    hosts: list[str] = names + listed + [str(a) for a in addrs]
+    for pats, _ in dests:
+        hosts += [str(p.network.network_address) for p in pats if p.network is not None]
+    for raw in hosts:
+        port = data.draw(st.sampled_from([443, 8443]), label="port")
+        host = normalize_host(raw)
+
+        got = engine.decide_normalized(host, port)
+        if any(_denied_by(pats, host) and (ps is None or port in ps) for pats, ps in deny):
+            assert isinstance(got, Decision) and got.reason == "denylisted", (raw, port, got)
+            continue
+        on_port = [k for k, (pats, ps) in enumerate(dests) if _covers(pats, host) and port in ps]
+        anywhere = [k for k, (pats, _) in enumerate(dests) if _covers(pats, host)]
+        if on_port:
+            assert isinstance(got, Match), (raw, port, got)
+            assert got.destination.name == f"d{on_port[0]}", (raw, port)
+        elif anywhere:
+            assert isinstance(got, Decision), (raw, port, got)
+            assert (got.reason, got.destination) == ("port_not_allowed", f"d{anywhere[0]}")
+        else:
+            assert isinstance(got, Decision), (raw, port, got)
+            assert got.reason in ("not_allowlisted", "ip_literal_not_allowed"), (raw, got)
