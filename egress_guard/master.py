@@ -238,7 +238,7 @@ async def serve(args: argparse.Namespace, sinks: list[Sink]) -> int:
         if draining:  # a second signal: stop now
             master.shutdown()
         else:
-            draining.append(loop.create_task(drain_then_stop(master)))
+            draining.append(loop.create_task(drain_then_stop(master, args.drain_timeout)))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
@@ -262,10 +262,7 @@ async def serve(args: argparse.Namespace, sinks: list[Sink]) -> int:
     return 0
 
 
-DRAIN_TIMEOUT_S = 10.0
-
-
-async def drain_then_stop(master: Master, timeout: float = DRAIN_TIMEOUT_S) -> None:
+async def drain_then_stop(master: Master, timeout: float) -> None:
     """Graceful stop: stop accepting, let open connections finish (up to ``timeout``),
     then shut down; the guard writes close records for whatever is still open."""
     ps = master.addons.get("proxyserver")

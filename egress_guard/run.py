@@ -26,6 +26,10 @@ log = logging.getLogger("egress_guard")
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_CONFDIR = "~/.egress-guard"
 DEFAULT_IDLE_TIMEOUT = 600
+#: how long a stop (SIGTERM, SIGINT) waits for open connections before closing them;
+#: under Kubernetes' default 30 s grace period and Compose's 10 s, so the close records
+#: are written before the container is killed
+DEFAULT_DRAIN_TIMEOUT = 8
 
 
 def _positive_int(text: str) -> int:
@@ -35,6 +39,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
     return value
 
 
@@ -122,6 +136,16 @@ def add_run_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="close a connection (client and upstream) after this long without traffic "
         f"(default {DEFAULT_IDLE_TIMEOUT}); covers stalled upstreams and slow-loris clients",
+    )
+    r.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        default=DEFAULT_DRAIN_TIMEOUT,
+        metavar="SECONDS",
+        help="on SIGTERM or SIGINT, stop accepting and let open connections finish for up "
+        f"to this long, then close them and write their close records (default "
+        f"{DEFAULT_DRAIN_TIMEOUT}; keep it under the container's stop grace period; a "
+        "second signal stops at once)",
     )
     r.add_argument(
         "--max-model-body",

@@ -25,6 +25,7 @@ from deploy.manifests import (
 )
 from support.proxy import EGRESS_GUARD
 
+from egress_guard.cli import build_parser
 from egress_guard.policy import load_policy
 
 OFFLINE_ENV = env_file(DOCKER / "offline.env")
@@ -103,6 +104,24 @@ def test_guard_container_hardening_and_policy_mount() -> None:
     confdir = flag_value(Dockerfile.load().cmd, "--confdir")
     named = [v for v in guard["volumes"] if isinstance(v, str) and v.endswith(":" + confdir)]
     assert named, "the confdir is a volume (read-only root)"
+    # the guard must close what is still open (and record it) before Compose kills it
+    drain = build_parser().parse_args(["run", *Dockerfile.load().cmd]).drain_timeout
+    grace = _seconds(guard.get("stop_grace_period", "10s"))  # Compose's default is 10 s
+    assert drain + 2 <= grace, (drain, grace)
+
+
+def _seconds(duration: str) -> float:
+    """A Compose duration as stop_grace_period takes it: ``10s``, ``1m30s``."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    total, number = 0.0, ""
+    for c in duration:
+        if c.isdigit() or c == ".":
+            number += c
+        else:
+            total += float(number) * units[c]
+            number = ""
+    assert not number, f"duration without a unit: {duration!r}"
+    return total
 
 
 @pytest.mark.parametrize("env", [{}, OFFLINE_ENV], ids=["default", "offline"])

@@ -122,6 +122,11 @@ def test_args_are_accepted_by_run(run_help_flags: set[str]) -> None:
         raise AssertionError(f"egress-guard run rejects {args}") from e
     assert parsed.audit_log == "-", "audit to stdout: the cluster's log pipeline"
     assert parsed.listen[0] == "0.0.0.0" and parsed.metrics[0] == "0.0.0.0"
+    grace = k8s_one("Deployment", "egress-guard")["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"
+    ]
+    # the guard must close what is still open (and record it) before the kubelet kills it
+    assert parsed.drain_timeout + 2 <= grace, (parsed.drain_timeout, grace)
 
 
 def test_ports_agree_everywhere() -> None:
