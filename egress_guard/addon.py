@@ -223,15 +223,19 @@ class EgressGuard:
             )
         )
 
-    async def reload(self) -> bool:
+    async def reload(self, *, only_if_changed: bool = False) -> bool:
         """Load the policy again; on any error keep the one in force. True on success.
 
         Parsing and compiling run in a worker thread: a policy of many thousand rules
         takes seconds to load, and the proxy keeps serving under the old one meanwhile.
+        ``only_if_changed`` (the file watcher): nothing to do if the file is as last
+        loaded, which it is when a SIGHUP sent after the edit got there first.
         """
         async with self._reload_lock:
             path, mode = ctx.options.egress_guard_policy, ctx.options.egress_guard_mode
             stamp = _stamp(path)
+            if only_if_changed and stamp == self._policy_stamp:
+                return True
             catalog, endpoints = self._catalog, self.self_endpoints
 
             def build() -> tuple[EffectivePolicy, Engine, dict[str, str]]:
@@ -289,7 +293,7 @@ class EgressGuard:
                     break
                 stamp = settled
             log.info("egress-guard: policy file changed, reloading")
-            await self.reload()
+            await self.reload(only_if_changed=True)
 
     def _listen_endpoints(self) -> frozenset[tuple[str, int]]:
         ps = ctx.master.addons.get("proxyserver")

@@ -128,6 +128,26 @@ def test_configmap_symlink_swap(
     assert eventually(lambda: status_of(p, other) == 200)
 
 
+def test_sighup_after_an_edit_loads_it_once(proxy: ProxyFactory, tls_upstream: Upstream) -> None:
+    """An operator edits the file and sends SIGHUP: the watcher, which saw the edit too,
+    must not load the same file a second time (one policy_loaded record, not two)."""
+    p = proxy(make_policy(tls_upstream.port))
+    loads = len(p.audit("policy_loaded"))
+    final = with_other(tls_upstream.port)
+    # keep the file changing for longer than a poll, so the watcher is waiting for it to
+    # settle when the last write and the SIGHUP come
+    for i in range(4):
+        write_atomic(p.policy_path, final + "#" * (i + 1))
+        time.sleep(0.3)
+    write_atomic(p.policy_path, final)
+    p.signal(signal.SIGHUP)
+    assert eventually(lambda: p.log().count("policy file changed") >= 1), p.log()[-2000:]
+    time.sleep(0.5)  # the watcher's reload, had it loaded again, would be written by now
+    records = p.audit("policy_loaded")[loads:]
+    assert [r["result"] for r in records] == ["ok"], records
+    assert status_of(p, f"other.test:{tls_upstream.port}") == 200
+
+
 def test_sighup_reloads(proxy: ProxyFactory, tls_upstream: Upstream) -> None:
     p = proxy(make_policy(tls_upstream.port))
     other = f"other.test:{tls_upstream.port}"
