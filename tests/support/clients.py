@@ -22,9 +22,31 @@ class RawResponse:
         return json.loads(self.body)
 
 
-def read_response(sock: socket.socket, timeout: float = 10.0) -> RawResponse:
+def read_response(sock: socket.socket, timeout: float = 10.0, *, more: bool = False) -> RawResponse:
+    """One response. Bytes after it are an error (a pipelined next response would be
+    lost with them: read those with ``read_responses``) unless ``more`` says the caller
+    does not need what follows."""
+    resp, extra = _read_one(sock, timeout, b"")
+    if extra and not more:
+        raise AssertionError(f"{len(extra)} bytes after the response; use read_responses")
+    return resp
+
+
+def read_responses(sock: socket.socket, count: int, timeout: float = 10.0) -> list[RawResponse]:
+    """``count`` responses to pipelined requests, in order: bytes read past one response
+    (two can arrive in one segment) are the start of the next."""
+    out, pending = [], b""
+    for _ in range(count):
+        resp, pending = _read_one(sock, timeout, pending)
+        out.append(resp)
+    if pending:
+        raise AssertionError(f"{len(pending)} bytes after response {count}")
+    return out
+
+
+def _read_one(sock: socket.socket, timeout: float, buf: bytes) -> tuple[RawResponse, bytes]:
+    """A response with a Content-Length body (or none), and the bytes read past it."""
     sock.settimeout(timeout)
-    buf = b""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
         if not chunk:
@@ -45,7 +67,8 @@ def read_response(sock: socket.socket, timeout: float = 10.0) -> RawResponse:
         if not chunk:
             break
         rest += chunk
-    return RawResponse(int(status), reason[0] if reason else "", headers, rest[:length])
+    resp = RawResponse(int(status), reason[0] if reason else "", headers, rest[:length])
+    return resp, rest[length:]
 
 
 def send_raw(
