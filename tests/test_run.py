@@ -1,5 +1,6 @@
-"""``egress-guard run --event-loop``: which loop the proxy gets, and a clear refusal when
-the one asked for is missing. (The relay on each loop: tests/proxy/test_tunnel_relay.py.)"""
+"""``egress-guard run``'s options: which event loop the proxy gets (and a clear refusal
+when the one asked for is missing; the relay on each loop: tests/proxy/test_tunnel_relay.py),
+and the numbers its timeouts take."""
 
 from __future__ import annotations
 
@@ -10,7 +11,37 @@ import pytest
 import uvloop
 from support.loops import EACH_LOOP, Factory
 
-from egress_guard.run import loop_factory
+from egress_guard.cli import build_parser
+from egress_guard.run import DEFAULT_DRAIN_TIMEOUT, loop_factory
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], DEFAULT_DRAIN_TIMEOUT),
+        (["--drain-timeout", "0"], 0),
+        (["--drain-timeout", "25"], 25),
+    ],
+)
+def test_drain_timeout_values(argv: list[str], expected: int) -> None:
+    assert build_parser().parse_args(["run", *argv]).drain_timeout == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--drain-timeout", "-1"], "--drain-timeout: must be at least 0"),
+        (["--drain-timeout", "1.5"], "--drain-timeout: '1.5' is not a whole number"),
+        (["--idle-timeout", "0"], "--idle-timeout: must be at least 1"),
+    ],
+)
+def test_bad_timeouts_are_refused_with_the_reason(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["run", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_auto_and_uvloop_choose_uvloop_when_installed() -> None:

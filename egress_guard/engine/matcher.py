@@ -91,43 +91,37 @@ class HostIndex:
         pos = name.rfind(".")
         if name[pos + 1 :] not in self._tlds:
             return ()
-        one: tuple[int, ...] = self._whole.get(name) or ()
-        found: list[int] | None = None
+        whole = self._whole.get(name)
+        hits = [whole] if whole else []
         below, depths = self._below, self._depths
         depth = 1
         while pos >= 0 and depth <= self._max_depth:
             if depth in depths:
                 hit = below.get(name[pos + 1 :])
                 if hit:
-                    if not one:
-                        one = hit
-                    else:
-                        if found is None:
-                            found = list(one)
-                        found.extend(hit)
+                    hits.append(hit)
             pos = name.rfind(".", 0, pos)
             depth += 1
-        if found is not None:
-            return tuple(sorted(set(found)))
-        return one  # at most one table hit: already sorted and unique
+        return _merged(hits)
 
     def match_ip(self, ip: IPAddress) -> tuple[int, ...]:
         """Rule ids whose IP or CIDR patterns contain the address, in policy order."""
         value = int(ip)
-        one: tuple[int, ...] = ()
-        found: list[int] | None = None
+        hits = []
         for mask, table in self._nets[ip.version]:
             hit = table.get(value & mask)
             if hit:
-                if not one:
-                    one = hit
-                else:
-                    if found is None:
-                        found = list(one)
-                    found.extend(hit)
-        if found is not None:
-            return tuple(sorted(set(found)))
-        return one  # at most one table hit: already sorted and unique
+                hits.append(hit)
+        return _merged(hits)
+
+
+def _merged(hits: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The rule ids of several table hits, sorted and each once (a single hit already is)."""
+    if not hits:
+        return ()
+    if len(hits) == 1:
+        return hits[0]
+    return tuple(sorted(set().union(*hits)))
 
 
 def _union(*tables: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:
