@@ -55,17 +55,9 @@ class HostIndex:
         self._whole = _union(exact, apex_sub)
         #: suffix -> rules that cover every name below it: ``*.suffix`` and ``**.suffix``
         self._below = _union(sub, apex_sub)
-        #: per IP version, one (mask, table) pair per prefix length present, a single
-        #: address being a /32 or /128: an address costs one probe per prefix length, and
-        #: an int key hashes several times faster than an ipaddress object
-        self._nets: dict[int, tuple[tuple[int, dict[int, tuple[int, ...]]], ...]] = {
-            version: tuple(
-                (_mask(version, p), {n: tuple(sorted(set(ids))) for n, ids in nets[(v, p)].items()})
-                for (v, p) in sorted(nets)
-                if v == version
-            )
-            for version in (4, 6)
-        }
+        #: per IP version: (mask, table) pairs for the prefix lengths shorter than the
+        #: version's bucket length, and buckets of the longer ones (see _ip_tables)
+        self._nets = {v: _ip_tables(v, nets) for v in (4, 6)}
         #: label counts of the suffixes in _below: only suffixes of those lengths are probed
         self._depths = frozenset(k.count(".") + 1 for k in self._below)
         self._max_depth = max(self._depths, default=0)
@@ -107,12 +99,52 @@ class HostIndex:
     def match_ip(self, ip: IPAddress) -> tuple[int, ...]:
         """Rule ids whose IP or CIDR patterns contain the address, in policy order."""
         value = int(ip)
+        short, shift, buckets = self._nets[ip.version]
         hits = []
-        for mask, table in self._nets[ip.version]:
+        for mask, table in short:
+            hit = table.get(value & mask)
+            if hit:
+                hits.append(hit)
+        for mask, table in buckets.get(value >> shift, ()):
             hit = table.get(value & mask)
             if hit:
                 hits.append(hit)
         return _merged(hits)
+
+
+#: (mask, network address as an int -> rule ids), one per prefix length
+_Tables = tuple[tuple[int, dict[int, tuple[int, ...]]], ...]
+#: prefix length of the buckets: /16 for IPv4, /32 (a usual allocation) for IPv6
+_BUCKET = {4: 16, 6: 32}
+
+
+def _ip_tables(
+    version: int, nets: dict[tuple[int, int], dict[int, list[int]]]
+) -> tuple[_Tables, int, dict[int, _Tables]]:
+    """An address is probed once per prefix length, so the cost grew with the number of
+    different lengths a policy has (a cloud provider's published ranges use dozens).
+    Networks at least as long as the bucket length are grouped by the bucket their
+    address falls in; an address then probes the short lengths, its one bucket, and
+    only the lengths present in that bucket. Single addresses are /32 or /128, and the
+    keys are ints (they hash several times faster than ipaddress objects)."""
+    bits = 32 if version == 4 else 128
+    cut = _BUCKET[version]
+    short: list[tuple[int, dict[int, tuple[int, ...]]]] = []
+    grouped: dict[int, dict[int, dict[int, tuple[int, ...]]]] = defaultdict(dict)
+    for v, prefixlen in sorted(nets):
+        if v != version:
+            continue
+        table = {n: tuple(sorted(set(ids))) for n, ids in nets[(v, prefixlen)].items()}
+        if prefixlen < cut:
+            short.append((_mask(version, prefixlen), table))
+            continue
+        for n, ids in table.items():
+            grouped[n >> (bits - cut)].setdefault(prefixlen, {})[n] = ids
+    buckets = {
+        b: tuple((_mask(version, p), by_len[p]) for p in sorted(by_len))
+        for b, by_len in grouped.items()
+    }
+    return tuple(short), bits - cut, buckets
 
 
 def _merged(hits: list[tuple[int, ...]]) -> tuple[int, ...]:
