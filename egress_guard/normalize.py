@@ -29,7 +29,6 @@ _LDH_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 # IDNA's own mapping cannot turn them into something harmless-looking.
 _FORBIDDEN = re.compile(r"[\x00-\x20\x7f/\\@?#%\[\]<>\"'`{}|^,;=+$&()*!~]")
 _IPV4_NUMBER_LABEL = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)$")
-# A plain IPv4 address: four decimal parts 0-255 without leading zeros (see _plain_host).
 
 
 class NormalizationError(ValueError):

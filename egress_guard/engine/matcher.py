@@ -101,11 +101,7 @@ class HostIndex:
         value = int(ip)
         short, shift, buckets = self._nets[ip.version]
         hits = []
-        for mask, table in short:
-            hit = table.get(value & mask)
-            if hit:
-                hits.append(hit)
-        for mask, table in buckets.get(value >> shift, ()):
+        for mask, table in short + buckets.get(value >> shift, ()):
             hit = table.get(value & mask)
             if hit:
                 hits.append(hit)
@@ -114,6 +110,8 @@ class HostIndex:
 
 #: (mask, network address as an int -> rule ids), one per prefix length
 _Tables = tuple[tuple[int, dict[int, tuple[int, ...]]], ...]
+#: address length in bits, by IP version
+_BITS = {4: 32, 6: 128}
 #: prefix length of the buckets: /16 for IPv4, /32 (a usual allocation) for IPv6
 _BUCKET = {4: 16, 6: 32}
 
@@ -127,8 +125,7 @@ def _ip_tables(
     address falls in; an address then probes the short lengths, its one bucket, and
     only the lengths present in that bucket. Single addresses are /32 or /128, and the
     keys are ints (they hash several times faster than ipaddress objects)."""
-    bits = 32 if version == 4 else 128
-    cut = _BUCKET[version]
+    bits, cut = _BITS[version], _BUCKET[version]
     short: list[tuple[int, dict[int, tuple[int, ...]]]] = []
     grouped: dict[int, dict[int, dict[int, tuple[int, ...]]]] = defaultdict(dict)
     for v, prefixlen in sorted(nets):
@@ -162,8 +159,7 @@ def _union(*tables: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:
 
 
 def _mask(version: int, prefixlen: int) -> int:
-    bits = 32 if version == 4 else 128
-    return ((1 << prefixlen) - 1) << (bits - prefixlen)
+    return ((1 << prefixlen) - 1) << (_BITS[version] - prefixlen)
 
 
 def networks_contain(
