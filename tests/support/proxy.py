@@ -146,17 +146,15 @@ class ProxyProcess:
                 return found
             time.sleep(0.05)
 
-    def replace_policy(self, text: str, timeout: float = 10.0, *, hup: bool = True) -> None:
-        """Swap the policy file atomically and wait until the proxy has loaded it.
-
-        ``hup``: send SIGHUP, as an operator would after an edit, rather than wait for
-        the file watcher's next poll (test_reload tests the watcher itself)."""
+    def replace_policy(self, text: str, timeout: float = 10.0) -> None:
+        """Swap the policy file atomically, send SIGHUP as an operator would after an
+        edit (rather than wait for the file watcher's next poll: test_reload tests the
+        watcher itself), and wait until the proxy has loaded it."""
         loads = len(self.audit("policy_loaded"))
         tmp = self.policy_path.with_name("next.yaml")
         tmp.write_text(text)
         os.replace(tmp, self.policy_path)
-        if hup:
-            self.signal(signal.SIGHUP)
+        self.signal(signal.SIGHUP)
         deadline = time.monotonic() + timeout
         while len(self.audit("policy_loaded")) == loads and time.monotonic() < deadline:
             time.sleep(0.05)
