@@ -273,6 +273,12 @@ async def drain_then_stop(master: Master, timeout: float) -> None:
             deadline = asyncio.get_running_loop().time() + timeout
             while ps.connections and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
+            if ps.connections:
+                log.info(
+                    "egress-guard: %d connection(s) still open after the %g s drain; closing them",
+                    len(ps.connections),
+                    timeout,
+                )
     finally:
         master.shutdown()
 

@@ -534,12 +534,10 @@ def test_sigterm_writes_close_records_for_open_connections(lab: Lab) -> None:
     assert read_outcome(sock, 10, head_only=True).status == 200
     socks.append(sock)
     wait_for(lambda: len(p.audit("decision")) >= 4, timeout=5)
-    start = time.monotonic()
     p.signal(signal.SIGTERM)
     p.proc.wait(timeout=20)
-    stopped_after = time.monotonic() - start
-    # the open connections were waited for 1 s, not the default 8 s
-    assert 1.0 <= stopped_after < 6.0, stopped_after
+    # the open connections were waited for the 1 s asked for, not the default 8 s
+    assert "4 connection(s) still open after the 1 s drain" in p.log(), p.log()[-2000:]
     for s in socks:
         s.close()
     closes = {r.get("client") for r in p.audit("close")}
