@@ -313,6 +313,12 @@ def _exp(key: str, label: str, note: str, **kw: object) -> Config:
 #: thing removed or one candidate change patched in (bench/variants.py), to measure what
 #: each costs or would gain before egress_guard/ is edited.
 EXPERIMENTS: list[Config] = [
+    _exp(
+        "x_copying_relay",
+        "guard tunnel, relay reading into new bytes",
+        "the spliced relay as a plain protocol: a new bytes object per read",
+        patches="copying_relay",
+    ),
     _exp("x_no_audit", "guard tunnel, no audit log", "`--audit-log ''`", audit=False),
     _exp("x_no_metrics", "guard tunnel, no metrics", "no `--metrics`", metrics=False),
     _exp(

@@ -22,6 +22,32 @@ from collections.abc import Callable
 PATCHES: dict[str, Callable[[], None]] = {}
 
 
+def _copying_relay() -> None:
+    """The spliced relay as it was before it read into a shared buffer: a plain protocol
+    that gets a new bytes object (an allocation and a copy) per read. Kept to measure
+    what the buffered relay saves (experiment ``x_copying_relay``)."""
+    import asyncio
+
+    from egress_guard import splice
+
+    class CopyingRelay(asyncio.Protocol):
+        def __init__(self, d):  # type: ignore[no-untyped-def]
+            self.d = d
+
+        def data_received(self, data):  # type: ignore[no-untyped-def]
+            splice._relay(self.d, data)
+
+        eof_received = splice._Relay.eof_received
+        connection_lost = splice._Relay.connection_lost
+        pause_writing = splice._Relay.pause_writing
+        resume_writing = splice._Relay.resume_writing
+
+    splice._Relay = CopyingRelay  # type: ignore[misc,assignment]
+
+
+PATCHES["copying_relay"] = _copying_relay
+
+
 def main() -> int:
     argv = sys.argv[1:]
     names = [n for n in argv[0].split(",") if n] if argv and argv[0] != "--" else []
