@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,15 @@ MAX_REQUESTS = 200_000  # per phase; the duration is what normally ends a phase
 
 
 @dataclass
+class Totals:
+    cpu_s: float = 0.0
+    mb: float = 0.0
+
+    def per_mb_ms(self) -> float | None:
+        return self.cpu_s * 1e3 / self.mb if self.mb else None
+
+
+@dataclass
 class Stats:
     cfg: Config
     child: Child | None = None
@@ -48,9 +57,10 @@ class Stats:
     #: bulk MB/s with curl as the client (the target's figure); with the asyncio client
     bulk: list[float] = field(default_factory=list)
     bulk_py: list[float] = field(default_factory=list)
-    #: proxy CPU ms per MB relayed in the bulk phase, one value per round (curl; asyncio)
-    bulk_cpu: list[float] = field(default_factory=list)
-    bulk_py_cpu: list[float] = field(default_factory=list)
+    #: proxy CPU seconds during the bulk downloads and MB they moved, summed over all
+    #: rounds (curl; asyncio): one download's CPU is a tick or two of the kernel's clock
+    bulk_cpu: Totals = field(default_factory=lambda: Totals())
+    bulk_py_cpu: Totals = field(default_factory=lambda: Totals())
     ok: int = 0
     errors: int = 0
     first_error: str | None = None
@@ -146,29 +156,38 @@ async def measure_round(s: Stats, a: argparse.Namespace) -> None:
         s.cpu1_rounds.append((s.child.cpu_seconds() - cpu0) / r1.ok * 1e3)
     s.add(r1)
     s.c1_lat += r1.latencies
-    mb = a.bulk * BULK_BYTES / 1e6
-    clients: list[tuple[str, Callable[[], Awaitable[list[float]]], list[float], list[float]]] = [
-        ("asyncio", lambda: loadgen.bulk(t, a.bulk), s.bulk_py, s.bulk_py_cpu)
-    ]
-    if loadgen.curl_path():
-        clients.insert(
-            0, ("curl", lambda: loadgen.bulk_curl(t, a.bulk, BULK_BYTES), s.bulk, s.bulk_cpu)
-        )
-    for name, download_all, rates, cpu in clients:
-        try:
-            cpu0 = s.child.cpu_seconds() if s.child else 0.0
-            rates += await download_all()
-            if s.child and a.bulk:
-                cpu.append((s.child.cpu_seconds() - cpu0) * 1e3 / mb)
-        except (
-            OSError,
-            loadgen.BenchError,
-            ssl.SSLError,
-            asyncio.IncompleteReadError,
-            TimeoutError,
-        ) as e:
-            s.errors += 1
-            s.first_error = s.first_error or f"bulk ({name}): {type(e).__name__}: {e}"
+
+
+async def measure_bulk(live: list[Stats], a: argparse.Namespace) -> None:
+    """One round of bulk downloads, download by download across the configurations
+    (direct, proxy 1, proxy 2, ..., direct, ...): a 10 MiB download takes tens of
+    milliseconds, and the machine's speed drifts over seconds, so a configuration's
+    downloads and direct's are taken side by side rather than a whole round apart."""
+    mb = BULK_BYTES / 1e6
+    for _ in range(a.bulk):
+        for s in live:
+            t = s.target
+            assert t is not None
+            clients: list[tuple[str, Awaitable[list[float]], list[float], Totals]] = []
+            if loadgen.curl_path():
+                clients.append(("curl", loadgen.bulk_curl(t, 1, BULK_BYTES), s.bulk, s.bulk_cpu))
+            clients.append(("asyncio", loadgen.bulk(t, 1), s.bulk_py, s.bulk_py_cpu))
+            for name, download, rates, cpu in clients:
+                try:
+                    cpu0 = s.child.cpu_seconds() if s.child else 0.0
+                    rates += await download
+                    if s.child:
+                        cpu.cpu_s += s.child.cpu_seconds() - cpu0
+                        cpu.mb += mb
+                except (
+                    OSError,
+                    loadgen.BenchError,
+                    ssl.SSLError,
+                    asyncio.IncompleteReadError,
+                    TimeoutError,
+                ) as e:
+                    s.errors += 1
+                    s.first_error = s.first_error or f"bulk ({name}): {type(e).__name__}: {e}"
 
 
 async def measure_idle(s: Stats, n: int) -> None:
@@ -269,6 +288,8 @@ async def run_all(stats: list[Stats], a: argparse.Namespace) -> list[str]:
                 f"round {rnd + 1}/{a.rounds} {s.key:14} c8 {s.c8_rates[-1]:7.1f}/s  "
                 f"load {loadavg()}"
             )
+        await measure_bulk(order, a)
+        log(f"round {rnd + 1}/{a.rounds} bulk downloads done")
         notes.append(f"after round {rnd + 1}: load average {loadavg()}")
     for s in live:
         if s.child:
@@ -440,14 +461,18 @@ def report(
         L.append(
             f"| {s.cfg.label} | {fmt(bc, ',.0f')} | {rng} | {ratio(bc, bulk_curl(M))} "
             f"| {ratio(bc, bulk_curl(D))} "
-            f"| {fmt(median(s.bulk_cpu) if s.bulk_cpu else None, '.2f', ' ms')} "
+            f"| {fmt(s.bulk_cpu.per_mb_ms(), '.2f', ' ms')} "
             f"| {fmt(bp, ',.0f')} | {ratio(bp, bulk_py(D))} "
-            f"| {fmt(median(s.bulk_py_cpu) if s.bulk_py_cpu else None, '.2f', ' ms')} |"
+            f"| {fmt(s.bulk_py_cpu.per_mb_ms(), '.2f', ' ms')} |"
         )
     L.append(
         f"\nMB = 10^6 bytes; from sending the GET to the last byte (tunnel set-up "
-        f"excluded); {a.bulk} downloads per round with each client. The target uses the "
-        "curl column"
+        f"excluded); {a.bulk} downloads per round with each client, taken download by "
+        "download across the configurations (direct, proxy, proxy, …, direct, …) so that "
+        "each row's downloads and direct's see the machine in the same state. *proxy CPU "
+        "per MB*: the proxy's CPU during all its downloads of the run over the MB they "
+        "moved; it includes each download's tunnel set-up (see the CPU per tunnel above). "
+        "The target uses the curl column"
         + ("" if curl_used else " (curl is not installed here: the asyncio column instead)")
         + ". The asyncio client (bench/loadgen.py) spends about twice nginx's CPU per MB "
         "on its own TLS and buffering, so on a small machine its column is mostly the "
@@ -487,7 +512,7 @@ def report(
     )
 
     if matcher_md is not None:
-        L.append("## Matcher micro-benchmark (egress_guard.engine, in process)\n")
+        L.append("## Matcher micro-benchmark (egress_guard.engine, in a process of its own)\n")
         L.append(matcher_md)
         L.append(
             "\nRules: exact : `*.` : `**.` : CIDR = 4 : 2 : 2 : 2, ten per destination, "
@@ -499,7 +524,9 @@ def report(
             "this is the last two). *decide_target* takes the raw CONNECT host and port "
             "strings, so it adds the normaliser (hits/s and misses/s are its). "
             "*HostIndex.match_name* is the name index lookup alone. "
-            f"Medians of {a.matcher_rounds} interleaved rounds.\n"
+            f"Medians of {a.matcher_rounds} interleaved rounds, in a fresh Python process "
+            "started by the bench after the proxy runs (`python -m bench.matcher`), so the "
+            "figures do not depend on what the load generator left in its heap.\n"
         )
 
     L.append("## Must-show targets (issue #9)\n")
@@ -612,7 +639,9 @@ def main(argv: list[str] | None = None) -> int:
         default=0.7,
         help="seconds of c=1 load per configuration per round (default 0.7)",
     )
-    ap.add_argument("--bulk", type=int, default=2, help="10 MiB downloads per round (default 2)")
+    ap.add_argument(
+        "--bulk", type=int, default=3, help="10 MiB downloads per round and client (default 3)"
+    )
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--idle", type=int, default=500, help="idle tunnels for the memory test")
     ap.add_argument(
@@ -723,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
 
         log("matcher micro-benchmark")
         sizes = tuple(int(x) for x in a.matcher_sizes.split(","))
-        matcher_rows = matcher.run(sizes, a.matcher_seconds, a.matcher_rounds)
+        matcher_rows = matcher.run_isolated(sizes, a.matcher_seconds, a.matcher_rounds)
         matcher_md = matcher.markdown(matcher_rows)
 
     import mitmproxy.version
