@@ -1,7 +1,8 @@
 """Host-pattern index whose lookup cost does not grow with the number of rules.
 
-A name is looked up once per suffix (a.b.c -> a.b.c, b.c, c), one hash-table probe
-each; an address once per distinct prefix length present. With 100k rules that is still
+A name is looked up once as itself and once per suffix length the rules use (for
+``*.zone.example.net``, the 4-label suffix of the name), one hash-table probe each; an
+address once per prefix length in its bucket (see _ip_tables). With 100k rules that is still
 a handful of dict probes, where a list of patterns would be 100k comparisons per
 connection. At that size a probe is mostly cache misses, so the tables are built to need
 one probe per suffix: what covers a name itself (exact and ``**.`` rules) is in one table,
@@ -24,7 +25,6 @@ class HostIndex:
     __slots__ = (
         "_below",
         "_depths",
-        "_max_depth",
         "_nets",
         "_tlds",
         "_whole",
@@ -58,9 +58,9 @@ class HostIndex:
         #: per IP version: (mask, table) pairs for the prefix lengths shorter than the
         #: version's bucket length, and buckets of the longer ones (see _ip_tables)
         self._nets = {v: _ip_tables(v, nets) for v in (4, 6)}
-        #: label counts of the suffixes in _below: only suffixes of those lengths are probed
-        self._depths = frozenset(k.count(".") + 1 for k in self._below)
-        self._max_depth = max(self._depths, default=0)
+        #: label counts of the suffixes in _below, ascending: only suffixes of those
+        #: lengths are probed
+        self._depths = tuple(sorted({k.count(".") + 1 for k in self._below}))
         #: the last label of every name and suffix in the tables: a name ending in any
         #: other label matches nothing, which one probe settles (most names a deny list
         #: or the catalog is asked about)
@@ -73,27 +73,28 @@ class HostIndex:
         """The names some rule covers by spelling them in full (exact and ``**.``)."""
         return self._whole.keys()
 
-    def match_name(self, name: str) -> tuple[int, ...]:
+    def match_name(self, name: str, *, spelled: bool = True) -> tuple[int, ...]:
         """Rule ids whose name patterns cover the canonical name, in policy order.
 
-        The suffixes are walked from the right (``c``, ``b.c``, ...) and only those with
-        as many labels as some key of the table are probed, so a name deeper than every
-        rule costs a few ``rfind`` calls, not a slice and a probe per label.
+        Only the suffixes with as many labels as some key of ``_below`` are probed
+        (usually one or two lengths), each cut off the name with one ``split`` from the
+        left. (A canonical name is at most 253 characters, so a split makes at most
+        127 pieces, whatever name a client sends.)
+        ``spelled=False``: the caller knows the name is none of ``full_names()``, so the
+        table of whole names is not probed.
         """
-        pos = name.rfind(".")
-        if name[pos + 1 :] not in self._tlds:
+        if name[name.rfind(".") + 1 :] not in self._tlds:
             return ()
-        whole = self._whole.get(name)
+        whole = self._whole.get(name) if spelled else None
         hits = [whole] if whole else []
-        below, depths = self._below, self._depths
-        depth = 1
-        while pos >= 0 and depth <= self._max_depth:
-            if depth in depths:
-                hit = below.get(name[pos + 1 :])
-                if hit:
-                    hits.append(hit)
-            pos = name.rfind(".", 0, pos)
-            depth += 1
+        labels = name.count(".") + 1
+        below = self._below
+        for depth in self._depths:
+            if depth >= labels:  # a suffix rule covers the names below it, not its own
+                break
+            hit = below.get(name.split(".", labels - depth)[-1])
+            if hit:
+                hits.append(hit)
         return _merged(hits)
 
     def match_ip(self, ip: IPAddress) -> tuple[int, ...]:
