@@ -26,7 +26,8 @@ Rules that keep this safe:
   passed on to mitmproxy's protocol, so its writers' ``drain()`` keeps working;
 - the relays read into one shared buffer (``_Relay``), used again only when the
   destination has taken the whole chunk; a destination that keeps part of it to send
-  later keeps that buffer, and the next read gets a new one;
+  later keeps that buffer, the next read gets a new one, and while anything is queued
+  for a destination it is handed copies;
 - a transport that is not a plain stream stays on mitmproxy's path; a destination found
   closing gets mitmproxy's protocol back, with the chunk in hand, to decide; an error
   while relaying (a failed write or resume) closes both ends of the tunnel.
@@ -105,7 +106,12 @@ class _Relay(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         buf = _Relay.shared
         assert buf is not None  # get_buffer came first
-        if _relay(self.d, buf[:nbytes]):
+        if self.d.dst_tr.get_write_buffer_size():
+            # The destination is behind and will queue this chunk: give it a copy, so
+            # that at most one shared buffer per direction waits in a queue, however
+            # small the chunks that follow it.
+            _relay(self.d, buf[:nbytes].tobytes())
+        elif _relay(self.d, buf[:nbytes]):
             _Relay.shared = None  # the destination still sends from this one
 
     def eof_received(self) -> bool | None:
@@ -278,7 +284,7 @@ def _count(counter: ByteCounter, up: bool, n: int) -> None:
         counter.bytes_down += n
 
 
-def _relay(d: _Direction, data: memoryview) -> bool:
+def _relay(d: _Direction, data: bytes | memoryview) -> bool:
     """Write one chunk to the destination. True when the destination still holds a
     reference to ``data`` (it could not send all of it, or the chunk went elsewhere)."""
     if d.done or d.dst_tr.is_closing():
