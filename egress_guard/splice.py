@@ -26,8 +26,8 @@ Rules that keep this safe:
   passed on to mitmproxy's protocol, so its writers' ``drain()`` keeps working;
 - the relays read into one shared buffer (``_Relay``), used again only when the
   destination has taken the whole chunk; a destination that keeps part of it to send
-  later keeps that buffer, the next read gets a new one, and while anything is queued
-  for a destination it is handed copies;
+  later keeps that buffer and the next read gets a new one; small chunks, and every
+  chunk for a destination with anything queued, are relayed as copies;
 - a transport that is not a plain stream stays on mitmproxy's path; a destination found
   closing gets mitmproxy's protocol back, with the chunk in hand, to decide; an error
   while relaying (a failed write or resume) closes both ends of the tunnel.
@@ -75,6 +75,9 @@ class _Direction:
 
 #: bytes a relay reads per call: what uvloop reads per call anyway
 _CHUNK = 256 * 1024
+#: chunks smaller than this are relayed as a copy, never as a view of the shared buffer,
+#: so a buffer left in a destination's queue holds at least a quarter of its size in data
+_MIN_VIEW = 64 * 1024
 
 
 class _Relay(asyncio.BufferedProtocol):
@@ -82,7 +85,8 @@ class _Relay(asyncio.BufferedProtocol):
 
     A buffered protocol: the transport reads straight into a buffer of ours, where a
     plain protocol gets a new bytes object per read (an allocation and a copy of up to
-    256 KiB). Every relay reads into the same buffer, as uvloop's own reads do: a read
+    256 KiB); the large chunks of a bulk transfer then go to the destination without a
+    copy. Every relay reads into the same buffer, as uvloop's own reads do: a read
     and its relaying run back to back on the one event loop, and the buffer is used
     again only when the destination took the whole chunk. A transport that could send
     only part of it keeps a view of the rest (uvloop and asyncio both do; neither
@@ -106,13 +110,18 @@ class _Relay(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         buf = _Relay.shared
         assert buf is not None  # get_buffer came first
-        if self.d.dst_tr.get_write_buffer_size():
-            # The destination is behind and will queue this chunk: give it a copy, so
-            # that at most one shared buffer per direction waits in a queue, however
-            # small the chunks that follow it.
+        if nbytes < _MIN_VIEW or self.d.dst_tr.get_write_buffer_size():
+            # A small chunk, or a destination that is behind and will queue it: a copy.
+            # A view would keep the whole buffer in the queue, 256 KiB for a few bytes
+            # (a client that stops reading and a server that trickles could pin one per
+            # tunnel and direction); and behind a queue, every chunk would pin another.
             _relay(self.d, buf[:nbytes].tobytes())
-        elif _relay(self.d, buf[:nbytes]):
-            _Relay.shared = None  # the destination still sends from this one
+            return
+        # Not shared again until the destination is known to have taken all of it:
+        # whatever goes wrong in between, the next read gets a new buffer.
+        _Relay.shared = None
+        if not _relay(self.d, buf[:nbytes]):
+            _Relay.shared = buf
 
     def eof_received(self) -> bool | None:
         orig = _give_back(self.d)
