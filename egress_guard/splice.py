@@ -294,8 +294,9 @@ def _count(counter: ByteCounter, up: bool, n: int) -> None:
 
 
 def _relay(d: _Direction, data: bytes | memoryview) -> bool:
-    """Write one chunk to the destination. True when the destination still holds a
-    reference to ``data`` (it could not send all of it, or the chunk went elsewhere)."""
+    """Write one chunk to the destination. False only when nothing can still refer to
+    ``data``: the destination sent all of it, or mitmproxy was handed a copy. True when
+    the destination queued part of it, or the write failed and the tunnel was aborted."""
     if d.done or d.dst_tr.is_closing():
         _give_back(d).data_received(bytes(data))  # mitmproxy decides what a dead end gets
         return False
