@@ -25,6 +25,18 @@ class BenchError(RuntimeError):
     pass
 
 
+#: what one tunnel or download can fail with: counted as an error, the phase goes on
+CLIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    BenchError,
+    ssl.SSLError,
+    asyncio.IncompleteReadError,
+    TimeoutError,
+)
+#: the same for a request of the load phases, which also reads a response head
+_REQUEST_ERRORS: tuple[type[BaseException], ...] = (*CLIENT_ERRORS, asyncio.LimitOverrunError)
+
+
 @dataclass
 class Target:
     upstream_port: int
@@ -145,14 +157,7 @@ async def load(t: Target, concurrency: int, duration: float, max_requests: int) 
             budget[0] -= 1
             try:
                 lat = await one_request(t)
-            except (
-                OSError,
-                BenchError,
-                ssl.SSLError,
-                asyncio.IncompleteReadError,
-                TimeoutError,
-                asyncio.LimitOverrunError,
-            ) as e:
+            except _REQUEST_ERRORS as e:
                 res.error(e)
                 if res.errors > 50 and res.ok == 0:
                     return
@@ -251,13 +256,7 @@ class IdleTunnels:
                     await asyncio.wait_for(
                         _get(reader, writer, t, b"/", close=False), STEP_TIMEOUT_S
                     )
-                except (
-                    OSError,
-                    BenchError,
-                    ssl.SSLError,
-                    asyncio.IncompleteReadError,
-                    TimeoutError,
-                ):
+                except CLIENT_ERRORS:
                     self.errors += 1
 
         await asyncio.gather(*(one() for _ in range(n)))

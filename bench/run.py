@@ -59,8 +59,8 @@ class Stats:
     bulk_py: list[float] = field(default_factory=list)
     #: proxy CPU seconds during the bulk downloads and MB they moved, summed over all
     #: rounds (curl; asyncio): one download's CPU is a tick or two of the kernel's clock
-    bulk_cpu: Totals = field(default_factory=lambda: Totals())
-    bulk_py_cpu: Totals = field(default_factory=lambda: Totals())
+    bulk_cpu: Totals = field(default_factory=Totals)
+    bulk_py_cpu: Totals = field(default_factory=Totals)
     ok: int = 0
     errors: int = 0
     first_error: str | None = None
@@ -179,13 +179,7 @@ async def measure_bulk(live: list[Stats], a: argparse.Namespace) -> None:
                     if s.child:
                         cpu.cpu_s += s.child.cpu_seconds() - cpu0
                         cpu.mb += mb
-                except (
-                    OSError,
-                    loadgen.BenchError,
-                    ssl.SSLError,
-                    asyncio.IncompleteReadError,
-                    TimeoutError,
-                ) as e:
+                except loadgen.CLIENT_ERRORS as e:
                     s.errors += 1
                     s.first_error = s.first_error or f"bulk ({name}): {type(e).__name__}: {e}"
 
