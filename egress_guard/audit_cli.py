@@ -585,10 +585,10 @@ def _targets(records: Iterable[Record], src: Engine | None, src_name: str | None
         if o.get("event") != "decision":
             continue
         seen.decisions += 1
-        host, port = o.get("host"), o.get("port")
+        host, port = o.get("host"), _int(o.get("port"))
         decision, reason = str(o.get("decision")), str(o.get("reason"))
         record_kind = f"{decision} {reason}"
-        if not isinstance(host, str) or not host or not isinstance(port, int) or port < 1:
+        if not isinstance(host, str) or not host or port not in range(1, 65536):
             seen.leave_out("(no target)", record_kind, rec.where)
             continue
         try:
