@@ -8,8 +8,9 @@ verify   recompute the hash chain over the files in chain order (a rotated set g
          the newest file cannot be seen by any unkeyed chain: compare the printed head hash
          with one recorded elsewhere.
 summary  per destination and per blocked host: counts by decision, bytes, first/last seen.
-learn    the smallest version-1 policy that would have allowed every host:port seen in
-         decision events, using catalog entries (``- use:``) where one covers the target.
+learn    the smallest version-1 policy allowing the host:port targets of allowed and
+         plainly not-listed decisions, using catalog entries (``- use:``) where one covers
+         the target; never a denied or non-public target (docs/audit-log.md).
 
 Exit codes as elsewhere: 0 ok, 1 something found wrong, 2 usage or I/O error.
 """
