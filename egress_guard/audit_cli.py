@@ -8,8 +8,9 @@ verify   recompute the hash chain over the files in chain order (a rotated set g
          the newest file cannot be seen by any unkeyed chain: compare the printed head hash
          with one recorded elsewhere.
 summary  per destination and per blocked host: counts by decision, bytes, first/last seen.
-learn    the smallest version-1 policy that would have allowed every host:port seen in
-         decision events, using catalog entries (``- use:``) where one covers the target.
+learn    the smallest version-1 policy allowing the host:port targets of allowed and
+         plainly not-listed decisions, using catalog entries (``- use:``) where one covers
+         the target; never a denied or non-public target (docs/audit-log.md).
 
 Exit codes as elsewhere: 0 ok, 1 something found wrong, 2 usage or I/O error.
 """
@@ -25,12 +26,30 @@ import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path as FsPath
 from typing import Any, BinaryIO
 
 from egress_guard.audit import GENESIS, line_hash
-from egress_guard.engine import HostIndex
-from egress_guard.normalize import Host, NormalizationError, normalize_host
-from egress_guard.policy import CatalogEntry, PolicyError, load_catalog, load_policy_text
+from egress_guard.engine import Decision, Engine, HostIndex, Match, special_class
+from egress_guard.normalize import Host, NormalizationError, canonical_ip, normalize_host
+from egress_guard.policy import (
+    CatalogEntry,
+    EffectivePolicy,
+    PolicyError,
+    load_catalog,
+    load_policy,
+    load_policy_text,
+    load_preset,
+)
+from egress_guard.policy.model import DenyRule
+from egress_guard.policy.patterns import parse_pattern
+from egress_guard.policy.writer import (
+    clients_lines,
+    comment_safe,
+    deny_lines,
+    destination_lines,
+    network_lines,
+)
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -451,8 +470,58 @@ def render_summary(s: Mapping[str, Any]) -> str:
 
 # -- learn ---------------------------------------------------------------------------------
 
-#: decisions that say nothing about whether the destination should be allowed
-_NOT_LEARNED = frozenset({"invalid_host", "self_connection"})
+#: The records a destination may be learned from, by decision: traffic the policy let
+#: through, and attempts refused only because no allow rule listed the host, its port or
+#: its address (``block`` is the same attempt in enforce mode). An allowlist: any other
+#: reason, and any reason or decision this version does not know, is left out.
+_NOT_LISTED = frozenset({"not_allowlisted", "port_not_allowed", "ip_literal_not_allowed"})
+LEARNABLE: Mapping[str, frozenset[str]] = {
+    "allow": frozenset({"allowlisted"}),
+    "would_block": _NOT_LISTED,
+    "block": _NOT_LISTED,
+}
+#: A target with even one record for one of these reasons is never learned, whatever its
+#: other records say: a deny rule refused it, it is (or resolved to) a non-public
+#: address, or it is the guard itself.
+TAINTING = frozenset({"denylisted", "private_address", "self_connection"})
+#: Names that are a non-public address whatever DNS answers.
+_SPECIAL_NAMES = {
+    "localhost": "loopback",
+    "metadata.google.internal": "metadata",
+    "metadata.goog": "metadata",
+}
+
+
+def special_target(host: Host) -> str | None:
+    """The non-public class of a target itself (an IP literal, or a name such as
+    ``localhost``), without DNS; None for an ordinary name or a public address."""
+    if host.ip is not None:
+        return special_class(canonical_ip(host.ip))
+    if host.value.endswith(".localhost"):
+        return "loopback"
+    return _SPECIAL_NAMES.get(host.value)
+
+
+def _special_pattern(raw: str) -> bool:
+    """Whether a host pattern names a non-public address or name."""
+    try:
+        p = parse_pattern(raw)
+    except ValueError:
+        return True
+    if p.network is not None:
+        net = p.network
+        return any(special_class(canonical_ip(a)) for a in (net[0], net[-1]))
+    name = str(p).lstrip("*.")
+    return name in _SPECIAL_NAMES or name == "localhost" or name.endswith(".localhost")
+
+
+def _source_allows(src: Engine, host: Host, port: int) -> bool:
+    """Whether the source policy itself allows host:port outright (in enforce terms)."""
+    verdict = src.decide_normalized(host, port)
+    if not isinstance(verdict, Match):
+        return False
+    addrs = src.static_addresses(verdict.host)
+    return addrs is None or src.decide_addresses(verdict, addrs).allowed
 
 
 @dataclass
@@ -479,18 +548,35 @@ class _Target:
 
 
 @dataclass
+class _Left:
+    """Records of one target left out for one reason."""
+
+    count: int
+    first: str
+
+
+@dataclass
 class _Seen:
     targets: list[_Target]
-    skipped: list[str]
+    #: (host:port, why) -> how many records, first where
+    left_out: dict[tuple[str, str], _Left]
     decisions: int = 0
     first_ts: str | None = None
     last_ts: str | None = None
 
+    def leave_out(self, label: str, why: str, where: str, count: int = 1) -> None:
+        left = self.left_out.get((label, why))
+        if left is None:
+            self.left_out[(label, why)] = _Left(count, where)
+        else:
+            left.count += count
 
-def _targets(records: Iterable[Record]) -> _Seen:
+
+def _targets(records: Iterable[Record], src: Engine | None, src_name: str | None) -> _Seen:
+    """The candidate targets, and the records left out with why."""
     found: dict[tuple[str, int], _Target] = {}
-    seen = _Seen([], [])
-    skipped = seen.skipped
+    tainted: dict[tuple[str, int], str] = {}
+    seen = _Seen([], {})
     for rec in records:
         o = rec.obj
         ts = o.get("ts")
@@ -500,31 +586,61 @@ def _targets(records: Iterable[Record]) -> _Seen:
         if o.get("event") != "decision":
             continue
         seen.decisions += 1
-        host, port, reason = o.get("host"), o.get("port"), str(o.get("reason"))
-        if reason in _NOT_LEARNED:
-            skipped.append(f"{rec.where} ({reason})")
+        host, port = o.get("host"), _int(o.get("port"))
+        decision, reason = str(o.get("decision")), str(o.get("reason"))
+        record_kind = f"{decision} {reason}"
+        if not isinstance(host, str) or not host or port not in range(1, 65536):
+            seen.leave_out("(no target)", record_kind, rec.where)
             continue
-        if not isinstance(host, str) or not host or not isinstance(port, int) or port < 1:
-            continue  # client-level decisions (client_not_allowed ...) name no target
         try:
             h = normalize_host(host)
         except NormalizationError:
-            skipped.append(f"{rec.where} (invalid host)")
+            seen.leave_out(_hostport(host, port), f"{record_kind}; invalid host", rec.where)
             continue
-        t = found.setdefault((h.value, port), _Target(h, port, rec.where))
-        decision = str(o.get("decision"))
+        key = (h.value, port)
+        label = _hostport(h.value, port)
+        if reason in TAINTING:
+            tainted.setdefault(key, reason)
+        if reason not in LEARNABLE.get(decision, ()):
+            seen.leave_out(label, record_kind, rec.where)
+            continue
+        cls = special_target(h)
+        if cls is not None:
+            if cls.startswith("metadata"):
+                why = f"{record_kind}; {cls} address: never learned"
+            elif src is None:
+                why = f"{record_kind}; {cls} address (give --policy if your policy allows it)"
+            elif not _source_allows(src, h, port):
+                why = f"{record_kind}; {cls} address not allowed by {src_name}"
+            else:
+                why = None
+            if why is not None:
+                seen.leave_out(label, why, rec.where)
+                continue
+        t = found.setdefault(key, _Target(h, port, rec.where))
         t.counts[decision] = t.counts.get(decision, 0) + 1
         t.reasons[reason] = t.reasons.get(reason, 0) + 1
         if isinstance(o.get("destination"), str):
             t.dests.add(o["destination"])
-    seen.targets = list(found.values())
+    for key, t in found.items():
+        if key in tainted:
+            n = sum(t.counts.values())
+            seen.leave_out(t.label, f"also recorded as {tainted[key]}: never learned", t.first, n)
+        else:
+            seen.targets.append(t)
     return seen
 
 
 def _covering(
     targets: Sequence[_Target], catalog: Mapping[str, CatalogEntry]
 ) -> dict[str, list[int]]:
-    usable = [(n, e) for n, e in catalog.items() if e.usable is None]
+    # An entry that names a non-public address or name (local model servers) is never
+    # taken whole: a target it covers gets a destination of its own, no wider.
+    usable = [
+        (n, e)
+        for n, e in catalog.items()
+        if e.usable is None and not any(_special_pattern(h) for h in e.hosts)
+    ]
     index = HostIndex((i, e.hosts) for i, (_, e) in enumerate(usable))
     covers: dict[str, list[int]] = {}
     for ti, t in enumerate(targets):
@@ -571,36 +687,48 @@ def _dest_name(host: str, taken: set[str]) -> str:
     return name
 
 
-def learn(
-    records: Iterable[Record],
+@dataclass(frozen=True)
+class Source:
+    """The policy the audit log was written under (``audit learn --policy``)."""
+
+    policy: EffectivePolicy
+    path: str
+
+
+def _render(
+    seen: _Seen,
+    targets: Sequence[_Target],
     catalog: Mapping[str, CatalogEntry],
     sources: Sequence[str],
+    source: Source | None,
+    deny: Sequence[DenyRule],
 ) -> str:
-    """A version-1 policy allowing every host:port in the decision events, as YAML text."""
-    seen = _targets(records)
-    targets, skipped = seen.targets, seen.skipped
     chosen, uncovered = _choose(targets, catalog)
+    c = comment_safe
     out = [
-        f"# Learned by `egress-guard audit learn` from {', '.join(sources)}",
+        f"# Learned by `egress-guard audit learn` from {c(', '.join(sources))}",
         f"# {seen.decisions} decision event(s)"
-        + (f" from {seen.first_ts} to {seen.last_ts}" if seen.first_ts else "")
-        + f"; {len(targets)} host:port target(s).",
+        + (f" from {c(seen.first_ts)} to {c(seen.last_ts or '')}" if seen.first_ts else "")
+        + f"; {len(targets)} host:port target(s) learned; "
+        + f"{sum(x.count for x in seen.left_out.values())} record(s) left out (listed at the end).",
         "# It allows what was contacted or attempted in that window, nothing else known.",
         "# Review every line before use: an attempt is not proof that a destination is needed.",
+        "# Never learned: denied, non-public (private, loopback, link-local, metadata ...),",
+        "# DNS-failed, malformed or client-refused attempts, or any other refusal reason.",
     ]
-    if skipped:
-        out.append(f"# Not learned ({len(skipped)}): {', '.join(skipped[:10])}")
-        if len(skipped) > 10:
-            out.append(f"#   ... and {len(skipped) - 10} more")
+    if source is not None:
+        out.append(f"# deny, network and clients: copied from {c(source.path)}.")
+    else:
+        out.append("# deny: the minimal preset's (cloud metadata); give --policy to copy yours.")
     out += ["version: 1", "mode: enforce"]
     if not targets:
-        out.append("destinations: []  # nothing seen: this policy blocks everything")
-        return "\n".join(out) + "\n"
-    out.append("destinations:")
+        out.append("destinations: []  # nothing learned: this policy blocks everything")
+    else:
+        out.append("destinations:")
     for name, ids in chosen:
         entry = catalog[name]
-        out.append(f"  # catalog entry {name!r} ({entry.purpose}) covers:")
-        out += [f"  #   {targets[i].describe()}" for i in ids]
+        out.append(f"  # catalog entry {name!r} ({c(entry.purpose)}) covers:")
+        out += [f"  #   {c(targets[i].describe())}" for i in ids]
         out.append(f"  - use: {name}")
     by_host: dict[str, list[_Target]] = {}
     for i in uncovered:
@@ -609,19 +737,82 @@ def learn(
     for host, group in by_host.items():
         ports = sorted(t.port for t in group)
         out.append("  # no catalog entry covers:")
-        out += [f"  #   {t.describe()}" for t in group]
-        if any("private_address" in t.reasons for t in group):
-            out.append(
-                "  # note: a private address (or it resolved to one): that stays blocked "
-                "unless the address is also in network.allow_cidrs"
-            )
+        out += [f"  #   {c(t.describe())}" for t in group]
+        purpose = "learned: first seen at " + group[0].first
         out += [
-            f"  - name: {_dest_name(host, taken)}",
-            f"    purpose: {json.dumps('learned: first seen at ' + group[0].first)}",
-            f"    hosts: [{json.dumps(host)}]",
-            f"    ports: [{', '.join(str(p) for p in ports)}]",
+            f"  {line}"
+            for line in destination_lines(_dest_name(host, taken), purpose, [host], ports)
         ]
+    out.append("deny:" if deny else "deny: []")
+    out += deny_lines(deny)
+    if source is not None:
+        out += network_lines(source.policy.network)
+        out += clients_lines(source.policy.clients, FsPath(source.path).parent)
+    if seen.left_out:
+        out += ["", "# Left out, never learned (host:port - why - records - first at):"]
+        for (label, why), left in sorted(
+            seen.left_out.items(), key=lambda kv: (-kv[1].count, kv[0])
+        ):
+            out.append(f"#   {c(label)} - {c(why)} - {left.count} - {c(left.first)}")
     return "\n".join(out) + "\n"
+
+
+def _refused(eng: Engine, t: _Target) -> Decision | None:
+    """The learned policy's own verdict on a learned target: None when it allows it."""
+    verdict = eng.decide_normalized(t.host, t.port)
+    if isinstance(verdict, Decision):
+        return verdict
+    addrs = eng.static_addresses(verdict.host)
+    if addrs is None:
+        return None  # a name: its addresses are checked when it is used
+    d = eng.decide_addresses(verdict, addrs)
+    return None if d.allowed else d
+
+
+@dataclass(frozen=True)
+class Learned:
+    text: str
+    #: targets learned, and (host:port, why) pairs left out
+    learned: int
+    left_out: int
+
+
+def learn(
+    records: Iterable[Record],
+    catalog: Mapping[str, CatalogEntry],
+    sources: Sequence[str],
+    source: Source | None = None,
+) -> Learned:
+    """A version-1 policy allowing the host:port targets the rules above may learn, as
+    YAML text; with ``source``, its deny, network and clients sections too.
+
+    Each candidate is run through the engine built from the learned policy itself (deny
+    rules included): one the policy would not allow is left out and the policy written
+    again, until it allows every target it names. Raises PolicyError when the text does
+    not load (a bug)."""
+    src = Engine(source.policy, catalog) if source is not None else None
+    seen = _targets(records, src, source.path if source is not None else None)
+    deny = source.policy.deny if source is not None else load_preset("minimal").deny
+    deny_from = source.path if source is not None else "the minimal preset"
+    targets = list(seen.targets)
+    while True:
+        text = _render(seen, targets, catalog, sources, source, deny)
+        eng = Engine(load_policy_text(text, "learned.yaml"), catalog)
+        keep: list[_Target] = []
+        for t in targets:
+            d = _refused(eng, t)
+            if d is None:
+                keep.append(t)
+                continue
+            why = (
+                f"denied by the deny rules of {deny_from}"
+                if d.reason == "denylisted"
+                else f"{d.reason} under the learned policy ({d.detail or d.hint or ''})"
+            )
+            seen.leave_out(t.label, why, t.first, sum(t.counts.values()))
+        if len(keep) == len(targets):
+            return Learned(text, len(targets), len(seen.left_out))
+        targets = keep
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -675,29 +866,40 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_learn(args: argparse.Namespace) -> int:
     files = _files(args)
     stats = ReadStats()
+    source: Source | None = None
+    if args.policy:
+        try:
+            source = Source(load_policy(args.policy), args.policy)
+        except PolicyError as e:
+            print(e.render(), file=sys.stderr)
+            return EXIT_ERROR
     try:
-        text = learn(iter_records(files, stats), load_catalog(), files)
+        learned = learn(iter_records(files, stats), load_catalog(), files, source)
     except OSError as e:
         print(f"egress-guard audit learn: {e}", file=sys.stderr)
         return EXIT_ERROR
-    if stats.unreadable:
-        print(f"warning: {stats.unreadable} unreadable line(s) skipped", file=sys.stderr)
-    try:  # never hand out a policy that does not load
-        load_policy_text(text, args.output or "learned.yaml")
-    except PolicyError as e:
+    except PolicyError as e:  # never hand out a policy that does not load
         print(
             "egress-guard audit learn: the learned policy does not load (a bug):", file=sys.stderr
         )
         print(e.render(), file=sys.stderr)
         return EXIT_ERROR
+    if stats.unreadable:
+        print(f"warning: {stats.unreadable} unreadable line(s) skipped", file=sys.stderr)
+    if learned.left_out:
+        print(
+            f"note: {learned.left_out} left-out target(s) and reason(s), never learned: "
+            "listed at the end of the policy",
+            file=sys.stderr,
+        )
     if args.output:
         tmp = f"{args.output}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.write(learned.text)
         os.replace(tmp, args.output)
         print(f"wrote {args.output}", file=sys.stderr)
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(learned.text)
     return EXIT_OK
 
 
@@ -722,7 +924,17 @@ def add_audit_parser(sub: Any) -> None:
     s.add_argument("--json", action="store_true", help="JSON instead of tables")
     s.set_defaults(func=cmd_summary)
 
-    lp = asub.add_parser("learn", help="a minimal policy allowing every host:port seen")
+    lp = asub.add_parser(
+        "learn",
+        help="a minimal policy allowing the host:port targets seen (never denied or "
+        "non-public ones)",
+    )
     lp.add_argument("files", nargs="+", metavar="FILE", help=files_help)
+    lp.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="the policy the log was written under: its deny, network and clients sections "
+        "are copied, and nothing its deny rules deny is learned",
+    )
     lp.add_argument("-o", "--output", metavar="FILE", help="write the policy here (default stdout)")
     lp.set_defaults(func=cmd_learn)

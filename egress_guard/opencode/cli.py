@@ -15,7 +15,7 @@ from typing import Any
 
 from egress_guard.opencode import doctor as doc
 from egress_guard.opencode.config import ConfigError, OpenCodeConfig, load_config, parse_url
-from egress_guard.opencode.policygen import comment_safe, generate
+from egress_guard.opencode.policygen import generate
 from egress_guard.policy import (
     PolicyError,
     load_catalog,
@@ -23,6 +23,7 @@ from egress_guard.policy import (
     load_policy_text,
     load_preset,
 )
+from egress_guard.policy.writer import comment_safe
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 

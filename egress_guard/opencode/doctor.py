@@ -28,9 +28,10 @@ from egress_guard.engine import Engine, Match
 from egress_guard.normalize import NormalizationError, normalize_host
 from egress_guard.opencode import config as oc
 from egress_guard.opencode.config import JsoncDoc, OpenCodeConfig
-from egress_guard.opencode.policygen import comment_safe, sanitize_name
+from egress_guard.opencode.policygen import sanitize_name
 from egress_guard.policy import CatalogEntry, EffectivePolicy
 from egress_guard.policy.patterns import is_public_suffix
+from egress_guard.policy.writer import comment_safe
 
 Severity = Literal["error", "warning", "info"]
 SEVERITY_ORDER: Mapping[str, int] = {"error": 0, "warning": 1, "info": 2}

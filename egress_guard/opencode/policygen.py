@@ -25,7 +25,6 @@ opencode.json cannot write policy lines.
 
 from __future__ import annotations
 
-import json
 import re
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -35,12 +34,10 @@ from egress_guard.opencode import config as oc
 from egress_guard.opencode.config import Endpoint, OpenCodeConfig, UrlSetting
 from egress_guard.policy import CatalogEntry, load_preset
 from egress_guard.policy.model import DenyRule
+from egress_guard.policy.writer import comment_safe, deny_lines, destination_lines
 
 LOOPBACK_NAME_HOSTS = ("localhost", "127.0.0.1", "::1")
 _NAME_BAD = re.compile(r"[^a-z0-9_-]+")
-_PLAIN_SCALAR = re.compile(r"^[a-z][a-z0-9_.-]*$")
-#: plain scalars YAML 1.1 reads as booleans or null
-_YAML_WORDS = frozenset({"y", "n", "yes", "no", "on", "off", "true", "false", "null"})
 
 
 @dataclass
@@ -69,17 +66,6 @@ def sanitize_name(raw: str, fallback: str = "destination") -> str:
     name = _NAME_BAD.sub("-", raw.lower()).lstrip("-_")
     name = re.sub(r"-{2,}", "-", name)[:63].rstrip("-_")
     return name or fallback
-
-
-def comment_safe(text: str) -> str:
-    """Text for a YAML comment: every line break and control character escaped."""
-    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
-
-
-def yaml_str(value: str) -> str:
-    if _PLAIN_SCALAR.match(value) and value not in _YAML_WORDS:
-        return value
-    return json.dumps(value, ensure_ascii=True)
 
 
 class _Builder:
@@ -465,12 +451,7 @@ class _Builder:
             if b.use:
                 body = [f"- use: {b.use}"]
             else:
-                body = [
-                    f"- name: {yaml_str(b.name)}",
-                    f"  purpose: {json.dumps(b.purpose, ensure_ascii=True)}",
-                    f"  hosts: [{', '.join(yaml_str(h) for h in b.hosts)}]",
-                    f"  ports: [{', '.join(str(p) for p in b.ports)}]",
-                ]
+                body = destination_lines(b.name, b.purpose, b.hosts, b.ports)
             out += [("  " if b.active else "  # ") + line for line in body]
         if self.deny:
             out += [
@@ -478,12 +459,7 @@ class _Builder:
                 "# Copied from the minimal preset: denied in every mode, audit mode included.",
                 "deny:",
             ]
-            for rule in self.deny:
-                out.append(f"  - hosts: [{', '.join(yaml_str(h) for h in rule.hosts)}]")
-                if rule.ports is not None:
-                    out.append(f"    ports: [{', '.join(str(p) for p in rule.ports)}]")
-                if rule.comment:
-                    out.append(f"    comment: {json.dumps(rule.comment, ensure_ascii=True)}")
+            out += deny_lines(self.deny)
         out += ["", "# Not in this policy:"]
         for t in self.trailer:
             out += _wrap(comment_safe(t), "# - ", "#   ")
