@@ -25,6 +25,7 @@ from adversarial.stats import STATS
 from support.adv_lab import EGRESS_GUARD, Lab, audit_verify, wait_for
 from support.adv_wire import client_hello, exchange, open_conn, read_outcome
 from support.ports import free_port
+from support.prereq import missing
 from support.procfs import proc_stats
 from support.proxy import ProxyProcess
 
@@ -334,7 +335,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         text=True,
     )
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+        missing(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
     try:
         yield mnt
     finally:
