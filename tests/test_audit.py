@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.prereq import missing
 
 from egress_guard import audit
 from egress_guard.audit import GENESIS, AuditLog, read_tail, rotated_set, scrub_path, scrub_text
@@ -409,7 +410,7 @@ def test_unwritable_path_is_unhealthy_then_recovers(
 
 def test_disk_full_flips_healthy(capsys: pytest.CaptureFixture[str]) -> None:
     if not os.path.exists("/dev/full"):
-        pytest.skip("no /dev/full")
+        missing("no /dev/full")
     log = AuditLog("/dev/full", retry_interval=0.05)
     try:
         assert not log.healthy

@@ -13,6 +13,7 @@ import httpx
 import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.prereq import missing
 
 from egress_guard.engine import Decision
 from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent
@@ -451,9 +452,10 @@ def _ipv6_loopback() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
 @pytest.mark.parametrize("host", ["::1", "[::1]"])
 def test_ipv6_host_literal(metrics: Metrics, client: httpx.Client, host: str) -> None:
+    if not _ipv6_loopback():
+        missing("no IPv6 loopback")
     srv = start_http_server(metrics, host, 0, lambda: True)
     try:
         assert srv.host == "::1"

@@ -6,12 +6,7 @@
 ``doctor``     ``egress-guard doctor``: settings and environment that defeat the guard.
 """
 
-from egress_guard.opencode.config import (
-    ConfigError,
-    OpenCodeConfig,
-    Placeholder,
-    load_config,
-    parse_jsonc,
-)
+from egress_guard.opencode.config import OpenCodeConfig, load_config
+from egress_guard.opencode.jsonc import ConfigError, Placeholder, parse_jsonc
 
 __all__ = ["ConfigError", "OpenCodeConfig", "Placeholder", "load_config", "parse_jsonc"]

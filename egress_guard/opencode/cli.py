@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from egress_guard.opencode import doctor as doc
-from egress_guard.opencode.config import ConfigError, OpenCodeConfig, load_config, parse_url
+from egress_guard.opencode.config import OpenCodeConfig, load_config
+from egress_guard.opencode.contacts import parse_url
+from egress_guard.opencode.jsonc import ConfigError
 from egress_guard.opencode.policygen import generate
 from egress_guard.policy import (
     PolicyError,

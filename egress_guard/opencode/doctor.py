@@ -26,8 +26,10 @@ from publicsuffixlist import PublicSuffixList
 
 from egress_guard.engine import Engine, Match
 from egress_guard.normalize import NormalizationError, normalize_host
-from egress_guard.opencode import config as oc
-from egress_guard.opencode.config import JsoncDoc, OpenCodeConfig
+from egress_guard.opencode import contacts as oc
+from egress_guard.opencode import jsonc
+from egress_guard.opencode.config import OpenCodeConfig
+from egress_guard.opencode.jsonc import JsoncDoc
 from egress_guard.opencode.policygen import sanitize_name
 from egress_guard.policy import CatalogEntry, EffectivePolicy
 from egress_guard.policy.patterns import is_public_suffix
@@ -239,10 +241,10 @@ def discover(env: Mapping[str, str], cwd: FsPath) -> tuple[list[JsoncDoc], list[
             p = FsPath(base) / "opencode" / name
             places.append(str(p))
             if p.is_file():
-                docs.append(oc.read_jsonc(p))
+                docs.append(jsonc.read_jsonc(p))
     if env.get("OPENCODE_CONFIG"):
         places.append(env["OPENCODE_CONFIG"])
-        docs.append(oc.read_jsonc(env["OPENCODE_CONFIG"]))
+        docs.append(jsonc.read_jsonc(env["OPENCODE_CONFIG"]))
     if not truthy(env.get("OPENCODE_DISABLE_PROJECT_CONFIG")):
         chain: list[FsPath] = []
         for d in (cwd, *cwd.parents):
@@ -254,10 +256,10 @@ def discover(env: Mapping[str, str], cwd: FsPath) -> tuple[list[JsoncDoc], list[
                 p = d / name
                 places.append(str(p))
                 if p.is_file():
-                    docs.append(oc.read_jsonc(p))
+                    docs.append(jsonc.read_jsonc(p))
     if env.get("OPENCODE_CONFIG_CONTENT"):
         places.append("OPENCODE_CONFIG_CONTENT")
-        docs.append(oc.parse_jsonc(env["OPENCODE_CONFIG_CONTENT"], "OPENCODE_CONFIG_CONTENT"))
+        docs.append(jsonc.parse_jsonc(env["OPENCODE_CONFIG_CONTENT"], "OPENCODE_CONFIG_CONTENT"))
     return docs, places
 
 
@@ -360,7 +362,7 @@ class _Doctor:
                 'set "server": {"mdns": false} in opencode.json',
                 self.where("server", "mdns"),
             )
-        elif isinstance(value, oc.Placeholder):
+        elif isinstance(value, jsonc.Placeholder):
             self.add(
                 "warning",
                 "mdns",

@@ -30,8 +30,9 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from egress_guard.opencode import config as oc
-from egress_guard.opencode.config import Endpoint, OpenCodeConfig, UrlSetting
+from egress_guard.opencode import contacts as oc
+from egress_guard.opencode.config import OpenCodeConfig
+from egress_guard.opencode.contacts import Endpoint, UrlSetting
 from egress_guard.policy import CatalogEntry, load_preset
 from egress_guard.policy.model import DenyRule
 from egress_guard.policy.writer import comment_safe, deny_lines, destination_lines

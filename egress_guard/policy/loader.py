@@ -118,7 +118,9 @@ def _validation_error(doc: SourceDoc, err: ValidationError) -> PolicyError:
 
 def _validate_file(doc: SourceDoc) -> PolicyFile:
     if not isinstance(doc.data, dict):
-        raise PolicyError(doc.file, 1, "a policy must be a mapping", "start with 'version: 1'")
+        raise PolicyError(
+            doc.file, doc.line_of(()) or 1, "a policy must be a mapping", "start with 'version: 1'"
+        )
     try:
         return PolicyFile.model_validate(doc.data)
     except ValidationError as e:

@@ -127,9 +127,6 @@ DestinationItem = Annotated[
     Discriminator(_entry_kind),
 ]
 
-#: Tag names pydantic puts into error locations; they are not keys in the file.
-UNION_TAGS = frozenset({"use", "destination"})
-
 
 class DenyRule(_Strict):
     hosts: list[HostPatternStr] = Field(min_length=1)

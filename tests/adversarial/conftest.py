@@ -1,8 +1,15 @@
 """Fixtures of the adversarial suite: a private network namespace per module, the lab of
-upstreams inside it, and the session-finish hook that writes REPORT.md."""
+upstreams inside it, and the session-finish hook that writes the suite's report.
+
+The report is written outside the source tree (``.cache/reports/adversarial.md`` at the
+repository root, or ``$EG_REPORT_DIR/adversarial.md``): a test run must leave ``git status``
+clean. Its headline figures are also printed in pytest's terminal summary, so a CI log
+shows them.
+"""
 
 from __future__ import annotations
 
+import os
 import resource
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +20,13 @@ from adversarial.report import write_report
 from adversarial.stats import STATS
 from support.adv_lab import Lab
 from support.adv_net import NetNS, assert_isolated, netns_available, remove_stale_namespaces
+from support.prereq import missing
 
-REPORT = Path(__file__).parent / "REPORT.md"
+
+def report_dir() -> Path:
+    """Where the adversarial report goes: never a tracked file."""
+    env = os.environ.get("EG_REPORT_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / ".cache" / "reports"
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +34,7 @@ def netns() -> Iterator[NetNS]:
     """A fresh namespace for this module; the main thread works inside it meanwhile."""
     why = netns_available()
     if why is not None:
-        pytest.skip(f"adversarial suite needs a private network namespace: {why}")
+        missing(f"adversarial suite needs a private network namespace: {why}")
     remove_stale_namespaces()
     ns = NetNS()
     try:
@@ -63,5 +75,24 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not STATS.ran:
         return
     complete = STATS.ran >= ALL_MODULES and session.testsfailed == 0
-    target = REPORT if complete else REPORT.with_name("REPORT.partial.md")
+    out = report_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / ("adversarial.md" if complete else "adversarial.partial.md")
     write_report(STATS, target)
+    STATS.report_path = str(target)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The headline figures in the run's own output (CI logs keep it; the file does not)."""
+    if not STATS.ran:
+        return
+    tr = terminalreporter
+    tr.section("adversarial suite")
+    if "test_bypass" in STATS.ran:
+        tr.write_line(
+            f"bypass corpus: {STATS.spellings_tried} spellings tried, "
+            f"{len(STATS.spellings_passed)} passed through (must be 0), "
+            f"{len(STATS.audit_mismatches)} audit disagreements (must be 0)"
+        )
+    if STATS.report_path:
+        tr.write_line(f"report: {STATS.report_path}")

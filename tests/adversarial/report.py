@@ -1,4 +1,4 @@
-"""Render the adversarial suite's figures as REPORT.md, in a fixed layout."""
+"""Render the adversarial suite's figures as a Markdown report, in a fixed layout."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ def render(s: Stats) -> str:
         "# Adversarial suite report",
         "",
         "Written by `tests/adversarial/conftest.py` at the end of a pytest session that ran",
-        "the whole suite without failures (a partial or failing run writes REPORT.partial.md",
-        "instead; sections of modules that did not run say so). Do not edit.",
+        "the whole suite without failures (a partial or failing run writes",
+        "adversarial.partial.md instead; sections of modules that did not run say so).",
         "",
         f"Modules in this run: {', '.join(sorted(s.ran)) or 'none'}",
         "",

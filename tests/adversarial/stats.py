@@ -1,4 +1,4 @@
-"""Figures the adversarial suite collects for REPORT.md (written by conftest at the end).
+"""Figures the adversarial suite collects for its report (written by conftest at the end).
 
 One module-level registry; tests add to it, ``conftest.pytest_sessionfinish`` renders it.
 """
@@ -30,6 +30,8 @@ class Stats:
     load: dict[str, dict[str, Any]] = field(default_factory=dict)  # test -> figures
     faults: dict[str, dict[str, Any]] = field(default_factory=dict)  # fault -> figures
     notes: list[str] = field(default_factory=list)
+    #: where conftest wrote the report at the end of the session
+    report_path: str | None = None
 
     def count_class(self, cls: str) -> None:
         self.spellings_by_class[cls] = self.spellings_by_class.get(cls, 0) + 1

@@ -62,7 +62,12 @@ _HYGIENE = (
 KNOWN_BYPASSES: dict[str, str] = {}
 
 INDEX = {sp.id: i for i, sp in enumerate(CORPUS)}
-VERDICTS: dict[str, Verdict] = {}
+
+
+@pytest.fixture(scope="module")
+def verdicts() -> dict[str, Verdict]:
+    """Each spelling's verdict by id, for the summary at the end of the module."""
+    return {}
 
 
 def _params() -> Iterator[Any]:
@@ -99,10 +104,12 @@ def test_corpus_is_big_enough() -> None:
 
 
 @pytest.mark.parametrize("sp", list(_params()))
-def test_spelling_is_refused(lab: Lab, guard: ProxyProcess, sp: Spelling) -> None:
+def test_spelling_is_refused(
+    lab: Lab, guard: ProxyProcess, sp: Spelling, verdicts: dict[str, Verdict]
+) -> None:
     src = src_for(INDEX[sp.id])
     v = run_spelling(lab, guard, sp, src)
-    VERDICTS[sp.id] = v
+    verdicts[sp.id] = v
     STATS.spellings_tried += 1
     STATS.count_class(sp.cls)
     if v.passed_through:
@@ -138,15 +145,15 @@ def test_spelling_is_refused(lab: Lab, guard: ProxyProcess, sp: Spelling) -> Non
         assert not allows, f"{v.describe()}: audit says {allows}"
 
 
-def test_corpus_summary(lab: Lab, guard: ProxyProcess) -> None:
+def test_corpus_summary(lab: Lab, guard: ProxyProcess, verdicts: dict[str, Verdict]) -> None:
     """After the whole corpus: the trap never fired, no never-contact upstream was reached
     by anything but a known bypass, the proxy still serves, and the audit log agrees."""
-    if len(VERDICTS) < len(CORPUS):
+    if len(verdicts) < len(CORPUS):
         pytest.skip("only part of the corpus was selected")
     time.sleep(0.5)  # late connections, if any, land now
     assert lab.trap.count == 0, [h for h in lab.trap.snapshot()]
     unexplained = [
-        v.describe() for i, v in VERDICTS.items() if v.passed_through and i not in KNOWN_BYPASSES
+        v.describe() for i, v in verdicts.items() if v.passed_through and i not in KNOWN_BYPASSES
     ]
     assert not unexplained
     assert lab.allowed_roundtrip(guard, "/control-after") == 200
@@ -155,7 +162,7 @@ def test_corpus_summary(lab: Lab, guard: ProxyProcess) -> None:
     by_client: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_client.setdefault(r.get("client", ""), []).append(r)
-    for sid, v in VERDICTS.items():
+    for sid, v in verdicts.items():
         if sid in KNOWN_BYPASSES:
             continue
         recs = by_client.get(v.src, [])
@@ -272,9 +279,10 @@ def test_keep_alive_cannot_switch_to_the_pinned_address(lab: Lab, guard: ProxyPr
     assert len(lab.front_http.seen.requests) == n
 
 
-def test_zz_detector_flags_a_pass_through(lab: Lab, guard: ProxyProcess) -> None:
+def test_detector_flags_a_pass_through(lab: Lab, guard: ProxyProcess) -> None:
     """The judge can fail: an allowed request to a never-contact upstream is reported as
-    passed through. (Runs last: it does reach front.test.)"""
+    passed through. (Last in this file, so pytest runs it after the corpus and its
+    summary: it does reach front.test.)"""
     sp = Spelling(
         "canary",
         "canary",

@@ -25,6 +25,7 @@ from adversarial.stats import STATS
 from support.adv_lab import EGRESS_GUARD, Lab, audit_verify, wait_for
 from support.adv_wire import client_hello, exchange, open_conn, read_outcome
 from support.ports import free_port
+from support.prereq import missing
 from support.procfs import proc_stats
 from support.proxy import ProxyProcess
 
@@ -43,17 +44,20 @@ def _closes_for(p: ProxyProcess, src: str) -> list[dict[str, Any]]:
     return [r for r in p.audit("close") if r.get("client") == src]
 
 
-#: descriptors the faults proxy held once started, before any fault (the event loop's
-#: own differ: uvloop keeps a few more than asyncio's selector loop)
-_fds_at_start: list[int] = []
+@pytest.fixture(scope="module")
+def fds_at_start() -> list[int]:
+    """Descriptors the faults proxy held once started, before any fault (filled in by
+    ``faults_guard``; the event loop's own differ: uvloop keeps a few more than asyncio's
+    selector loop)."""
+    return []
 
 
 @pytest.fixture(scope="module")
-def faults_guard(lab: Lab) -> Iterator[ProxyProcess]:
+def faults_guard(lab: Lab, fds_at_start: list[int]) -> Iterator[ProxyProcess]:
     STATS.ran.add("test_faults")
     p = lab.proxy("faults")
     assert p.proc is not None
-    _fds_at_start[:] = [proc_stats(p.proc.pid)["fds"]]
+    fds_at_start.append(proc_stats(p.proc.pid)["fds"])
     yield p
     p.stop()
     _verify(p)
@@ -334,7 +338,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         text=True,
     )
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+        missing(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
     try:
         yield mnt
     finally:
@@ -548,12 +552,15 @@ def test_sigterm_writes_close_records_for_open_connections(lab: Lab) -> None:
     assert not missing, missing
 
 
-def test_zz_fd_baseline_after_faults(lab: Lab, faults_guard: ProxyProcess) -> None:
-    """After every fault above has closed, the long-running proxy holds no stray sockets."""
+def test_fd_baseline_after_faults(
+    lab: Lab, faults_guard: ProxyProcess, fds_at_start: list[int]
+) -> None:
+    """After every fault above has closed, the long-running proxy holds no stray sockets.
+    (Last in this file, so pytest runs it after the faults.)"""
     p = faults_guard
     assert p.proc is not None
     lab.faulty.release.set()
-    pid, baseline = p.proc.pid, _fds_at_start[0]
+    pid, baseline = p.proc.pid, fds_at_start[0]
     settled = wait_for(lambda: proc_stats(pid)["fds"] <= baseline, timeout=15)
     figures = proc_stats(pid)
     STATS.notes.append(

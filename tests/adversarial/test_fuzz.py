@@ -175,8 +175,6 @@ _PORTS = st.one_of(
     st.text(alphabet="0123456789٠١٢٣٤٥٦٧٨٩०१२३४५६७८९０１２３４５６７８９", min_size=1, max_size=6),
 )
 
-_LAUNDERED: dict[str, int] = {}
-
 
 def _launder_class(raw: str, host: str, port: int | None) -> str | None:
     """Why mitmproxy accepted what the guard's strict parser refuses, when it is one of
@@ -191,15 +189,9 @@ def _launder_class(raw: str, host: str, port: int | None) -> str | None:
     return None
 
 
-@FUZZ
-@given(_HOSTS, _PORTS)
-@example("[front.test]", "443")
-@example("front.test", "0443")
-@example("front.test", "٤٤٣")
-def test_mitmproxy_and_guard_read_an_authority_alike(host: str, port: str) -> None:
-    """The addon never sees the CONNECT line: it gets mitmproxy's (host, int port). Where
-    both parsers accept an authority they must agree; where only mitmproxy accepts it,
-    the difference must be one of the known, reported kinds (see test_bypass)."""
+def _authorities_agree(host: str, port: str, laundered: dict[str, int]) -> None:
+    """Where both parsers accept an authority they must agree; where only mitmproxy
+    accepts it, the difference must be one of the known kinds (counted in ``laundered``)."""
     _count()
     raw = f"{host}:{port}"
     try:
@@ -216,7 +208,7 @@ def test_mitmproxy_and_guard_read_an_authority_alike(host: str, port: str) -> No
             return  # the addon refuses mitmproxy's reading too: no laundering
         why = _launder_class(raw, m_host, m_port)
         assert why is not None, f"mitmproxy accepts {raw!r} as {(m_host, m_port)}, guard refuses it"
-        _LAUNDERED[why] = _LAUNDERED.get(why, 0) + 1
+        laundered[why] = laundered.get(why, 0) + 1
         return
     try:
         via_mitm = normalize_host(m_host)
@@ -225,16 +217,27 @@ def test_mitmproxy_and_guard_read_an_authority_alike(host: str, port: str) -> No
     assert (via_mitm.value, m_port) == (g_host.value, g_port), raw
 
 
-def test_zz_laundering_kinds_are_reported() -> None:
-    """Collected from the property above: the generator reached every known kind (so the
-    property can see them), and each goes into the report."""
-    if not _LAUNDERED:
-        pytest.skip("the property did not run in this session")
-    for why, n in sorted(_LAUNDERED.items()):
+def test_mitmproxy_and_guard_read_an_authority_alike() -> None:
+    """The addon never sees the CONNECT line: it gets mitmproxy's (host, int port). The
+    property runs over generated authorities; then every known laundering kind must have
+    been reached (so the property can see them), and each goes into the report (see
+    test_bypass)."""
+    laundered: dict[str, int] = {}
+
+    @FUZZ
+    @given(_HOSTS, _PORTS)
+    @example("[front.test]", "443")
+    @example("front.test", "0443")
+    @example("front.test", "٤٤٣")
+    def prop(host: str, port: str) -> None:
+        _authorities_agree(host, port, laundered)
+
+    prop()
+    for why, n in sorted(laundered.items()):
         note = f"mitmproxy pre-parse accepts what the guard refuses: {why} ({n} examples)"
         if note not in STATS.notes:
             STATS.notes.append(note)
-    assert set(_LAUNDERED) == {
+    assert set(laundered) == {
         "brackets around a name",
         "leading zeros in the port",
         "non-ASCII digits in the port",

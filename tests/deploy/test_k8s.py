@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from deploy.manifests import (
     K8S,
@@ -23,6 +22,7 @@ from deploy.manifests import (
     url_hostport,
     yaml_docs,
 )
+from support.prereq import missing
 
 from egress_guard.cli import build_parser
 from egress_guard.policy import load_policy_text
@@ -74,8 +74,9 @@ def test_kustomization_lists_existing_files() -> None:
     assert {"deployment.yaml", "service.yaml", "configmap.yaml", "networkpolicy.yaml"} <= listed
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kustomize_builds_offline() -> None:
+    if shutil.which("kubectl") is None:
+        missing("kubectl is not installed")
     out = subprocess.run(
         ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60
     )

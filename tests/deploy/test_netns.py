@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from support.prereq import missing
 from support.proxy import EGRESS_GUARD, whole_lines
 from support.upstream import Upstream
 
@@ -80,11 +81,11 @@ class Topology:
 @pytest.fixture
 def topology() -> Iterator[Topology]:
     if os.geteuid() != 0:
-        pytest.skip("network namespace test: needs root to create namespaces")
+        missing("network namespace test: needs root to create namespaces")
     if shutil.which("ip") is None:
-        pytest.skip("network namespace test: iproute2 ('ip') is not installed")
+        missing("network namespace test: iproute2 ('ip') is not installed")
     if not hasattr(os, "setns"):
-        pytest.skip("network namespace test: os.setns is unavailable")
+        missing("network namespace test: os.setns is unavailable")
     tag = secrets.token_hex(4)
     client_ns, guard_ns = f"eg-client-{tag}", f"eg-guard-{tag}"
     x, y = random.randrange(256), random.randrange(64) * 4
@@ -100,7 +101,7 @@ def topology() -> Iterator[Topology]:
         try:
             ip("netns", "add", client_ns)
         except RuntimeError as e:
-            pytest.skip(f"network namespace test: 'ip netns add' is unavailable ({e})")
+            missing(f"network namespace test: 'ip netns add' is unavailable ({e})")
         created.append(client_ns)
         ip("netns", "add", guard_ns)
         created.append(guard_ns)

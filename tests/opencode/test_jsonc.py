@@ -6,14 +6,9 @@ import json
 
 import pytest
 
-from egress_guard.opencode.config import (
-    ConfigError,
-    OpenCodeConfig,
-    Placeholder,
-    load_config,
-    parse_jsonc,
-    parse_url,
-)
+from egress_guard.opencode.config import OpenCodeConfig, load_config
+from egress_guard.opencode.contacts import parse_url
+from egress_guard.opencode.jsonc import ConfigError, Placeholder, parse_jsonc
 
 
 def data(text: str) -> dict[str, object]:

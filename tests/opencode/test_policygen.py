@@ -16,8 +16,9 @@ import pytest
 
 from egress_guard import cli
 from egress_guard.engine import Engine, Match
-from egress_guard.opencode import config as oc
-from egress_guard.opencode.config import OpenCodeConfig, load_config, parse_jsonc
+from egress_guard.opencode import contacts as oc
+from egress_guard.opencode.config import OpenCodeConfig, load_config
+from egress_guard.opencode.jsonc import parse_jsonc
 from egress_guard.opencode.policygen import Generated, comment_safe, generate, sanitize_name
 from egress_guard.policy import EffectivePolicy, load_catalog, load_policy_text, load_preset
 

@@ -22,6 +22,7 @@ import pytest
 import trustme
 import yaml
 from support.mock_llm import ANSWER, MockLLM
+from support.prereq import missing
 from support.proxy import EGRESS_GUARD, ProxyFactory, ProxyProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,11 +41,15 @@ def opencode_bin() -> str | None:
 
 
 OPENCODE = opencode_bin()
-pytestmark = pytest.mark.skipif(
-    OPENCODE is None,
-    reason="opencode-ai is not installed (scripts/install-test-peers.sh installs it from npm; "
-    "it could not reach the npm registry)",
-)
+
+
+@pytest.fixture(autouse=True)
+def _needs_opencode() -> None:
+    if OPENCODE is None:
+        missing(
+            "opencode-ai is not installed (scripts/install-test-peers.sh installs it from "
+            "npm; it could not reach the npm registry)"
+        )
 
 
 @pytest.fixture
