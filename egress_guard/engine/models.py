@@ -248,8 +248,10 @@ def _tool_models(tools: object) -> list[NamedModel]:
     server tools) name it in ``parameters.model``, Anthropic's advisor and OpenAI's
     image generation in ``model``. An advisor-like tool that names none runs a model
     chosen at run time, so it is refused."""
+    if isinstance(tools, dict):
+        tools = [tools]  # a lenient reader may take one tool for a list of one
     if not isinstance(tools, list):
-        return []  # not a list of tools: the provider refuses it
+        return []  # not tools: the provider refuses it
     out: list[NamedModel] = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict):
