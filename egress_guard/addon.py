@@ -47,7 +47,7 @@ from egress_guard.engine.models import (
     DEFAULT_MAX_MODEL_BODY,
     ModelUnknown,
     api_kind,
-    requested_model,
+    requested_models,
 )
 from egress_guard.engine.paths import AmbiguousPath, canonical_path
 from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent, Sink
@@ -661,13 +661,16 @@ class EgressGuard:
         if approval is not None:
             approval.bytes_up += len(req.raw_content or b"")
         try:
-            model = requested_model(_rule_path(req.path), req.raw_content)
+            models = requested_models(
+                _rule_path(req.path),
+                req.raw_content,
+                headers=req.headers.keys(),
+                query=req.path.partition("?")[2],
+            )
         except ModelUnknown as e:
             bad: Decision | None = eng.refuse_model(dest, decision, str(e))
         else:
-            bad = eng.check_request(dest, req.method, req.path, model, decision)
-            if bad is not None:
-                bad = bad._replace(detail=f"model {model!r}")
+            bad = eng.check_request(dest, req.method, req.path, models, decision)
         if bad is not None:
             final = eng.finalize(bad)
             if not final.allowed:

@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple
 
 from egress_guard.engine.addresses import embedded_ipv4, special_class
 from egress_guard.engine.matcher import HostIndex, networks_contain
-from egress_guard.engine.models import READ_METHODS, api_kind
+from egress_guard.engine.models import READ_METHODS, NamedModel, api_kind
 from egress_guard.engine.paths import AmbiguousPath, canonical_path
 from egress_guard.normalize import (
     Host,
@@ -368,15 +368,17 @@ class Engine:
         dest: Destination,
         method: str,
         path: str,
-        model: str | None,
+        model: str | Sequence[NamedModel] | None,
         decision: Decision,
         *,
         upgrade: str | None = None,
     ) -> Decision | None:
         """A destination's method, path and model rules for one request (stage 4).
 
-        ``model`` is None until the body is read (or when the path is not a model call);
-        ``upgrade`` is the request's Upgrade header, if any.
+        ``model`` is None until the body is read (or when the path is not a model call),
+        else the model, or every model the request may run (``requested_models``: its
+        ``model`` and the fallbacks and server tools it names), each of which must be
+        allowed; ``upgrade`` is the request's Upgrade header, if any.
         """
 
         def refuse(reason: Reason, hint: str, detail: str | None = None) -> Decision:
@@ -411,8 +413,11 @@ class Engine:
                 models_hint,
                 f"{method} to a path that is not a model endpoint egress-guard can read",
             )
-        if model is not None and model not in dest.models:
-            return refuse("model_not_allowed", models_hint)
+        named = [NamedModel(model, "model")] if isinstance(model, str) else model or ()
+        for m in named:
+            if m.model not in dest.models:
+                where = "" if m.field == "model" else f" (named in {m.field})"
+                return refuse("model_not_allowed", models_hint, f"model {m.model!r}{where}")
         return None
 
     def check_model_body(

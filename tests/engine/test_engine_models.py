@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from egress_guard.engine import Decision, Engine, Match
-from egress_guard.engine.models import ModelUnknown, api_kind, requested_model
+from egress_guard.engine.models import ModelUnknown, api_kind, requested_models
 
 BODY = b'{"model": "m-body"}'
 
@@ -45,7 +45,8 @@ MODEL_CALLS = [
 @pytest.mark.parametrize(("path", "body", "kind", "model"), MODEL_CALLS)
 def test_model_calls(path: str, body: bytes | None, kind: str, model: str) -> None:
     assert api_kind(path) == kind
-    assert requested_model(path + "?alt=sse", body) == model
+    named = requested_models(path + "?alt=sse", body)
+    assert named is not None and named[0].model == model
 
 
 @pytest.mark.parametrize(
@@ -53,7 +54,7 @@ def test_model_calls(path: str, body: bytes | None, kind: str, model: str) -> No
 )
 def test_not_model_calls(path: str) -> None:
     assert api_kind(path) is None
-    assert requested_model(path, BODY) is None
+    assert requested_models(path, BODY) is None
 
 
 @pytest.mark.parametrize(
@@ -69,7 +70,7 @@ def test_not_model_calls(path: str) -> None:
 )
 def test_unreadable_model_is_refused(path: str, body: bytes | None) -> None:
     with pytest.raises(ModelUnknown):
-        requested_model(path, body)
+        requested_models(path, body)
 
 
 def llm_allowed(make_engine: Callable[..., Engine]) -> tuple[Engine, Match, Decision]:
