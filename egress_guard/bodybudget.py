@@ -1,0 +1,127 @@
+"""How many request-body bytes the guard may hold at once, in all and per client.
+
+A model call's body is held whole until its model has been read (``--max-model-body``
+bounds one body). Many bodies held at once are bounded here: before the guard decides to
+hold a body it reserves the body's declared length (``Content-Length``; a body of unknown
+length is refused on such destinations anyway), and the reservation is released when the
+body has been checked and forwarded, or refused, or its stream or connection ends.
+
+Two limits apply:
+
+* ``limit`` (``--max-held-bodies``, default 256 MiB): all held bodies together;
+* ``per_client``: what one client address may hold, a quarter of ``limit`` but never less
+  than one ``--max-model-body`` body (and never more than ``limit``), so one client
+  opening many connections or HTTP/2 streams cannot take the whole budget from the
+  others, and one body of the largest size allowed still fits.
+
+A reservation that does not fit is refused (the caller answers 503 ``over_capacity``):
+nothing waits, so nothing can be held by waiting either.
+
+Pure bookkeeping, no mitmproxy: keys are opaque (the addon uses (connection id, flow
+id)), every method is O(1) but ``release_connection``, and release is idempotent, so each
+path that ends a body may release it without knowing whether another one did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+MiB = 1024 * 1024
+#: default for --max-held-bodies
+DEFAULT_MAX_HELD_BODIES = 256 * MiB
+#: one client address may hold this fraction of the budget (1/4)
+CLIENT_SHARE_DIVISOR = 4
+
+
+def client_share(limit: int, max_body: int) -> int:
+    """The per-client share for a budget of ``limit`` bytes: a quarter of it, at least one
+    body of ``max_body`` bytes, at most ``limit``."""
+    return max(0, min(limit, max(limit // CLIENT_SHARE_DIVISOR, max_body)))
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    conn: Hashable
+    client: str
+    size: int
+
+
+class BodyBudget:
+    """The reservations of held request bodies."""
+
+    def __init__(self, limit: int, per_client: int) -> None:
+        self.limit = limit
+        self.per_client = per_client
+        #: bytes reserved now, in all
+        self.held = 0
+        #: reservations refused for capacity since start
+        self.refused = 0
+        self._held: dict[Hashable, _Held] = {}
+        self._by_client: dict[str, int] = {}
+        self._by_conn: dict[Hashable, set[Hashable]] = {}
+
+    @classmethod
+    def for_limits(cls, limit: int, max_body: int) -> BodyBudget:
+        return cls(limit, client_share(limit, max_body))
+
+    def resize(self, limit: int, per_client: int) -> None:
+        """New limits (options changed); what is held stays held."""
+        self.limit = limit
+        self.per_client = per_client
+
+    def held_by(self, client: str) -> int:
+        return self._by_client.get(client, 0)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def reserve(self, key: Hashable, conn: Hashable, client: str, size: int) -> str | None:
+        """Reserve ``size`` bytes for the body ``key`` on connection ``conn`` of ``client``.
+
+        Returns None when reserved (a size of 0 or less needs and takes nothing), else why
+        not (for the record's detail). A key already reserved keeps its reservation and is
+        not reserved twice.
+        """
+        if size <= 0 or key in self._held:
+            return None
+        mine = self.held_by(client)
+        if mine + size > self.per_client:
+            self.refused += 1
+            return (
+                f"this client holds {mine} bytes of request bodies; {size} more would pass "
+                f"its share of {self.per_client}"
+            )
+        if self.held + size > self.limit:
+            self.refused += 1
+            return (
+                f"the guard holds {self.held} bytes of request bodies; {size} more would pass "
+                f"--max-held-bodies ({self.limit})"
+            )
+        self._held[key] = _Held(conn, client, size)
+        self._by_client[client] = mine + size
+        self._by_conn.setdefault(conn, set()).add(key)
+        self.held += size
+        return None
+
+    def release(self, key: Hashable) -> int:
+        """Release the reservation ``key``; the bytes it held (0 if none: idempotent)."""
+        entry = self._held.pop(key, None)
+        if entry is None:
+            return 0
+        self.held -= entry.size
+        left = self._by_client[entry.client] - entry.size
+        if left > 0:
+            self._by_client[entry.client] = left
+        else:
+            del self._by_client[entry.client]
+        keys = self._by_conn.get(entry.conn)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_conn[entry.conn]
+        return entry.size
+
+    def release_connection(self, conn: Hashable) -> int:
+        """Release every reservation of connection ``conn`` (it closed); bytes released."""
+        return sum(self.release(key) for key in list(self._by_conn.get(conn, ())))
