@@ -32,6 +32,7 @@ from pathlib import Path
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import pytest
 from support.clients import read_response
 from support.policies import make_policy
@@ -422,3 +423,44 @@ def test_http2_streams_on_one_connection_cannot_hold_more_than_the_budget(
     assert len([b for b in tls_upstream.seen.bodies if len(b) == 5 * MiB]) == 1
     print(f"\nHTTP/2 held-body attack: peak growth {peak / MiB:.0f} MiB, after {after / MiB:.0f}")
     assert after < RETURNED, f"{after / MiB:.0f} MiB still resident after the bodies left"
+
+
+@pytest.mark.parametrize("declared", ["1000", "00001000", "\u0661\u0660\u0660\u0660"])
+def test_http2_body_longer_than_declared_is_not_held(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path, declared: str
+) -> None:
+    """The budget reserves the declared length: a stream that sends more than it declared
+    (or declares it in digits other than ASCII ones) must not be held past it. HTTP/2
+    ends such a connection; nothing stays reserved."""
+    g = start_guard(
+        proxy,
+        model_policy(tls_upstream.port),
+        "--inspect",
+        "--upstream-ca",
+        str(ca_file),
+        held=32 * MiB,
+        max_body=30 * MiB,
+    )
+    base = g.settled_rss()
+    with h2_client(g, tls_upstream.port) as c:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(
+            sid,
+            [
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":authority", c.authority),
+                (":path", "/v1/chat/completions"),
+                ("content-length", declared),
+            ],
+        )
+        c.flush()
+        c.conn.streams[sid]._expected_content_length = None  # lie past our own h2's check
+        with pytest.raises((OSError, h2.exceptions.H2Error)):
+            for _ in range(640):  # 10 MiB
+                c.conn.send_data(sid, b"x" * 16384)
+                c.flush()
+            c.wait(lambda: False, timeout=5)
+    assert g.wait_held(lambda v: v == 0) == 0
+    assert g.settled_rss() - base < 8 * MiB
+    assert tls_upstream.seen.bodies == []
