@@ -41,6 +41,13 @@ from mitmproxy.proxy.layers.tls import ClientTLSLayer, parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
 from egress_guard import backpressure, connlimit, early_answer, http1limit, resolver, splice
+from egress_guard.bodybudget import (
+    DEFAULT_MAX_HELD_BODIES,
+    TRIM_AFTER,
+    BodyBudget,
+    client_share,
+    return_memory,
+)
 from egress_guard.engine import Decision, Engine, Match, Reason
 from egress_guard.engine.decide import printable as _printable
 from egress_guard.engine.models import (
@@ -106,6 +113,11 @@ class EgressGuard:
         self._sighup_task: asyncio.Task[bool] | None = None
         #: (host, port) of the parent proxy in upstream mode
         self._parent: tuple[str, int] | None = None
+        #: model-call bodies held whole right now (--max-held-bodies)
+        self.bodies = BodyBudget.for_limits(DEFAULT_MAX_HELD_BODIES, DEFAULT_MAX_MODEL_BODY)
+        #: bodies.released when memory was last given back; a give-back is scheduled
+        self._trimmed_at = 0
+        self._trim_handle: asyncio.TimerHandle | None = None
 
     # -- mitmproxy lifecycle ------------------------------------------------------------
 
@@ -143,6 +155,14 @@ class EgressGuard:
             "Largest request body (bytes) kept whole to read the model it asks for; larger "
             "bodies, and bodies of unknown length, are refused on destinations with models.",
         )
+        loader.add_option(
+            "egress_guard_max_held_bodies",
+            int,
+            DEFAULT_MAX_HELD_BODIES,
+            "Request bodies (bytes, by declared length) held whole at once, all clients "
+            "together; one client address may hold a quarter of it (at least one "
+            "--max-model-body body). A body that does not fit is refused with 503.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         # With eager connections mitmproxy contacts the upstream before the SNI check.
@@ -159,6 +179,20 @@ class EgressGuard:
             ctx.options.update(rawtcp=False)
         if "mode" in updated:
             self._parent = _parent_proxy(ctx.options.mode)
+        if updated & {"egress_guard_max_held_bodies", "egress_guard_max_model_body"}:
+            limit = ctx.options.egress_guard_max_held_bodies
+            body = ctx.options.egress_guard_max_model_body
+            if limit < 0:
+                raise exceptions.OptionsError("egress_guard_max_held_bodies must not be negative")
+            if body > limit:
+                log.warning(
+                    "egress-guard: --max-model-body (%d) is larger than --max-held-bodies "
+                    "(%d): model bodies over %d bytes are refused (buffer_budget)",
+                    body,
+                    limit,
+                    limit,
+                )
+            self.bodies.resize(limit, client_share(limit, body))
         if updated & {"egress_guard_policy", "egress_guard_mode"}:
             try:
                 policy = self._read_policy()
@@ -648,6 +682,36 @@ class EgressGuard:
     async def request(self, flow: http.HTTPFlow) -> None:
         if _MODEL_CHECK_KEY in flow.metadata and flow.response is None:
             await self._guard_flow(flow, self._on_request_body)
+        if flow.response is not None:
+            self._release_body(flow)  # refused: the body goes nowhere
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        # the stream was reset, the client left mid-body, the upstream failed
+        self._release_body(flow)
+
+    def _release_body(self, flow: http.HTTPFlow, *, drop: bool = False) -> None:
+        """Give a held body's reservation back; ``drop``: the body has been forwarded, and
+        the flow need not keep it (it would live on while the response streams)."""
+        key = flow.metadata.pop(_HELD_KEY, None)
+        if key is None:
+            return
+        self.bodies.release(key)
+        if drop:
+            flow.request.raw_content = b""
+        self._return_memory_soon()
+
+    def _return_memory_soon(self) -> None:
+        """Once many bytes of held bodies were released, ask the allocator to give the
+        memory back, a moment later (mitmproxy drops the flow after the hook)."""
+        if self._trim_handle is not None or (self.bodies.released - self._trimmed_at < TRIM_AFTER):
+            return
+
+        def trim() -> None:
+            self._trim_handle = None
+            self._trimmed_at = self.bodies.released
+            return_memory()
+
+        self._trim_handle = asyncio.get_running_loop().call_later(1.0, trim)
 
     async def _on_request_body(self, flow: http.HTTPFlow, state: ConnState) -> None:
         """Inspect mode: the whole request body is here; check the model it asks for."""
@@ -698,6 +762,12 @@ class EgressGuard:
         req.stream = up
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            # the body was forwarded (mitmproxy sends it whole before any answer is read),
+            # or the guard's refusal is being answered
+            self._release_body(flow, drop=True)
+        except Exception:
+            log.exception("egress-guard: cannot release a held body")
         approval = flow.metadata.get(_APPROVAL_KEY)
         resp = flow.response
         if approval is None or resp is None:
@@ -782,12 +852,33 @@ class EgressGuard:
                 if not final.allowed:
                     raise _Blocked(final)
                 return final  # audit mode: would_block, and the body streams unbuffered
+            self._hold_body(flow, decision)
             flow.metadata[_MODEL_CHECK_KEY] = dest.name
             flow.metadata[_DECISION_KEY] = decision
             approval.bytes_up += _head_size(req.method, req.path, req.headers)
             flow.metadata[_APPROVAL_KEY] = approval
             return None
         return decision
+
+    def _hold_body(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        """Reserve the body's declared length in the held-body budget, or refuse the
+        request (503 buffer_budget, in every mode: nothing was checked). Raises _Blocked."""
+        length = flow.request.headers.get("content-length", "0")
+        size = int(length) if length.isdigit() else 0  # check_model_body refused the rest
+        key = (flow.client_conn.id, flow.id)
+        why = self.bodies.reserve(key, flow.client_conn.id, _peer(flow.client_conn), size)
+        if why is not None:
+            raise _Blocked(
+                decision._replace(
+                    allowed=False,
+                    action="block",
+                    reason="buffer_budget",
+                    hint="the guard is holding as many request bodies as it may; retry later",
+                    detail=why,
+                )
+            )
+        if size > 0:
+            flow.metadata[_HELD_KEY] = key
 
     @staticmethod
     def _check_host_header(
@@ -1083,6 +1174,8 @@ class EgressGuard:
 
     def client_disconnected(self, client: Client) -> None:
         splice.unregister(client.id)
+        if self.bodies.release_connection(client.id):  # streams that ended without a hook
+            self._return_memory_soon()
         self._close_records(client.id)
 
     def _close_records(self, client_id: str, error: str | None = None) -> None:
@@ -1118,6 +1211,8 @@ _MODEL_CHECK_KEY = "egress_guard_model_check"
 _DECISION_KEY = "egress_guard_decision"
 #: plain HTTP with a deferred model check: whether this request opens the upstream
 _OPENS_KEY = "egress_guard_opens"
+#: the key of this request's reservation in the held-body budget
+_HELD_KEY = "egress_guard_held"
 
 
 def _allowed_by_name(match: Match) -> Decision:

@@ -1,4 +1,4 @@
-"""Answer a refused HTTP/1 request at once, without taking its body first.
+"""Answer a refused HTTP/1 or HTTP/2 request at once, without taking its body first.
 
 When an addon sets a response in ``requestheaders``, mitmproxy still reads the request's
 whole body into memory and answers only at its end. For a refused request that is the
@@ -11,9 +11,13 @@ answer says (as web servers do after an early error response: closing with unrea
 bytes could reset the connection before the client reads the answer). A client that waits for
 ``100 Continue`` gets the answer instead and need not send the body at all.
 
-HTTP/2 and HTTP/3 requests keep mitmproxy's behaviour: a stream cannot be ended early
-that way without its own reset, and the flow-control window bounds what a client may
-send before the proxy asks for more.
+HTTP/2 likewise: the answer ends the stream on the proxy's side (a server may answer
+before the request is complete, RFC 9113 section 8.1) and the stream is dropped, so the
+DATA frames that still come find no stream and are discarded. mitmproxy opens HTTP/2
+flow-control windows to 2 GiB and credits every frame at once, so without this a
+refused stream's body was held whole until the stream ended, however large its
+declared length (tests/adversarial/test_memory_exhaustion_held_bodies.py). HTTP/3 keeps mitmproxy's
+behaviour (the embedded proxy does not serve it).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ _installed = False
 
 def mark(flow: http.HTTPFlow) -> None:
     """The guard has set ``flow.response`` to refuse this request."""
-    if not (flow.request.is_http2 or flow.request.is_http3):
+    if not flow.request.is_http3:
         flow.metadata[REFUSED] = True
 
 

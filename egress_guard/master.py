@@ -185,6 +185,9 @@ def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, E
     opts = options.Options()
     master = _embedded_master(opts)
     guard = EgressGuard(sinks)
+    for sink in sinks:
+        if isinstance(sink, Metrics):
+            sink.track_held_bodies(guard.bodies)
     # The guard comes after NextLayer: its tunnel fast path has the last word on a tunnel's
     # layer (including "not yet": it resets NextLayer's choice while it waits for data).
     master.addons.add(
@@ -210,6 +213,7 @@ def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, E
         "egress_guard_mode": args.mode or "",
         "egress_guard_inspect": bool(args.inspect),
         "egress_guard_max_model_body": args.max_model_body,
+        "egress_guard_max_held_bodies": args.max_held_bodies,
         # HTTP/2 and HTTP/3 towards the client only matter when intercepting.
         "http2": bool(args.inspect),
         "http3": False,

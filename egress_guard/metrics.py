@@ -145,6 +145,38 @@ class _AuditCollector(Collector):
         return [errors, dropped, healthy]
 
 
+class HeldBodies(Protocol):
+    """What the metrics read from the held-body budget (egress_guard.bodybudget.BodyBudget)."""
+
+    held: int
+    limit: int
+    refused: int
+
+
+class _HeldBodiesCollector(Collector):
+    def __init__(self, bodies: HeldBodies) -> None:
+        self._bodies = bodies
+
+    def collect(self) -> Iterable[Metric]:
+        held = GaugeMetricFamily(
+            "egress_guard_held_body_bytes",
+            "Request bytes (declared lengths) of model-call bodies held whole right now.",
+        )
+        held.add_metric([], float(self._bodies.held))
+        limit = GaugeMetricFamily(
+            "egress_guard_held_body_limit_bytes",
+            "--max-held-bodies: what all held model-call bodies together may take.",
+        )
+        limit.add_metric([], float(self._bodies.limit))
+        refused = CounterMetricFamily(
+            "egress_guard_held_body_refusals",
+            "Model calls refused (503 buffer_budget) because their body would pass the "
+            "held-body budget or its client's share.",
+        )
+        refused.add_metric([], float(self._bodies.refused))
+        return [held, limit, refused]
+
+
 class Metrics:
     """The metrics sink (implements ``egress_guard.events.Sink``).
 
@@ -235,6 +267,12 @@ class Metrics:
         series, and /healthz answering 503.
         """
         self.registry.register(_AuditCollector(audit))
+
+    def track_held_bodies(self, bodies: HeldBodies) -> None:
+        """Export the held-body budget (read at scrape time): how much of it is taken and
+        how often it refused. Beyond DESIGN section 7, as the audit health is: a guard
+        answering 503 for capacity must say so where operators look."""
+        self.registry.register(_HeldBodiesCollector(bodies))
 
     # -- labels ------------------------------------------------------------------------
 

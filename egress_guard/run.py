@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from egress_guard.audit import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, FSYNC_POLICIES, AuditLog
+from egress_guard.bodybudget import DEFAULT_MAX_HELD_BODIES
 from egress_guard.engine.models import DEFAULT_MAX_MODEL_BODY
 from egress_guard.events import Sink
 from egress_guard.metrics import Metrics
@@ -153,6 +154,16 @@ def add_run_parser(sub: Any) -> None:
         help="inspect mode: the largest request body kept whole to read the model it asks "
         f"for (default {DEFAULT_MAX_MODEL_BODY}); larger ones, and ones of unknown length, "
         "are refused on destinations with models",
+    )
+    r.add_argument(
+        "--max-held-bodies",
+        type=_positive_int,
+        default=DEFAULT_MAX_HELD_BODIES,
+        metavar="BYTES",
+        help="the request bodies held whole to read their models, all clients together "
+        f"(default {DEFAULT_MAX_HELD_BODIES}, by declared length); one client address may "
+        "hold a quarter of it (at least one --max-model-body body); a body that does not "
+        "fit is refused with 503 (buffer_budget)",
     )
     r.add_argument(
         "--event-loop",

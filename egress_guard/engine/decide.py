@@ -54,12 +54,14 @@ Reason = Literal[
     "self_connection",
     "dns_failed",
     "malformed_request",
+    "buffer_budget",
 ]
 
 #: Blocks that audit mode does not turn into would_block: they are about who may use the
 #: proxy, input that has no destination at all, a request that would loop back into the
 #: proxy, the proxy's own failure (fail closed, in every mode), or an explicit deny rule
-#: (deny wins over everything, audit mode included).
+#: (deny wins over everything, audit mode included). ``buffer_budget`` (the held-body
+#: budget is spent) is no policy verdict at all: the body cannot be held to be checked.
 NEVER_AUDITED: frozenset[str] = frozenset(
     {
         "denylisted",
@@ -70,6 +72,7 @@ NEVER_AUDITED: frozenset[str] = frozenset(
         "self_connection",
         "dns_failed",
         "malformed_request",
+        "buffer_budget",
     }
 )
 
