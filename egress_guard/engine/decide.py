@@ -32,7 +32,7 @@ from egress_guard.normalize import (
 )
 from egress_guard.policy.loader import EffectivePolicy
 from egress_guard.policy.model import CatalogEntry, Destination
-from egress_guard.policy.patterns import parse_pattern
+from egress_guard.policy.patterns import parse_network, parse_pattern, with_mapped
 
 Action = Literal["allow", "block", "would_block"]
 Reason = Literal[
@@ -150,17 +150,22 @@ class Engine:
         #: each destination's ports as a set, by position: probed once per allowed target
         self._ports = tuple(frozenset(d.ports) for d in dests)
         self._allow = HostIndex((i, d.hosts) for i, d in enumerate(dests))
-        self._deny = HostIndex((i, r.hosts) for i, r in enumerate(self.policy.deny))
+        self._deny = HostIndex(
+            (i, [parse_pattern(h, deny=True) for h in r.hosts])
+            for i, r in enumerate(self.policy.deny)
+        )
         #: _name_ids of every name the allow rules spell out in full (``a.b``, ``**.a.b``),
         #: worked out once per policy: the names a policy lists are most of what its
         #: clients ask for, and each then costs one probe instead of two suffix walks
         self._names = {n: self._name_ids(n) for n in self._allow.full_names()}
+        # An IPv4-mapped address is the IPv4 address: every network below also covers the
+        # IPv4 addresses it holds in mapped form (addresses are matched in IPv4 form).
         self._dest_nets = [
-            tuple(p.network for p in map(parse_pattern, d.hosts) if p.network is not None)
+            with_mapped(p.network for p in map(parse_pattern, d.hosts) if p.network is not None)
             for d in dests
         ]
-        self._allow_cidrs = tuple(ipaddress.ip_network(c) for c in self.policy.network.allow_cidrs)
-        self._client_nets = tuple(ipaddress.ip_network(c) for c in self.policy.clients.allow_cidrs)
+        self._allow_cidrs = with_mapped(map(parse_network, self.policy.network.allow_cidrs))
+        self._client_nets = with_mapped(map(parse_network, self.policy.clients.allow_cidrs))
         usable = [(n, e) for n, e in self.catalog.items() if e.usable is None]
         self._catalog_names = [n for n, _ in usable]
         self._catalog_index = HostIndex((i, e.hosts) for i, (_, e) in enumerate(usable))
