@@ -23,6 +23,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -626,17 +627,21 @@ class EgressGuard:
             # A request inside an intercepted CONNECT tunnel: the CONNECT target is the
             # authority, and the destination's request rules apply.
             host, port = state.tunnel
-            self._check_host_header(eng, flow, host, port)
+            dest_name = state.tunnel_decision.destination if state.tunnel_decision else None
+            mismatch = self._check_host_header(eng, flow, host, port, dest_name)
             if req.authority and not (req.is_http2 or req.is_http3):
                 # an absolute-form request line names the host a server routes by
-                self._check_host_header(eng, flow, host, port, [req.authority])
+                mismatch = (
+                    self._check_host_header(eng, flow, host, port, dest_name, [req.authority])
+                    or mismatch
+                )
             approval = state.approved.get((host.value, port))
             if approval is None or state.tunnel_decision is None:
                 raise RuntimeError("request in a tunnel without an allowing decision")
             if approval.policy_sha256 != eng.policy.sha256:
                 self._redecide_tunnel(eng, state, approval)
             dest = eng.destination(state.tunnel_decision.destination)
-            decision = state.tunnel_decision
+            decision = _audited(state.tunnel_decision, mismatch)
             if dest is not None:
                 ruled = self._request_rules(eng, flow, dest, approval, decision)
                 if ruled is None:
@@ -650,7 +655,9 @@ class EgressGuard:
         _check_well_formed(req)
         target_host, target_port = self._raw_target(req)
         approval = await self._authorize(eng, target_host, target_port)
-        self._check_host_header(eng, flow, approval.host, approval.port)
+        mismatch = self._check_host_header(
+            eng, flow, approval.host, approval.port, approval.decision.destination
+        )
         key = (approval.host.value, approval.port)
         known = state.approved.get(key)
         if known is not None and known.policy_sha256 != approval.policy_sha256:
@@ -658,7 +665,7 @@ class EgressGuard:
             known = None
         if known is not None:
             approval = known  # keep-alive: one close record per upstream, bytes added up
-        decision = approval.decision
+        decision = _audited(approval.decision, mismatch)
         dest = approval.destination
         if dest is not None and dest.needs_inspection:
             # Plain HTTP needs no interception: a destination's request rules apply as is.
@@ -882,20 +889,32 @@ class EgressGuard:
 
     @staticmethod
     def _check_host_header(
-        eng: Engine, flow: http.HTTPFlow, host: Host, port: int, values: list[str] | None = None
-    ) -> None:
-        """The request's Host (or the given authority ``values``) must name host:port."""
+        eng: Engine,
+        flow: http.HTTPFlow,
+        host: Host,
+        port: int,
+        dest: str | None,
+        values: list[str] | None = None,
+    ) -> Decision | None:
+        """The request's Host (or the given authority ``values``) must name host:port,
+        and no name the request gives may be denied. Raises _Blocked; returns the
+        would_block to record in audit mode, or None."""
         req = flow.request
+        also: list[str] = []
         if values is None and (req.is_http2 or req.is_http3):
-            values = [req.authority] if req.authority else req.headers.get_all("host")
+            hosts = req.headers.get_all("host")
+            values = [req.authority] if req.authority else hosts
+            also = hosts if req.authority else []  # beside :authority: deny rules only
         elif values is None:
             values = req.headers.get_all("host")
         default = 443 if req.scheme == "https" else 80
-        bad = eng.check_host_header(host, port, values, default, None)
-        if bad is not None:
-            final = eng.finalize(bad)
-            if not final.allowed:
-                raise _Blocked(final)
+        bad = eng.check_host_header(host, port, values, default, dest, also=also)
+        if bad is None:
+            return None
+        final = eng.finalize(bad)
+        if not final.allowed:
+            raise _Blocked(final)
+        return final
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         context = nextlayer.context
@@ -982,6 +1001,7 @@ class EgressGuard:
                     return
                 if self._inspect(state):
                     state.first_bytes_checked = True
+                    self._tunnel_accepted(conn_id)
                     nextlayer.layer = tls_layers(context)
                     return  # mitmproxy's TLS layers intercept; requests are checked one by one
         elif data[0] in _TLS_OTHER_RECORDS:
@@ -994,10 +1014,18 @@ class EgressGuard:
         if approval is None or state.blocked:
             nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
             return
+        plain = data[0] != _TLS_HANDSHAKE and data[0] not in _TLS_OTHER_RECORDS
+        audited = plain and approval.decision.action == "would_block"
+        if audited and _http_start(data) is None:
+            return  # wait for more bytes: a request line may be starting
         state.first_bytes_checked = True
-        if data[0] != _TLS_HANDSHAKE and data[0] not in _TLS_OTHER_RECORDS and self._inspect(state):
+        self._tunnel_accepted(conn_id)
+        if plain and (self._inspect(state) or (audited and _http_start(data))):
             # Plain bytes to a destination with request rules: read them as HTTP (and
             # refuse what is not), so its method, path and model rules apply here too.
+            # Plain HTTP in a tunnel audit mode let through (its target is not allowed):
+            # read as HTTP too, so the names its requests give (Host, an absolute URI)
+            # are checked against the deny rules, request by request.
             nextlayer.layer = HttpLayer(context, HTTPMode.transparent)
             return
         nextlayer.layer = CountingTCPLayer(
@@ -1005,34 +1033,53 @@ class EgressGuard:
         )
 
     def _tunnel_check(self, conn_id: str, state: ConnState, reason: Reason, detail: str) -> bool:
-        """Record a problem found in a tunnel's first bytes; False when it must be refused."""
+        """Record a tunnel's unreadable server name (a ClientHello the guard cannot trust,
+        TLS records before it); False when it must be refused."""
         assert state.tunnel is not None
-        eng = self._engine()
         host, port = state.tunnel
         dest = state.tunnel_decision.destination if state.tunnel_decision else None
-        final = eng.finalize(
-            Decision(False, "block", reason, dest, host.value, port, detail=detail)
+        eng = self._engine()
+        return self._tunnel_verdict(
+            conn_id, state, eng.unreadable_name(reason, host, port, dest, detail)
         )
+
+    def _sni_ok(self, conn_id: str, state: ConnState, sni: str | None) -> bool:
+        """Check the SNI against the CONNECT target and the deny rules; record and mark
+        a block."""
+        assert state.tunnel is not None
+        host, port = state.tunnel
+        dest = state.tunnel_decision.destination if state.tunnel_decision else None
+        bad = self._engine().check_sni(host, port, sni, dest)
+        return bad is None or self._tunnel_verdict(conn_id, state, bad)
+
+    def _tunnel_verdict(self, conn_id: str, state: ConnState, bad: Decision) -> bool:
+        """Record what a tunnel's first bytes showed wrong; False when it is refused.
+
+        The tunnel's own record changes with it, so its close record says what became of
+        the connection: ``block`` when refused (see _close_records), ``would_block`` when
+        audit mode let it through."""
+        assert state.tunnel is not None
+        final = self._engine().finalize(bad)
         self._record(conn_id, state, final)
         if not final.allowed:
             state.blocked = final.reason
-        return final.allowed
+            return False
+        approval = state.approved.get((state.tunnel[0].value, state.tunnel[1]))
+        if approval is not None and approval.decision.action == "allow":
+            approval.decision = final
+        return True
 
-    def _sni_ok(self, conn_id: str, state: ConnState, sni: str | None) -> bool:
-        """Check the SNI against the CONNECT target; record and mark a block."""
-        assert state.tunnel is not None
-        eng = self._engine()
-        host, port = state.tunnel
-        dest = state.tunnel_decision.destination if state.tunnel_decision else None
-        bad = eng.check_sni(host, port, sni, dest)
-        if bad is None:
-            return True
-        final = eng.finalize(bad)
-        self._record(conn_id, state, final)
-        if final.allowed:
-            return True
-        state.blocked = final.reason
-        return False
+    def _tunnel_accepted(self, conn_id: str) -> None:
+        """The tunnel's first bytes passed: sinks that count tunnels once (the metrics)
+        may count its CONNECT decision now."""
+        for sink in self.sinks:
+            accepted = getattr(sink, "tunnel_accepted", None)
+            if accepted is None:
+                continue
+            try:
+                accepted(conn_id)
+            except Exception:
+                log.exception("egress-guard: sink %r failed", sink)
 
     def _inspect(self, state: ConnState) -> bool:
         if not ctx.options.egress_guard_inspect or state.tunnel_decision is None:
@@ -1067,6 +1114,8 @@ class EgressGuard:
         if not ok:
             data.ignore_connection = True  # and server_connect refuses it
             return
+        if not state.first_bytes_checked:
+            self._tunnel_accepted(data.context.client.id)
         state.first_bytes_checked = True
         data.ignore_connection = not self._inspect(state)
         if data.ignore_connection:
@@ -1184,8 +1233,13 @@ class EgressGuard:
             return
         eng = self.engine
         now = time.monotonic()
+        #: a tunnel refused at its first bytes (SNI, deny rules) never reached upstream:
+        #: its close record says block, not the CONNECT's allow
+        refused = state.tunnel if state.blocked and not state.first_bytes_checked else None
         for approval in [*state.retired, *state.approved.values()]:
             d = approval.decision
+            if refused is not None and refused == (approval.host, approval.port):
+                d = d._replace(action="block")
             self._emit(
                 "close",
                 CloseEvent(
@@ -1213,6 +1267,14 @@ _DECISION_KEY = "egress_guard_decision"
 _OPENS_KEY = "egress_guard_opens"
 #: the key of this request's reservation in the held-body budget
 _HELD_KEY = "egress_guard_held"
+
+
+def _audited(decision: Decision, mismatch: Decision | None) -> Decision:
+    """The decision to record for a request audit mode let through despite a name
+    mismatch: the would_block, unless the target's own decision is one already."""
+    if mismatch is None or decision.action != "allow":
+        return decision
+    return mismatch
 
 
 def _allowed_by_name(match: Match) -> Decision:
@@ -1256,6 +1318,24 @@ def replace_engine(engine: Engine, self_endpoints: frozenset[tuple[str, int]]) -
 
 
 _HTTP1_VERSIONS = frozenset({"HTTP/1.0", "HTTP/1.1"})
+
+#: an HTTP/1 request line's method (a token) and the space after it
+_REQUEST_START = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ ")
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+#: how many bytes may go by before a request line's method must have ended
+_MAX_METHOD = 64
+
+
+def _http_start(data: bytes) -> bool | None:
+    """Whether a tunnel's first bytes start an HTTP/1 request; None while they could
+    still become one (a method not yet followed by its space). Empty lines first count
+    as HTTP: a server skips them before a request line."""
+    if data[:1] in (b"\r", b"\n") or _REQUEST_START.match(data):
+        return True
+    if len(data) < _MAX_METHOD and all(b in _TOKEN for b in data):
+        return None
+    return False
+
 
 #: The first byte of a tunnel decides how the guard reads it: a TLS handshake record
 #: must be a readable ClientHello; other TLS record types first are refused (they would

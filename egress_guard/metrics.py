@@ -202,6 +202,10 @@ class Metrics:
         #: labels() takes a lock and builds a key on every call (five calls per tunnel);
         #: these families never drop a series, so a child, once made, stays valid.
         self._children: dict[tuple[Any, ...], Any] = {}
+        #: connection id -> (destination, action) of a CONNECT allowed by its target whose
+        #: first bytes (the SNI) are not judged yet: counted once they are, or replaced by
+        #: what they showed (one tunnel is never counted both allowed and blocked)
+        self._pending: dict[str, tuple[str | None, str]] = {}
 
         self._decisions = Counter(
             "egress_guard_decisions",
@@ -312,12 +316,30 @@ class Metrics:
         if action not in _ACTIONS:
             log.warning("metrics: ignoring decision with unknown action %r", action)
             return
-        dest = self.label(event.decision.destination)
-        self._child(self._decisions, dest, action).inc()
+        pending = self._pending.pop(event.conn_id, None)
+        if pending is not None and event.method is not None:
+            self._count(*pending)  # a request inside a tunnel that was accepted
+        # else: the tunnel's first bytes, judged: this decision replaces the CONNECT's
+        if event.opens and event.method == "CONNECT" and action != "block":
+            self._pending[event.conn_id] = (event.decision.destination, action)
+        else:
+            self._count(event.decision.destination, action)
         if event.opens:
             self.connection_opened(event.decision.destination)
 
+    def tunnel_accepted(self, conn_id: str) -> None:
+        """The tunnel's first bytes passed (the proxy calls this): count its CONNECT."""
+        pending = self._pending.pop(conn_id, None)
+        if pending is not None:
+            self._count(*pending)
+
+    def _count(self, destination: str | None, action: str) -> None:
+        self._child(self._decisions, self.label(destination), action).inc()
+
     def close(self, event: CloseEvent) -> None:
+        pending = self._pending.pop(event.conn_id, None)
+        if pending is not None and event.decision != "block":
+            self._count(*pending)  # closed before its first bytes: the CONNECT stands
         dest = self.label(event.destination)
         self._child(self._bytes, dest, "up").inc(_non_negative(event.bytes_up))
         self._child(self._bytes, dest, "down").inc(_non_negative(event.bytes_down))

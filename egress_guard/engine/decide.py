@@ -32,7 +32,7 @@ from egress_guard.normalize import (
 )
 from egress_guard.policy.loader import EffectivePolicy
 from egress_guard.policy.model import CatalogEntry, Destination
-from egress_guard.policy.patterns import parse_pattern
+from egress_guard.policy.patterns import parse_network, parse_pattern, with_mapped
 
 Action = Literal["allow", "block", "would_block"]
 Reason = Literal[
@@ -153,17 +153,22 @@ class Engine:
         #: each destination's ports as a set, by position: probed once per allowed target
         self._ports = tuple(frozenset(d.ports) for d in dests)
         self._allow = HostIndex((i, d.hosts) for i, d in enumerate(dests))
-        self._deny = HostIndex((i, r.hosts) for i, r in enumerate(self.policy.deny))
+        self._deny = HostIndex(
+            (i, [parse_pattern(h, deny=True) for h in r.hosts])
+            for i, r in enumerate(self.policy.deny)
+        )
         #: _name_ids of every name the allow rules spell out in full (``a.b``, ``**.a.b``),
         #: worked out once per policy: the names a policy lists are most of what its
         #: clients ask for, and each then costs one probe instead of two suffix walks
         self._names = {n: self._name_ids(n) for n in self._allow.full_names()}
+        # An IPv4-mapped address is the IPv4 address: every network below also covers the
+        # IPv4 addresses it holds in mapped form (addresses are matched in IPv4 form).
         self._dest_nets = [
-            tuple(p.network for p in map(parse_pattern, d.hosts) if p.network is not None)
+            with_mapped(p.network for p in map(parse_pattern, d.hosts) if p.network is not None)
             for d in dests
         ]
-        self._allow_cidrs = tuple(ipaddress.ip_network(c) for c in self.policy.network.allow_cidrs)
-        self._client_nets = tuple(ipaddress.ip_network(c) for c in self.policy.clients.allow_cidrs)
+        self._allow_cidrs = with_mapped(map(parse_network, self.policy.network.allow_cidrs))
+        self._client_nets = with_mapped(map(parse_network, self.policy.clients.allow_cidrs))
         usable = [(n, e) for n, e in self.catalog.items() if e.usable is None]
         self._catalog_names = [n for n, _ in usable]
         self._catalog_index = HostIndex((i, e.hosts) for i, (_, e) in enumerate(usable))
@@ -313,14 +318,24 @@ class Engine:
     def check_sni(
         self, authority: Host, port: int, sni: str | None, dest: str | None
     ) -> Decision | None:
-        """The TLS SNI must name the CONNECT target (the CONNECT target is the authority)."""
+        """The TLS SNI must name the CONNECT target (the CONNECT target is the authority).
+
+        A name the SNI gives is checked against the deny rules first (``denylisted``, in
+        every mode): the server routes by it, so a denied name must not reach it behind
+        an address or an alias the policy does not deny."""
         if sni is None:
             return None
         try:
             sni_host = normalize_host(sni)
         except NormalizationError as e:
-            return _block("sni_mismatch", authority.value, port, dest, detail=f"invalid SNI: {e}")
+            denied = self._denied_name(authority, port, "SNI", sni, None, dest)
+            return denied or self.unreadable_name(
+                "sni_mismatch", authority, port, dest, f"invalid SNI: {e}"
+            )
         if sni_host.value != authority.value:
+            denied = self._denied_name(authority, port, "SNI", sni, sni_host, dest)
+            if denied is not None:
+                return denied
             return _block(
                 "sni_mismatch",
                 authority.value,
@@ -337,8 +352,18 @@ class Engine:
         host_headers: Sequence[str],
         default_port: int,
         dest: str | None,
+        *,
+        also: Sequence[str] = (),
     ) -> Decision | None:
-        """Exactly one Host header, naming the request's authority (URI or CONNECT)."""
+        """Exactly one Host header, naming the request's authority (URI or CONNECT).
+
+        Every name given (each Host header, and ``also``: names the client supplied that
+        are not compared here, e.g. Host headers beside HTTP/2's :authority) is checked
+        against the deny rules first (``denylisted``, in every mode)."""
+        for value in (*host_headers, *also):
+            denied = self._denied_authority(authority, port, value, default_port, dest)
+            if denied is not None:
+                return denied
         if len(host_headers) != 1:
             return _block(
                 "host_header_mismatch",
@@ -351,8 +376,8 @@ class Engine:
         try:
             h_host, h_port = parse_authority(value, default_port)
         except NormalizationError as e:
-            return _block(
-                "host_header_mismatch", authority.value, port, dest, detail=f"invalid Host: {e}"
+            return self.unreadable_name(
+                "host_header_mismatch", authority, port, dest, f"invalid Host: {e}"
             )
         if h_host.value != authority.value or h_port != port:
             return _block(
@@ -362,6 +387,65 @@ class Engine:
                 dest,
                 detail=f"Host {printable(value)!r} does not match {authority.value}:{port}",
             )
+        return None
+
+    def unreadable_name(
+        self, reason: Reason, authority: Host, port: int, dest: str | None, detail: str
+    ) -> Decision:
+        """A block for an SNI or Host the guard cannot read (or cannot trust: ECH, two SNI
+        extensions, TLS records before the ClientHello). Such a name cannot be checked
+        against the deny rules, so when the policy has any, audit mode does not lift it
+        (see ``finalize``): a server may read it leniently as a denied name."""
+        return _block(reason, authority.value, port, dest, _UNCHECKED_NAME_HINT, detail)
+
+    def _denied_authority(
+        self, authority: Host, port: int, value: str, default_port: int, dest: str | None
+    ) -> Decision | None:
+        """``denylisted`` when a Host-style ``host[:port]`` names a denied host."""
+        try:
+            host, h_port = parse_authority(value, default_port)
+        except NormalizationError:
+            return self._denied_name(authority, port, "Host", value, None, dest)
+        return self._denied_name(authority, port, "Host", value, host, dest, h_port)
+
+    def _denied_name(
+        self,
+        authority: Host,
+        port: int,
+        what: str,
+        raw: str,
+        host: Host | None,
+        dest: str | None,
+        named_port: int | None = None,
+    ) -> Decision | None:
+        """``denylisted`` when a name the client supplied (``raw``, read as ``host``)
+        is denied on the connection's port or on the port it names.
+
+        A name that does not normalise is read leniently as well (trimmed, without
+        trailing dots, up to a NUL or space), as a lenient server might read it."""
+        if not self.policy.deny:
+            return None
+        if host is None:
+            host = _lenient_host(raw)
+            if host is None:
+                return None
+        if host.value == authority.value and named_port in (None, port):
+            return None  # the authority itself: decided already
+        if host.ip is None:
+            ids = self._deny.match_name(host.value) if self._deny.has_names else ()
+        else:
+            ids = self._deny_ip_ids(host.ip)
+        if not ids:
+            return None
+        for p in dict.fromkeys((port, named_port if named_port is not None else port)):
+            hit = self._deny_hit(ids, host, p)
+            if hit is not None:
+                return hit._replace(
+                    host=authority.value,
+                    port=port,
+                    destination=dest,
+                    detail=f"{what} {printable(raw)!r} names a denied host",
+                )
         return None
 
     # -- stage 4 (inspect mode): the request itself ---------------------------------------
@@ -465,6 +549,8 @@ class Engine:
         """Apply audit mode: let a block through as would_block, unless it must not be."""
         if decision.allowed or self.policy.mode != "audit" or decision.reason in NEVER_AUDITED:
             return decision
+        if decision.hint == _UNCHECKED_NAME_HINT and self.policy.deny:
+            return decision  # a name that cannot be read cannot be shown not to be denied
         return decision._replace(allowed=True, action="would_block")
 
     # -- helpers -----------------------------------------------------------------------
@@ -555,6 +641,28 @@ class Engine:
 
 
 _LOOPBACK_OR_ANY = frozenset({"127.0.0.1", "::1", "0.0.0.0", "::"})
+
+#: The hint of ``Engine.unreadable_name`` blocks (``finalize`` knows them by it).
+_UNCHECKED_NAME_HINT = (
+    "the name cannot be read, so it cannot be checked against the deny rules: "
+    "refused in every mode while the policy has deny rules"
+)
+
+
+def _lenient_host(raw: str) -> Host | None:
+    """A name as a lenient server might read one the normaliser refuses: trimmed, cut at
+    the first NUL or space, without its port, brackets and trailing dots. None if even
+    that is no host."""
+    text = raw.strip().split("\x00", 1)[0].split(" ", 1)[0]
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    text = text.rstrip(".")
+    try:
+        return normalize_host(text)
+    except NormalizationError:
+        return None
 
 
 def _refusal(decision: Decision, reason: Reason, hint: str, detail: str | None) -> Decision:

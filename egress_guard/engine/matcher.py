@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from egress_guard.normalize import IPAddress
-from egress_guard.policy.patterns import HostPattern, parse_pattern
+from egress_guard.policy.patterns import HostPattern, parse_pattern, with_mapped
 
 
 class HostIndex:
@@ -49,8 +49,10 @@ class HostIndex:
                     apex_sub[pat.value].append(rule_id)
                 else:
                     assert pat.network is not None
-                    net = pat.network
-                    nets[(net.version, net.prefixlen)][int(net.network_address)].append(rule_id)
+                    # an IPv6 network covers the IPv4 addresses it holds IPv4-mapped
+                    for net in with_mapped((pat.network,)):
+                        key = (net.version, net.prefixlen)
+                        nets[key][int(net.network_address)].append(rule_id)
         #: name -> rules that cover the name itself: exact ``name`` and ``**.name``
         self._whole = _union(exact, apex_sub)
         #: suffix -> rules that cover every name below it: ``*.suffix`` and ``**.suffix``

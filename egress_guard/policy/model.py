@@ -20,7 +20,7 @@ from pydantic import (
     field_validator,
 )
 
-from egress_guard.policy.patterns import PatternError, parse_network, parse_pattern
+from egress_guard.policy.patterns import MAPPED, PatternError, parse_network, parse_pattern
 
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _METHOD_RE = re.compile(r"^[A-Z]{1,20}$")
@@ -29,6 +29,13 @@ _METHOD_RE = re.compile(r"^[A-Z]{1,20}$")
 def _pattern(raw: str) -> str:
     try:
         return str(parse_pattern(raw))
+    except PatternError as e:
+        raise ValueError(str(e)) from e
+
+
+def _deny_pattern(raw: str) -> str:
+    try:
+        return str(parse_pattern(raw, deny=True))
     except PatternError as e:
         raise ValueError(str(e)) from e
 
@@ -55,6 +62,8 @@ def _path_glob(raw: str) -> str:
 
 
 HostPatternStr = Annotated[str, AfterValidator(_pattern)]
+#: a deny rule's host: may cover every address (it allows nothing)
+DenyPatternStr = Annotated[str, AfterValidator(_deny_pattern)]
 Cidr = Annotated[str, AfterValidator(_cidr)]
 Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
 Method = Annotated[str, AfterValidator(_method)]
@@ -102,6 +111,20 @@ class Destination(InspectRules):
             seen.add(item)
         return v
 
+    @field_validator("hosts")
+    @classmethod
+    def _not_every_ipv4(cls, v: list[str]) -> list[str]:
+        # An IPv4-mapped address is the IPv4 address, so an IPv6 network around all of
+        # ::ffff:0:0/96 would allow every IPv4 address (like ::ffff:0:0/96 itself).
+        for raw in v:
+            net = parse_pattern(raw).network
+            if net is not None and net.version == 6 and MAPPED.subnet_of(net):
+                raise ValueError(
+                    f"{raw!r} contains {MAPPED} (every IPv4 address, IPv4-mapped): it would "
+                    "allow every IPv4 address; narrow it (e.g. 2000::/3, global unicast)"
+                )
+        return v
+
     @property
     def needs_inspection(self) -> bool:
         return bool(self.methods or self.paths or self.models)
@@ -129,7 +152,7 @@ DestinationItem = Annotated[
 
 
 class DenyRule(_Strict):
-    hosts: list[HostPatternStr] = Field(min_length=1)
+    hosts: list[DenyPatternStr] = Field(min_length=1)
     #: None: every port. Deny rules win over every allow.
     ports: list[Port] | None = None
     comment: str = ""

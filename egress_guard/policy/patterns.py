@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -52,8 +53,11 @@ def is_public_suffix(name: str) -> bool:
     return bool(_psl().is_public(name))
 
 
-def parse_pattern(raw: object) -> HostPattern:
-    """Parse and canonicalise one ``hosts:`` entry, or raise PatternError with a hint."""
+def parse_pattern(raw: object, *, deny: bool = False) -> HostPattern:
+    """Parse and canonicalise one ``hosts:`` entry, or raise PatternError with a hint.
+
+    ``deny``: a deny rule's entry, which may cover every address (``0.0.0.0/0``, and
+    ``::ffff:0:0/96``, the same network IPv4-mapped): it allows nothing."""
     if not isinstance(raw, str):
         raise PatternError(f"host pattern must be a string, got {type(raw).__name__}")
     text = raw.strip()
@@ -78,7 +82,7 @@ def parse_pattern(raw: object) -> HostPattern:
             "(ports go in 'ports:', paths in 'paths:')"
         )
     if "/" in text:
-        return _parse_cidr(text)
+        return _parse_cidr(text, deny)
     if text.count(":") == 1 and not text.startswith("["):
         raise PatternError(
             f"{text!r} has a port; write the host alone and list the port in 'ports:'"
@@ -109,7 +113,7 @@ def parse_pattern(raw: object) -> HostPattern:
     return HostPattern(kind, host.value)
 
 
-def _parse_cidr(text: str) -> HostPattern:
+def _parse_cidr(text: str, deny: bool = False) -> HostPattern:
     try:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError as e:
@@ -126,14 +130,57 @@ def _parse_cidr(text: str) -> HostPattern:
         mapped = canonical_ip(net.network_address)
         net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
     # Checked after the mapping: ::ffff:0:0/96 is 0.0.0.0/0, every IPv4 address.
-    if net.prefixlen == 0:
+    if net.prefixlen == 0 and not deny:
         raise PatternError(f"{text!r} would allow every address")
     return HostPattern("cidr", str(net), net)
 
 
 def parse_network(raw: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """A CIDR or single address for allow_cidrs / client ACLs (an address means /32 or /128)."""
+    """A CIDR or single address for allow_cidrs / client ACLs (an address means /32 or /128).
+
+    An IPv4-mapped network (``::ffff:10.0.0.0/104``) is written as the IPv4 network it
+    is (``10.0.0.0/8``), as host patterns are."""
     try:
-        return ipaddress.ip_network(raw, strict=True)
+        net = ipaddress.ip_network(raw, strict=True)
     except ValueError as e:
         raise PatternError(f"{raw!r} is not a valid CIDR: {e}") from e
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(MAPPED):
+        return mapped_ipv4(net) or net
+    return net
+
+
+#: IPv4-mapped IPv6 addresses, ``::ffff:a.b.c.d``: on a dual-stack socket each one IS the
+#: IPv4 address a.b.c.d (requests, DNS answers and clients are matched in IPv4 form)
+MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def mapped_ipv4(
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | None:
+    """The IPv4 addresses an IPv6 network holds in IPv4-mapped form, as an IPv4 network:
+    ``0.0.0.0/0`` for a network around all of ``::ffff:0:0/96`` (``::/1``, ``::/80``),
+    ``10.0.0.0/8`` for ``::ffff:10.0.0.0/104``; None when it holds none (or is IPv4)."""
+    if not isinstance(net, ipaddress.IPv6Network):
+        return None
+    if MAPPED.subnet_of(net):
+        return ipaddress.IPv4Network("0.0.0.0/0")
+    if net.subnet_of(MAPPED):
+        first = net.network_address.ipv4_mapped
+        assert first is not None
+        return ipaddress.IPv4Network(f"{first}/{net.prefixlen - 96}")
+    return None
+
+
+def with_mapped(
+    nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """The networks, each IPv6 one followed by the IPv4 network it holds in IPv4-mapped
+    form (``mapped_ipv4``): an address is matched in its IPv4 form, so a rule written
+    as an IPv6 network covers the IPv4 addresses it maps, both ways round."""
+    out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for net in nets:
+        out.append(net)
+        v4 = mapped_ipv4(net)
+        if v4 is not None:
+            out.append(v4)
+    return tuple(out)

@@ -424,7 +424,7 @@ def test_check_sni_ip_authority(engine: Engine) -> None:
         P(["api.example.com:8443"], 8443, True, None, id="explicit-port"),
         P(["api.example.com", "api.example.com"], 443, False, "2 Host headers", id="duplicate"),
         P(
-            ["api.example.com", "evil.example.com"],
+            ["api.example.com", "other.example.com"],
             443,
             False,
             "2 Host headers",
@@ -433,7 +433,7 @@ def test_check_sni_ip_authority(engine: Engine) -> None:
         P([], 443, False, "0 Host headers", id="missing"),
         P(["api.example.com:8443"], 443, False, "does not match", id="port-mismatch"),
         P(["api.example.com"], 8443, False, "does not match", id="implicit-port-mismatch"),
-        P(["evil.example.com"], 443, False, "does not match", id="host-mismatch"),
+        P(["other.example.com"], 443, False, "does not match", id="host-mismatch"),
         P(["api.example.com:0443"], 443, False, "invalid Host", id="port-leading-zero"),
         P(["api.example.com\r\n x"], 443, False, "invalid Host", id="folded"),
         P(["user@api.example.com"], 443, False, "invalid Host", id="userinfo"),
