@@ -483,9 +483,9 @@ class EgressGuard:
             if self._parent is not None and eng.static_addresses(host) is None:
                 return Approval(final, host, port, None, None, time.monotonic())
             addrs = await self._addresses(eng, host, port)
-            self_hit = eng.check_self(addrs, host, port)
-            if self_hit is not None:
-                raise _Blocked(self_hit)
+            refused = eng.check_unlisted_addresses(addrs, host, port)
+            if refused is not None:
+                raise _Blocked(refused)
             return Approval(final, host, port, addrs[0], None, time.monotonic())
         match: Match = verdict
         if self._parent is not None and eng.static_addresses(match.host) is None:
@@ -799,6 +799,12 @@ class EgressGuard:
         verdict = eng.decide_target(approval.host.value, approval.port)
         if isinstance(verdict, Decision):
             final = eng.finalize(verdict)
+            if final.allowed and approval.address is not None:
+                # audit mode: the pinned address must still pass what no mode lifts
+                refused = eng.check_unlisted_addresses(
+                    (approval.address,), approval.host, approval.port
+                )
+                final = refused if refused is not None else final
         elif approval.address is None:  # a parent proxy resolves; decided on the name
             final = _allowed_by_name(verdict)
         else:

@@ -266,16 +266,9 @@ class Engine:
             return looped
         for raw_ip in addresses:
             ip = canonical_ip(raw_ip)
-            deny_ids = self._deny_ip_ids(ip)
-            if any(self._deny_port_ok(i, port) for i in deny_ids):
-                i = next(i for i in deny_ids if self._deny_port_ok(i, port))
-                return _block(
-                    "denylisted",
-                    host.value,
-                    port,
-                    dest.name,
-                    hint=f"denied by {self.policy.deny_origins[i]} (resolved to {ip})",
-                )
+            denied = self._denied_address(ip, host, port, dest.name)
+            if denied is not None:
+                return denied
             if not self.policy.network.block_private:
                 continue
             cls = special_class(ip)
@@ -295,6 +288,35 @@ class Engine:
                 detail=f"{ip} is {cls}",
             )
         return Decision(True, "allow", "allowlisted", dest.name, host.value, port)
+
+    def check_unlisted_addresses(
+        self, addresses: Sequence[IPAddress], host: Host, port: int
+    ) -> Decision | None:
+        """The address checks no mode lifts, for a target audit mode lets through unlisted:
+        a self-connection, and an address a deny rule covers (an unlisted alias of a denied
+        host must not reach it because audit mode waved the name through)."""
+        looped = self.check_self(addresses, host, port)
+        if looped is not None:
+            return looped
+        for raw_ip in addresses:
+            denied = self._denied_address(canonical_ip(raw_ip), host, port, None)
+            if denied is not None:
+                return denied
+        return None
+
+    def _denied_address(
+        self, ip: IPAddress, host: Host, port: int, dest: str | None
+    ) -> Decision | None:
+        for i in self._deny_ip_ids(ip):
+            if self._deny_port_ok(i, port):
+                return _block(
+                    "denylisted",
+                    host.value,
+                    port,
+                    dest,
+                    hint=f"denied by {self.policy.deny_origins[i]} (resolved to {ip})",
+                )
+        return None
 
     def check_self(
         self, addresses: Sequence[IPAddress], host: Host, port: int, dest: str | None = None
