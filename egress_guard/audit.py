@@ -30,17 +30,27 @@ cookies), bodies, query strings. The events do not carry them; as a second line 
 defence ``path`` loses everything from the first ``?`` or ``#`` (and userinfo of an
 absolute URL), and free-text fields lose ``?name=value`` queries.
 
-Threading and back-pressure: the Sink methods never block and never raise for ordinary
-input; they put the event on a bounded queue (``queue_size``) read by one writer thread
-that serialises, hashes, writes and fsyncs. Events do not wake the writer (that would
-hand the GIL to it in the middle of the proxy's work); it looks for new events every
-20 ms, so a record reaches the file within about 20 ms (after a quiet second it sleeps
-until the next event wakes it). When the queue is full the
-event cannot be kept without unbounded memory or without blocking the proxy's event
-loop, so it is *counted* as lost and ``healthy`` turns False at once: the proxy refuses
-new connections (reason internal_error) instead of letting traffic through unrecorded.
-The loss is written into the chain as a ``dropped`` line when the writer catches up,
-after which the sink is healthy again. Nothing is dropped silently.
+Threading and back-pressure: one writer thread serialises, hashes, writes and fsyncs.
+Decisions that let traffic through are *admitted*: ``await admit(event)`` queues the
+record, wakes the writer at once, and returns True only once the line is written
+(``os.write`` returned; with fsync ``always`` also after that batch's fsync), so the proxy
+forwards nothing whose record is not in the file. The writer tells all admissions of a
+batch with one ``call_soon_threadsafe``. False (the caller refuses the traffic) when the
+log is unhealthy or shutting down, when the write fails (every admission not yet written
+is told at once), or when there was no room or no write within ``admit_timeout``. A full
+queue makes an admission wait for room (asynchronously), never drops it.
+
+The other Sink methods (refusals, closes, policy loads: nothing waits for them) never
+block and never raise for ordinary input. They do not wake the writer (that would hand
+the GIL to it in the middle of the proxy's work); it looks for new records every 20 ms,
+so such a record reaches the file within about 20 ms (after a quiet second the writer
+sleeps until the next record wakes it). Past a full queue they go to an overflow list
+(``overflow_size``), in order; while it holds anything, new records and admissions queue
+behind it. Only when that is full too is a record *counted* as lost, and ``healthy``
+turns False at once: the proxy refuses new connections and requests (reason
+internal_error) instead of letting traffic through unrecorded. The loss is written into
+the chain as a ``dropped`` line when the writer catches up, after which the sink is
+healthy again. Nothing is dropped silently.
 
 Write failures (permission, disk full, any OSError): ``healthy`` turns False, the failure
 is printed on stderr once per episode, ``write_errors`` counts every failed attempt, and
@@ -49,8 +59,8 @@ are kept and written on recovery (a short write resumes where it stopped), so a 
 log still verifies. While it fails the writer stops taking events off the queue, so
 memory stays bounded; overflow is counted as above.
 
-fsync: ``always`` (after every batch the writer writes; the caller never waits, so this
-bounds the loss to the events in flight), ``interval`` (default: at most every
+fsync: ``always`` (after every batch the writer writes: a machine crash loses at most the
+events in flight, and no admitted one), ``interval`` (default: at most every
 ``fsync_interval`` seconds while there is unsynced data), ``never`` (leave it to the OS; a
 proxy crash still loses nothing that reached the writer, a machine crash may).
 
@@ -69,7 +79,8 @@ Path ``-`` writes to standard output (container log pipelines): no rotation, no 
 and each process start begins a new chain from 64 zeros.
 
 Lifecycle: the Sink method ``close(event)`` records a CloseEvent (the protocol's name);
-shutting the log down is ``shutdown()``. ``flush()`` waits until everything queued so far
+shutting the log down is ``shutdown()``: it writes everything queued, retrying a failing
+write until its timeout. ``flush()`` waits until everything queued so far
 is written and synced. An ``atexit`` hook shuts the log down at interpreter exit.
 """
 
@@ -250,7 +261,8 @@ class _QuietQueue(queue.Queue[_Item]):
     A wake-up per event is a thread hand-off on the proxy's hot path: the woken writer
     takes the GIL from the event loop in the middle of a CONNECT (measured: about 0.4 ms
     of a tunnel's set-up latency at concurrency 1). The writer polls every ``_POLL_S``
-    instead and takes whatever has gathered; markers (flush, shutdown) still wake it.
+    instead and takes whatever has gathered; markers (flush, shutdown) and admissions
+    (``put_now``: a request waits for the write) still wake it.
     Once nothing has come for ``_IDLE_AFTER_S``, the writer stops polling (an idle proxy
     on a laptop should not wake 50 times a second) and the next event wakes it, once.
     """
