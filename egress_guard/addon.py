@@ -90,8 +90,28 @@ RELOAD_SETTLE_S = 0.5
 
 
 class _Blocked(Exception):
-    def __init__(self, decision: Decision):
+    def __init__(self, decision: Decision, status: int | None = None):
         self.decision = decision
+        #: the answer's status when not the usual one for the reason (503: not recorded)
+        self.status = status
+
+
+#: the answer to traffic the audit sink cannot record: the guard is unavailable, not
+#: the destination forbidden, and a retry may succeed once the log can be written
+UNRECORDED_STATUS = 503
+
+
+#: what the client is told (also inside an inspected API call, in the provider's format)
+UNRECORDED_HINT = "the audit log cannot record traffic now; retry later"
+
+
+def _unrecorded(host: str, why: str) -> _Blocked:
+    return _Blocked(
+        Decision(
+            False, "block", "internal_error", None, host, None, hint=UNRECORDED_HINT, detail=why
+        ),
+        UNRECORDED_STATUS,
+    )
 
 
 def _peer(client: Client) -> str:
@@ -359,6 +379,28 @@ class EgressGuard:
     def _emit_policy(self, event: PolicyEvent) -> None:
         self._emit("policy", event)
 
+    def _event(
+        self,
+        conn_id: str,
+        state: ConnState,
+        d: Decision,
+        method: str | None,
+        path: str | None,
+        opens: bool,
+    ) -> DecisionEvent:
+        eng = self.engine
+        return DecisionEvent(
+            conn_id=conn_id,
+            client=state.client,
+            decision=d,
+            mode=eng.policy.mode if eng else "enforce",
+            policy_sha256=eng.policy.sha256 if eng else "",
+            sni=state.sni,
+            method=method,
+            path=path.split("?", 1)[0] if path else None,
+            opens=opens,
+        )
+
     def _record(
         self,
         conn_id: str,
@@ -369,21 +411,67 @@ class EgressGuard:
         path: str | None = None,
         opens: bool = False,
     ) -> None:
-        eng = self.engine
-        self._emit(
-            "decision",
-            DecisionEvent(
-                conn_id=conn_id,
-                client=state.client,
-                decision=d,
-                mode=eng.policy.mode if eng else "enforce",
-                policy_sha256=eng.policy.sha256 if eng else "",
-                sni=state.sni,
-                method=method,
-                path=path.split("?", 1)[0] if path else None,
-                opens=opens,
-            ),
-        )
+        """Record a decision that lets nothing go upstream (sinks queue it, never drop
+        it). One that does must go through ``_admit``."""
+        self._emit("decision", self._event(conn_id, state, d, method, path, opens))
+
+    async def _admit(
+        self,
+        conn_id: str,
+        state: ConnState,
+        d: Decision,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        opens: bool = False,
+    ) -> None:
+        """Record a decision that lets traffic go upstream, and return only once every
+        sink has accepted it (the audit log: its line is written). Raises _Blocked (503,
+        internal_error) when a sink cannot record it, or fails: nothing is forwarded
+        that the audit log does not hold."""
+        event = self._event(conn_id, state, d, method, path, opens)
+        for sink in self.sinks:
+            try:
+                ok = await sink.admit(event)
+            except Exception:
+                log.exception("egress-guard: sink %r failed; refusing", sink)
+                ok = False
+            if not ok:
+                raise _unrecorded(
+                    d.host, "the audit log could not record this request: refusing it"
+                )
+
+    def _sinks_healthy(self) -> bool:
+        try:
+            return all(s.healthy for s in self.sinks)
+        except Exception:
+            log.exception("egress-guard: sink health unknown; refusing")
+            return False
+
+    def _check_sinks(self, host: str) -> None:
+        """Refuse early (before a body is read or a tunnel's bytes move) while a sink
+        cannot record. Raises _Blocked."""
+        if not self._sinks_healthy():
+            raise _unrecorded(
+                host, "audit sink unavailable: refusing traffic that cannot be recorded"
+            )
+
+    def _recordable(self, d: Decision) -> Decision:
+        """For the sync hooks that let bytes through on a decision they record (audit
+        mode's would_block on a tunnel's first bytes): they cannot wait for the record to
+        be written, so at least they refuse while a sink cannot record."""
+        if d.allowed and not self._sinks_healthy():
+            return Decision(
+                False,
+                "block",
+                "internal_error",
+                d.destination,
+                d.host,
+                d.port,
+                hint=UNRECORDED_HINT,
+                detail="audit sink unavailable: refusing traffic that cannot be recorded",
+            )
+        return d
 
     def _on_http1_refused(self, client: Client, message: str, req: http.Request | None) -> None:
         """http1limit ended a client connection (a head or line over its bound, trailers):
@@ -437,18 +525,7 @@ class EgressGuard:
                     "send Proxy-Authorization: Basic with a user from clients.auth.users_file",
                 )
             )
-        if not all(s.healthy for s in self.sinks):
-            raise _Blocked(
-                Decision(
-                    False,
-                    "block",
-                    "internal_error",
-                    None,
-                    host,
-                    None,
-                    detail="audit sink unavailable: refusing traffic that cannot be recorded",
-                )
-            )
+        self._check_sinks(host)
 
     def _authorized(self, headers: http.Headers) -> bool:
         value = headers.get("proxy-authorization", "")
@@ -550,7 +627,7 @@ class EgressGuard:
         try:
             await step(flow, state)
         except _Blocked as b:
-            self._deny_flow(flow, state, b.decision)
+            self._deny_flow(flow, state, b.decision, b.status)
         except Exception as e:
             log.exception(
                 "egress-guard: internal error deciding %s; blocking", flow.request.pretty_url
@@ -566,7 +643,9 @@ class EgressGuard:
             )
             self._deny_flow(flow, state, d)
 
-    def _deny_flow(self, flow: http.HTTPFlow, state: ConnState, d: Decision) -> None:
+    def _deny_flow(
+        self, flow: http.HTTPFlow, state: ConnState, d: Decision, status: int | None = None
+    ) -> None:
         connect = flow.request.method == "CONNECT"
         if connect:
             state.blocked = state.blocked or d.reason
@@ -584,6 +663,9 @@ class EgressGuard:
                 flow.response = provider_block_response(d, api_kind(flow.request.path))
             else:
                 flow.response = block_response(d)
+            if status is not None:
+                flow.response.status_code = status
+                flow.response.reason = _REASON_PHRASES.get(status, "")
             if not connect:
                 # no "100 Continue" for a body that is refused already
                 flow.request.headers.pop("expect", None)
@@ -615,18 +697,23 @@ class EgressGuard:
         self._gate(eng, state, req.headers, req.host)
         host, port = self._raw_target(req)
         approval = await self._authorize(eng, host, port)
+        # recorded (written) before anything opens; refused (no close record) if not
+        await self._admit(
+            flow.client_conn.id, state, approval.decision, method="CONNECT", opens=True
+        )
         state.tunnel = (approval.host, approval.port)
         state.tunnel_decision = approval.decision
         state.approved[(approval.host.value, approval.port)] = approval
-        self._record(flow.client_conn.id, state, approval.decision, method="CONNECT", opens=True)
 
     async def _on_request(self, flow: http.HTTPFlow, state: ConnState) -> None:
         eng = self._engine()
         req = flow.request
         if state.tunnel is not None:
             # A request inside an intercepted CONNECT tunnel: the CONNECT target is the
-            # authority, and the destination's request rules apply.
+            # authority, and the destination's request rules apply. Each one is recorded
+            # before it is forwarded, so an audit outage refuses it like a new CONNECT.
             host, port = state.tunnel
+            self._check_sinks(host.value)
             dest_name = state.tunnel_decision.destination if state.tunnel_decision else None
             mismatch = self._check_host_header(eng, flow, host, port, dest_name)
             if req.authority and not (req.is_http2 or req.is_http3):
@@ -647,7 +734,9 @@ class EgressGuard:
                 if ruled is None:
                     return  # recorded once the body (and its model) is in
                 decision = ruled
-            self._record(flow.client_conn.id, state, decision, method=req.method, path=req.path)
+            await self._admit(
+                flow.client_conn.id, state, decision, method=req.method, path=req.path
+            )
             self._count_http(flow, approval)
             return
         self._gate(eng, state, req.headers, req.host)
@@ -674,9 +763,9 @@ class EgressGuard:
             if ruled is None:
                 return  # approved and recorded once the body (and its model) is in
             decision = ruled
-        # Only a request that goes upstream makes an upstream (and its close record).
-        state.approved[key] = approval
-        self._record(
+        # Only a request that goes upstream makes an upstream (and its close record), and
+        # only once its record is written.
+        await self._admit(
             flow.client_conn.id,
             state,
             decision,
@@ -684,6 +773,7 @@ class EgressGuard:
             path=req.path,
             opens=known is None,
         )
+        state.approved[key] = approval
         self._count_http(flow, approval)
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -748,11 +838,11 @@ class EgressGuard:
                 raise _Blocked(final)
             decision = final
         opens = flow.metadata.pop(_OPENS_KEY, False)
-        if approval is not None and state.tunnel is None:
-            state.approved[(approval.host.value, approval.port)] = approval
-        self._record(
+        await self._admit(
             flow.client_conn.id, state, decision, method=req.method, path=req.path, opens=opens
         )
+        if approval is not None and state.tunnel is None:
+            state.approved[(approval.host.value, approval.port)] = approval
 
     def _count_http(self, flow: http.HTTPFlow, approval: Approval | None) -> None:
         """Count an HTTP exchange's bytes (head + body) as they stream through."""
@@ -1065,7 +1155,7 @@ class EgressGuard:
         the connection: ``block`` when refused (see _close_records), ``would_block`` when
         audit mode let it through."""
         assert state.tunnel is not None
-        final = self._engine().finalize(bad)
+        final = self._recordable(self._engine().finalize(bad))
         self._record(conn_id, state, final)
         if not final.allowed:
             state.blocked = final.reason
@@ -1265,6 +1355,7 @@ class EgressGuard:
             )
 
 
+_REASON_PHRASES = {UNRECORDED_STATUS: "Service Unavailable"}
 _APPROVAL_KEY = "egress_guard_approval"
 _MODEL_CHECK_KEY = "egress_guard_model_check"
 #: the decision a deferred model check starts from (and records when the model is fine)

@@ -30,17 +30,27 @@ cookies), bodies, query strings. The events do not carry them; as a second line 
 defence ``path`` loses everything from the first ``?`` or ``#`` (and userinfo of an
 absolute URL), and free-text fields lose ``?name=value`` queries.
 
-Threading and back-pressure: the Sink methods never block and never raise for ordinary
-input; they put the event on a bounded queue (``queue_size``) read by one writer thread
-that serialises, hashes, writes and fsyncs. Events do not wake the writer (that would
-hand the GIL to it in the middle of the proxy's work); it looks for new events every
-20 ms, so a record reaches the file within about 20 ms (after a quiet second it sleeps
-until the next event wakes it). When the queue is full the
-event cannot be kept without unbounded memory or without blocking the proxy's event
-loop, so it is *counted* as lost and ``healthy`` turns False at once: the proxy refuses
-new connections (reason internal_error) instead of letting traffic through unrecorded.
-The loss is written into the chain as a ``dropped`` line when the writer catches up,
-after which the sink is healthy again. Nothing is dropped silently.
+Threading and back-pressure: one writer thread serialises, hashes, writes and fsyncs.
+Decisions that let traffic through are *admitted*: ``await admit(event)`` queues the
+record, wakes the writer at once, and returns True only once the line is written
+(``os.write`` returned; with fsync ``always`` also after that batch's fsync), so the proxy
+forwards nothing whose record is not in the file. The writer tells all admissions of a
+batch with one ``call_soon_threadsafe``. False (the caller refuses the traffic) when the
+log is unhealthy or shutting down, when the write fails (every admission not yet written
+is told at once), or when there was no room or no write within ``admit_timeout``. A full
+queue makes an admission wait for room (asynchronously), never drops it.
+
+The other Sink methods (refusals, closes, policy loads: nothing waits for them) never
+block and never raise for ordinary input. They do not wake the writer (that would hand
+the GIL to it in the middle of the proxy's work); it looks for new records every 20 ms,
+so such a record reaches the file within about 20 ms (after a quiet second the writer
+sleeps until the next record wakes it). Past a full queue they go to an overflow list
+(``overflow_size``), in order; while it holds anything, new records and admissions queue
+behind it. Only when that is full too is a record *counted* as lost, and ``healthy``
+turns False at once: the proxy refuses new connections and requests (reason
+internal_error) instead of letting traffic through unrecorded. The loss is written into
+the chain as a ``dropped`` line when the writer catches up, after which the sink is
+healthy again. Nothing is dropped silently.
 
 Write failures (permission, disk full, any OSError): ``healthy`` turns False, the failure
 is printed on stderr once per episode, ``write_errors`` counts every failed attempt, and
@@ -49,8 +59,8 @@ are kept and written on recovery (a short write resumes where it stopped), so a 
 log still verifies. While it fails the writer stops taking events off the queue, so
 memory stays bounded; overflow is counted as above.
 
-fsync: ``always`` (after every batch the writer writes; the caller never waits, so this
-bounds the loss to the events in flight), ``interval`` (default: at most every
+fsync: ``always`` (after every batch the writer writes: a machine crash loses at most the
+events in flight, and no admitted one), ``interval`` (default: at most every
 ``fsync_interval`` seconds while there is unsynced data), ``never`` (leave it to the OS; a
 proxy crash still loses nothing that reached the writer, a machine crash may).
 
@@ -69,12 +79,14 @@ Path ``-`` writes to standard output (container log pipelines): no rotation, no 
 and each process start begins a new chain from 64 zeros.
 
 Lifecycle: the Sink method ``close(event)`` records a CloseEvent (the protocol's name);
-shutting the log down is ``shutdown()``. ``flush()`` waits until everything queued so far
+shutting the log down is ``shutdown()``: it writes everything queued, retrying a failing
+write until its timeout. ``flush()`` waits until everything queued so far
 is written and synced. An ``atexit`` hook shuts the log down at interpreter exit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import errno
@@ -106,6 +118,12 @@ GENESIS: Final = "0" * 64
 DEFAULT_MAX_BYTES: Final = 100 * 1024 * 1024
 DEFAULT_BACKUPS: Final = 10
 DEFAULT_QUEUE_SIZE: Final = 10_000
+#: records that must not wait (blocks, closes, policy loads) kept past a full queue; past
+#: this many the sink counts the loss and turns unhealthy
+DEFAULT_OVERFLOW_SIZE: Final = 100_000
+#: how long an admission (AuditLog.admit) waits for room in the queue and for its line
+#: to be written before the request it stands for is refused
+DEFAULT_ADMIT_TIMEOUT: Final = 5.0
 
 _MAX_PATH = 2048
 _MAX_TEXT = 1024
@@ -161,11 +179,28 @@ def _encode(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
+class _Waiter:
+    """An admission waiting for its line: the writer thread tells ``future`` (on
+    ``loop``) True once the line is written, False if it cannot be written now."""
+
+    __slots__ = ("end", "future", "loop", "settled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[bool]) -> None:
+        self.loop = loop
+        self.future = future
+        #: where the line ends in the log's byte stream (bytes_written), once committed
+        self.end = -1
+        #: a verdict was sent (writer thread only)
+        self.settled = False
+
+
 @dataclass(frozen=True, slots=True)
 class _Entry:
     kind: Literal["decision", "close", "policy"]
     t: float
     event: DecisionEvent | CloseEvent | PolicyEvent
+    #: an admission (AuditLog.admit): the caller waits until the line is written
+    waiter: _Waiter | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +261,8 @@ class _QuietQueue(queue.Queue[_Item]):
     A wake-up per event is a thread hand-off on the proxy's hot path: the woken writer
     takes the GIL from the event loop in the middle of a CONNECT (measured: about 0.4 ms
     of a tunnel's set-up latency at concurrency 1). The writer polls every ``_POLL_S``
-    instead and takes whatever has gathered; markers (flush, shutdown) still wake it.
+    instead and takes whatever has gathered; markers (flush, shutdown) and admissions
+    (``put_now``: a request waits for the write) still wake it.
     Once nothing has come for ``_IDLE_AFTER_S``, the writer stops polling (an idle proxy
     on a laptop should not wake 50 times a second) and the next event wakes it, once.
     """
@@ -245,15 +281,33 @@ class _QuietQueue(queue.Queue[_Item]):
                 self.idle = False
                 self.not_empty.notify()
 
+    def put_now(self, item: _Item) -> bool:
+        """put_nowait() that always wakes the consumer (an admission is waiting for the
+        write). False when the queue is full."""
+        with self.mutex:
+            if 0 < self.maxsize <= self._qsize():
+                return False
+            self._put(item)
+            self.unfinished_tasks += 1
+            self.idle = False
+            self.not_empty.notify()
+            return True
+
     def set_idle(self, idle: bool) -> None:
         with self.mutex:
             self.idle = idle
+
+    def waiters(self) -> list[_Waiter]:
+        """The admissions still in the queue."""
+        with self.mutex:
+            return [i.waiter for i in self.queue if isinstance(i, _Entry) and i.waiter]
 
 
 class AuditLog:
     """JSON Lines audit sink with a hash chain, a writer thread and size rotation.
 
-    Sink protocol: ``decision(event)``, ``close(event)``, ``policy(event)``, ``healthy``.
+    Sink protocol: ``admit(event)`` (awaitable), ``decision(event)``, ``close(event)``,
+    ``policy(event)``, ``healthy``.
     Lifecycle: ``flush(timeout)``, ``shutdown(timeout)`` (also a context manager).
     For metrics: ``write_errors``, ``events_dropped``, ``lines_written``, ``bytes_written``,
     ``fsyncs``, ``rotations``, ``queue_depth``, ``last_error``, ``head``, ``last_seq``.
@@ -268,24 +322,28 @@ class AuditLog:
         max_bytes: int = DEFAULT_MAX_BYTES,
         backups: int = DEFAULT_BACKUPS,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        overflow_size: int = DEFAULT_OVERFLOW_SIZE,
+        admit_timeout: float = DEFAULT_ADMIT_TIMEOUT,
         policy_sha256: str | None = None,
         retry_interval: float = 1.0,
         stream: BinaryIO | None = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
-        if not fsync_interval > 0 or not retry_interval > 0:
-            raise ValueError("fsync_interval and retry_interval must be positive")
+        if not fsync_interval > 0 or not retry_interval > 0 or not admit_timeout > 0:
+            raise ValueError("fsync_interval, retry_interval and admit_timeout must be positive")
         if max_bytes < 0 or (max_bytes and backups < 1):
             raise ValueError("max_bytes must be >= 0 (0: no rotation) and backups >= 1")
-        if queue_size < 1:
-            raise ValueError("queue_size must be >= 1")
+        if queue_size < 1 or overflow_size < 0:
+            raise ValueError("queue_size must be >= 1 and overflow_size >= 0")
         self.path: str = os.fspath(path)
         self.fsync_policy: FsyncPolicy = fsync
         self.fsync_interval = fsync_interval
         self.max_bytes = max_bytes
         self.backups = backups
         self.retry_interval = retry_interval
+        self.admit_timeout = admit_timeout
+        self.overflow_size = overflow_size
         self.policy_sha256 = policy_sha256
         if stream is not None and self.path != "-":
             raise ValueError("stream is only for path '-'")
@@ -306,7 +364,13 @@ class AuditLog:
 
         # -- writer-thread state ---------------------------------------------------------
         self._q: _QuietQueue = _QuietQueue(maxsize=queue_size)
+        #: records that found the queue full; they follow the queue (under _lock)
+        self._overflow: deque[_Entry | _Flush] = deque()
         self._backlog: deque[_Item] = deque()
+        #: admissions whose lines are committed, waiting for the write
+        self._admitting: list[_Waiter] = []
+        #: admissions decided without a line of theirs (unencodable)
+        self._verdicts: list[tuple[_Waiter, bool]] = []
         self._fd: int | None = None
         self._opened = False
         self._regular = False
@@ -329,6 +393,8 @@ class AuditLog:
         self._lost_since = 0.0
         self._closing = False
         self._stop = threading.Event()
+        #: once stopping, the writer retries a failing write until then (monotonic)
+        self._stop_deadline = math.inf
 
         self._clean_exit = False
         # Open and write the startup line now, so a log that cannot be written is
@@ -341,6 +407,38 @@ class AuditLog:
         self._thread.start()
 
     # -- Sink protocol (event loop side: never blocks, never raises) ---------------------
+
+    async def admit(self, event: DecisionEvent) -> bool:
+        """Record a decision that lets traffic through, and wait until its line is
+        written (``os.write`` done; fsync as the policy says: with ``always`` this waits
+        for the batch's fsync too). False, and the caller must refuse, when the log is
+        unhealthy or shutting down, when the write fails, or when there is no room in the
+        queue or no write within ``admit_timeout`` seconds. A full queue makes this wait
+        (the event loop runs on), never drop. The writer is woken at once for it."""
+        if not self.healthy:
+            return False
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop, loop.create_future())
+        entry = _Entry("decision", time.time(), event, waiter)
+        deadline = loop.time() + self.admit_timeout
+        delay = 0.001
+        while True:
+            with self._lock:
+                if self._closing:
+                    return False
+                # behind records that overflowed, so the log keeps their order
+                if not self._overflow and self._q.put_now(entry):
+                    break
+            remaining = deadline - loop.time()
+            if remaining <= 0 or not self.healthy:
+                return False
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.02)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                return await waiter.future
+        except TimeoutError:
+            return False
 
     def decision(self, event: DecisionEvent) -> None:
         self._put(_Entry("decision", time.time(), event))
@@ -372,7 +470,7 @@ class AuditLog:
 
     @property
     def queue_depth(self) -> int:
-        return self._q.qsize()
+        return self._q.qsize() + len(self._overflow)
 
     @property
     def head(self) -> str:
@@ -391,21 +489,30 @@ class AuditLog:
         if not self._thread.is_alive():
             return False
         marker = _Flush(threading.Event())
-        try:
-            self._q.put(marker, timeout=timeout)
-        except queue.Full:
-            return False
+        with self._lock:
+            if self._overflow or not self._q.put_now(marker):
+                self._overflow.append(marker)  # after what overflowed before it
         return marker.done.wait(timeout)
 
     def shutdown(self, timeout: float | None = 10.0) -> bool:
         """Write everything queued, sync, close the file. Events arriving afterwards are
-        counted as dropped. True if everything queued was written. Idempotent."""
+        counted as dropped. A write that fails is retried until ``timeout`` has passed
+        (the writer then gives up and says how much it could not write; the call returns
+        at most about a second later). True if everything queued was written.
+        Idempotent."""
         with self._lock:
+            if not self._closing and timeout is not None:
+                self._stop_deadline = time.monotonic() + timeout
             self._closing = True
         self._stop.set()
         with contextlib.suppress(queue.Full):
             self._q.put_nowait(None)
-        self._thread.join(timeout)
+        self._thread.join(None if timeout is None else timeout + 1.0)
+        if self._thread.is_alive():
+            _warn(
+                f"audit log {self.path}: the writer did not finish in {timeout:g}s; "
+                f"{self.queue_depth} queued events may not be written"
+            )
         with contextlib.suppress(Exception):
             atexit.unregister(self._atexit)
         return not self._thread.is_alive() and self._clean_exit
@@ -431,11 +538,18 @@ class AuditLog:
             if self._closing:
                 reason = "closed"
             else:
-                try:
-                    self._q.put_quiet(item)
+                if not self._overflow:
+                    try:
+                        self._q.put_quiet(item)
+                        return
+                    except queue.Full:
+                        pass
+                # A full queue: these records cannot wait (sync hooks, and records of
+                # refusals), so they are kept past it rather than dropped.
+                if len(self._overflow) < self.overflow_size:
+                    self._overflow.append(item)
                     return
-                except queue.Full:
-                    reason = "queue_full"
+                reason = "queue_full"
         self._lose(reason)
 
     def _lose(self, reason: str) -> None:
@@ -459,12 +573,22 @@ class AuditLog:
             while True:
                 if not self._service():
                     if self._stop.is_set():
-                        break
-                    self._stop.wait(self.retry_interval)
+                        # stopping: keep retrying (a full disk may get room) until the
+                        # shutdown deadline, so nothing queued is given up early
+                        left = self._stop_deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        time.sleep(min(self.retry_interval, left))
+                    else:
+                        self._stop.wait(self.retry_interval)
                     continue
-                if self._stop.is_set() and self._q.empty():
+                if self._stop.is_set() and self._q.empty() and not self._overflow:
                     self._clean_exit = True
                     break
+                if self._overflow:  # the queue was full: take what waits, no sleeping
+                    self._take()
+                    last_item = time.monotonic()
+                    continue
                 due = self._wait_time()
                 idle = due >= _IDLE_WAIT_S and time.monotonic() - last_item > _IDLE_AFTER_S
                 self._q.set_idle(idle)
@@ -474,19 +598,29 @@ class AuditLog:
                     continue  # _service() syncs when the interval is due
                 last_item = time.monotonic()
                 self._backlog.append(item)
-                while len(self._backlog) < _BATCH:
-                    try:
-                        self._backlog.append(self._q.get_nowait())
-                    except queue.Empty:
-                        break
+                self._take()
         except BaseException as e:  # a bug: make it loud; healthy turns False (thread dead)
             _warn(f"audit log {self.path}: writer thread died: {e!r}")
             raise
         finally:
             self._finish()
 
+    def _take(self) -> None:
+        """Fill the backlog up to a batch: the queue first, then what overflowed it (all
+        of which came later: while anything has overflowed, new records go there too)."""
+        while len(self._backlog) < _BATCH:
+            try:
+                self._backlog.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        if self._overflow and len(self._backlog) < _BATCH:
+            with self._lock:
+                while self._overflow and len(self._backlog) < _BATCH:
+                    self._backlog.append(self._overflow.popleft())
+
     def _service(self) -> bool:
-        """Open, write what is pending, process the backlog. False while failing."""
+        """Open, write what is pending, process the backlog. False while failing.
+        Admissions learn their fate before it returns."""
         try:
             if not self._opened:
                 self._open()
@@ -502,11 +636,38 @@ class AuditLog:
                 self._sync_if_due()
         except OSError as e:
             self._fail(e)
+            self._settle(failed=True)
             return False
         if self._failing is not None:
             _warn(f"audit log {self.path}: writable again; resuming")
             self._failing = None
+        self._settle(failed=False)
         return True
+
+    def _settle(self, failed: bool) -> None:
+        """Tell waiting admissions whether their lines are written: one hand-off to the
+        event loop per batch. After a failure, every admission not written yet is told
+        False at once (its request is refused; the line, if committed, stays in the chain
+        and is written on recovery), including those still queued."""
+        verdicts, self._verdicts = self._verdicts, []
+        if self._admitting:
+            written = self.bytes_written
+            keep: list[_Waiter] = []
+            for w in self._admitting:
+                if w.end <= written:
+                    verdicts.append((w, True))
+                elif failed:
+                    verdicts.append((w, False))
+                else:
+                    keep.append(w)
+            self._admitting = keep
+        if failed:
+            waiting = [i.waiter for i in self._backlog if isinstance(i, _Entry) and i.waiter]
+            waiting += self._q.waiters()
+            with self._lock:
+                waiting += [i.waiter for i in self._overflow if isinstance(i, _Entry) and i.waiter]
+            verdicts += [(w, False) for w in waiting]
+        _deliver(verdicts)
 
     def _wait_time(self) -> float:
         """How long the writer may sleep: until a due fsync, at most _IDLE_WAIT_S."""
@@ -534,6 +695,12 @@ class AuditLog:
             except queue.Empty:
                 break
             left += isinstance(item, _Entry)
+            self._backlog.append(item)
+        with self._lock:
+            left += sum(isinstance(i, _Entry) for i in self._overflow)
+            self._backlog.extend(self._overflow)
+            self._overflow.clear()
+        self._settle(failed=True)  # whatever still waits was not written
         if self._pending:
             self._clean_exit = False
             _warn(
@@ -692,18 +859,23 @@ class AuditLog:
         except Exception as e:  # never wedge the writer on one odd event
             _warn(f"audit log {self.path}: cannot encode {item.kind} event: {e!r}")
             self._lose("encode_error")
+            if item.waiter is not None:
+                self._verdicts.append((item.waiter, False))
             return
         if item.kind == "policy" and isinstance(item.event, PolicyEvent) and item.event.ok:
             self.policy_sha256 = item.event.sha256
         name = "policy_loaded" if item.kind == "policy" else item.kind
         self._commit(name, item.t, fields)
+        if item.waiter is not None:
+            item.waiter.end = self.bytes_written + len(self._pending)
+            self._admitting.append(item.waiter)
 
     def _log_losses(self) -> None:
         """Put losses on record once the events queued before them are written (the
         queue is empty), or after a second if the queue never empties."""
         if self._lost_total == self._logged_total:
             return
-        if not self._q.empty() and time.monotonic() - self._lost_since < 1.0:
+        if (not self._q.empty() or self._overflow) and time.monotonic() - self._lost_since < 1.0:
             return
         with self._lock:
             lost = dict(self._lost)
@@ -714,6 +886,24 @@ class AuditLog:
                 with self._lock:
                     self._lost_logged[reason] = count
                     self._logged_total += delta
+
+
+def _deliver(verdicts: list[tuple[_Waiter, bool]]) -> None:
+    """Send admissions their verdicts (writer thread): one call into each event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[bool], bool]]] = {}
+    for w, ok in verdicts:
+        if not w.settled:
+            w.settled = True
+            by_loop.setdefault(w.loop, []).append((w.future, ok))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(_resolve, items)
+
+
+def _resolve(items: list[tuple[asyncio.Future[bool], bool]]) -> None:
+    for future, ok in items:
+        if not future.done():  # (timed out or cancelled meanwhile)
+            future.set_result(ok)
 
 
 def _fields(ev: DecisionEvent | CloseEvent | PolicyEvent) -> dict[str, Any]:

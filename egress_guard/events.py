@@ -59,8 +59,17 @@ class PolicyEvent:
 
 class Sink(Protocol):
     """A consumer of proxy events. Must not block the event loop; must not raise for
-    ordinary input. ``healthy`` False makes the proxy refuse new connections (an audit
-    sink that cannot write must not let traffic through unrecorded)."""
+    ordinary input. ``healthy`` False makes the proxy refuse new connections and new
+    requests (an audit sink that cannot write must not let traffic through unrecorded).
+
+    ``admit`` records a decision that lets traffic go upstream; the proxy awaits it and
+    forwards only on True. A sink that must record (the audit log) returns True once the
+    record is accepted (written), False when it cannot be; a sink whose loss must not
+    stop traffic (metrics) records and returns True. ``decision`` records one that lets
+    nothing through (a refusal): it must not wait, and must not lose the record either.
+    """
+
+    async def admit(self, event: DecisionEvent) -> bool: ...
 
     def decision(self, event: DecisionEvent) -> None: ...
 

@@ -311,6 +311,11 @@ class Metrics:
     def healthy(self) -> bool:
         return True
 
+    async def admit(self, event: DecisionEvent) -> bool:
+        """Counted like any decision; a metric never holds traffic back."""
+        self.decision(event)
+        return True
+
     def decision(self, event: DecisionEvent) -> None:
         action = event.decision.action
         if action not in _ACTIONS:

@@ -15,7 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from egress_guard.audit import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, FSYNC_POLICIES, AuditLog
+from egress_guard.audit import (
+    DEFAULT_BACKUPS,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_QUEUE_SIZE,
+    FSYNC_POLICIES,
+    AuditLog,
+)
 from egress_guard.bodybudget import DEFAULT_MAX_HELD_BODIES
 from egress_guard.engine.models import DEFAULT_MAX_MODEL_BODY
 from egress_guard.events import Sink
@@ -31,6 +37,9 @@ DEFAULT_IDLE_TIMEOUT = 600
 #: under Kubernetes' default 30 s grace period and Compose's 10 s, so the close records
 #: are written before the container is killed
 DEFAULT_DRAIN_TIMEOUT = 8
+#: after the drain, how long the audit log may take to write what is still queued (a
+#: failing write is retried until then); normally a few milliseconds
+AUDIT_SHUTDOWN_TIMEOUT = 10.0
 
 
 def _whole_number(text: str, minimum: int) -> int:
@@ -123,6 +132,15 @@ def add_run_parser(sub: Any) -> None:
         help=f"rotated audit files to keep (default {DEFAULT_BACKUPS})",
     )
     r.add_argument(
+        "--audit-queue-size",
+        type=_positive_int,
+        default=DEFAULT_QUEUE_SIZE,
+        metavar="N",
+        help="records waiting for the audit writer; when full, requests wait for room "
+        f"(they are never forwarded unrecorded, nor records dropped) (default "
+        f"{DEFAULT_QUEUE_SIZE})",
+    )
+    r.add_argument(
         "--metrics",
         type=listen_address,
         metavar="HOST:PORT",
@@ -204,6 +222,7 @@ def make_sinks(args: argparse.Namespace) -> list[Sink]:
                 fsync=args.audit_fsync,
                 max_bytes=args.audit_max_bytes,
                 backups=args.audit_backups,
+                queue_size=args.audit_queue_size,
             )
         )
     if args.metrics is not None:
@@ -253,11 +272,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Imported here: mitmproxy takes about a second to import, and only `run` needs it.
     from egress_guard.master import serve
 
+    complete = False
     try:
         log.debug("egress-guard: event loop %s", "asyncio" if factory is None else "uvloop")
-        return asyncio.run(serve(args, sinks), loop_factory=factory)
+        rc = asyncio.run(serve(args, sinks), loop_factory=factory)
     finally:
-        # Graceful stop: every queued audit record reaches the file before we exit.
-        for sink in sinks:
-            if isinstance(sink, AuditLog):
-                sink.shutdown()
+        # Graceful stop: the guard has queued the close records of what was still open
+        # (its done hook); every queued audit record reaches the file before we exit.
+        complete = all([s.shutdown(AUDIT_SHUTDOWN_TIMEOUT) for s in audit])
+    if not complete and rc == 0:
+        print("egress-guard: audit records were lost at shutdown (see above)", file=sys.stderr)
+        return 1
+    return rc

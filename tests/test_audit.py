@@ -443,13 +443,13 @@ def test_write_failure_mid_run(logpath: Path, capsys: pytest.CaptureFixture[str]
         log.shutdown(timeout=1)
 
 
-def test_queue_full_makes_unhealthy_and_the_loss_is_logged(logpath: Path) -> None:
+def test_queue_and_overflow_full_makes_unhealthy_and_the_loss_is_logged(logpath: Path) -> None:
     logpath.mkdir()  # the writer cannot make progress, so the queue fills
-    log = AuditLog(logpath, retry_interval=0.05, queue_size=3)
+    log = AuditLog(logpath, retry_interval=0.05, queue_size=3, overflow_size=1)
     try:
-        for i in range(5):
+        for i in range(6):
             log.decision(decision(i))
-        assert log.events_dropped == 2
+        assert log.events_dropped == 2  # 3 queued, 1 kept past the queue, 2 lost
         assert not log.healthy
         logpath.rmdir()
         assert wait_for(lambda: log.healthy)  # healthy again once the loss is on record
@@ -457,7 +457,8 @@ def test_queue_full_makes_unhealthy_and_the_loss_is_logged(logpath: Path) -> Non
     finally:
         log.shutdown()
     o = objs(logpath)
-    assert [x["event"] for x in o] == ["startup", "decision", "decision", "decision", "dropped"]
+    assert [x["event"] for x in o] == ["startup"] + ["decision"] * 4 + ["dropped"]
+    assert [x["id"] for x in o[1:5]] == [f"conn-{i}" for i in range(4)]
     assert (o[-1]["count"], o[-1]["reason"]) == (2, "queue_full")
     assert verify([str(logpath)]).ok
 
