@@ -41,7 +41,15 @@ from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
-from egress_guard import backpressure, connlimit, early_answer, http1limit, resolver, splice
+from egress_guard import (
+    backpressure,
+    connlimit,
+    early_answer,
+    http1limit,
+    redact,
+    resolver,
+    splice,
+)
 from egress_guard.bodybudget import (
     DEFAULT_MAX_HELD_BODIES,
     TRIM_AFTER,
@@ -59,6 +67,7 @@ from egress_guard.engine.models import (
 )
 from egress_guard.engine.paths import AmbiguousPath, canonical_path
 from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent, Sink
+from egress_guard.logsafe import Block
 from egress_guard.normalize import (
     Host,
     IPAddress,
@@ -281,8 +290,8 @@ class EgressGuard:
                 policy, engine, users = await asyncio.to_thread(build)
             except PolicyError as e:
                 log.error(
-                    "egress-guard: policy reload rejected, keeping the old policy:\n%s",
-                    e.render(),
+                    Block("egress-guard: policy reload rejected, keeping the old policy:\n%s"),
+                    Block(e.render()),
                 )
                 self._policy_stamp = stamp
                 self._emit_policy(
@@ -380,7 +389,7 @@ class EgressGuard:
                 policy_sha256=eng.policy.sha256 if eng else "",
                 sni=state.sni,
                 method=method,
-                path=path.split("?", 1)[0] if path else None,
+                path=redact.path(path) if path else None,
                 opens=opens,
             ),
         )
@@ -553,7 +562,8 @@ class EgressGuard:
             self._deny_flow(flow, state, b.decision)
         except Exception as e:
             log.exception(
-                "egress-guard: internal error deciding %s; blocking", flow.request.pretty_url
+                "egress-guard: internal error deciding %s; blocking",
+                redact.path(flow.request.pretty_url),
             )
             d = Decision(
                 False,
