@@ -637,6 +637,7 @@ class EgressGuard:
             # A request inside an intercepted CONNECT tunnel: the CONNECT target is the
             # authority, and the destination's request rules apply.
             host, port = state.tunnel
+            _strip_hop_by_hop(req)  # (Proxy-Authorization too: it is not the origin's)
             dest_name = state.tunnel_decision.destination if state.tunnel_decision else None
             mismatch = self._check_host_header(eng, flow, host, port, dest_name)
             if req.authority and not (req.is_http2 or req.is_http3):
@@ -661,7 +662,7 @@ class EgressGuard:
             self._count_http(flow, approval)
             return
         self._gate(eng, state, req.headers, req.host)
-        req.headers.pop("proxy-authorization", None)
+        _strip_hop_by_hop(req)  # Proxy-Authorization too, now that _gate has read it
         _check_well_formed(req)
         target_host, target_port = self._raw_target(req)
         approval = await self._authorize(eng, target_host, target_port)
@@ -1353,6 +1354,48 @@ def _http_start(data: bytes) -> bool | None:
 #: checked address.
 _TLS_HANDSHAKE = 0x16
 _TLS_OTHER_RECORDS = frozenset({0x14, 0x15, 0x17})  # change_cipher_spec, alert, application_data
+
+
+#: connection options a forwarded Connection header keeps: mitmproxy reads them from this
+#: very request to manage both connections, and an upgrade (WebSocket) needs its pair
+_KEPT_CONNECTION_OPTIONS = ("close", "keep-alive", "upgrade")
+#: never removed because a client listed it in Connection: the message's target and
+#: framing (removing Content-Length from a streamed body would desynchronise the upstream)
+_NOT_HOP_BY_HOP = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade"}
+)
+#: for this proxy or this connection only, listed in Connection or not (RFC 9110 7.6.1;
+#: Proxy-Authorization carries the client's credentials for the guard)
+_HOP_BY_HOP = ("proxy-connection", "proxy-authorization", "keep-alive")
+
+
+def _strip_hop_by_hop(req: http.Request) -> None:
+    """Remove what a proxy must not forward: the headers named in Connection, the
+    well-known hop-by-hop ones, TE (but ``TE: trailers`` on HTTP/2 and 3, where it is the
+    only value allowed), and an Upgrade that Connection does not announce. Connection
+    itself keeps only close, keep-alive and upgrade."""
+    headers = req.headers
+    options: list[str] = []
+    for value in headers.get_all("connection"):
+        for token in value.split(","):
+            token = token.strip().lower()
+            if token and token not in options:
+                options.append(token)
+    for name in [*_HOP_BY_HOP, *(o for o in options if o not in _NOT_HOP_BY_HOP)]:
+        if name in headers:
+            del headers[name]
+    te = headers.get_all("te")
+    if te and not (
+        (req.is_http2 or req.is_http3) and all(v.strip().lower() == "trailers" for v in te)
+    ):
+        del headers["te"]
+    if "upgrade" not in options and "upgrade" in headers:
+        del headers["upgrade"]
+    kept = [o for o in options if o in _KEPT_CONNECTION_OPTIONS]
+    if kept:
+        headers["connection"] = ", ".join(kept)
+    elif "connection" in headers:
+        del headers["connection"]
 
 
 def _check_well_formed(req: http.Request) -> None:
