@@ -576,6 +576,18 @@ class EgressGuard:
             )
             self._deny_flow(flow, state, d)
 
+    def _policy_files(self) -> tuple[str, ...]:
+        """The names the policy file goes by in hints (the engine's source, the option's
+        path); never raises: it runs while a refusal is being answered."""
+        try:
+            eng = self.engine
+            names = [str(ctx.options.egress_guard_policy or "")]
+            if eng is not None:
+                names.append(eng.policy.source)
+            return tuple(n for n in names if n)
+        except Exception:
+            return ()
+
     def _deny_flow(self, flow: http.HTTPFlow, state: ConnState, d: Decision) -> None:
         connect = flow.request.method == "CONNECT"
         if connect:
@@ -589,11 +601,13 @@ class EgressGuard:
                 path=None if connect else flow.request.path,
             )
         finally:
+            # the client is not told where the policy file is (responses.public_text)
+            sources = self._policy_files()
             if state.tunnel is not None and not connect:
                 # inside an inspected API tunnel: answer in the provider's error format
-                flow.response = provider_block_response(d, api_kind(flow.request.path))
+                flow.response = provider_block_response(d, api_kind(flow.request.path), sources)
             else:
-                flow.response = block_response(d)
+                flow.response = block_response(d, sources)
             if not connect:
                 # no "100 Continue" for a body that is refused already
                 flow.request.headers.pop("expect", None)
