@@ -41,7 +41,15 @@ from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
-from egress_guard import backpressure, connlimit, early_answer, http1limit, resolver, splice
+from egress_guard import (
+    backpressure,
+    connlimit,
+    early_answer,
+    http1limit,
+    redact,
+    resolver,
+    splice,
+)
 from egress_guard.bodybudget import (
     DEFAULT_MAX_HELD_BODIES,
     TRIM_AFTER,
@@ -59,6 +67,7 @@ from egress_guard.engine.models import (
 )
 from egress_guard.engine.paths import AmbiguousPath, canonical_path
 from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent, Sink
+from egress_guard.logsafe import Block
 from egress_guard.normalize import (
     Host,
     IPAddress,
@@ -301,8 +310,8 @@ class EgressGuard:
                 policy, engine, users = await asyncio.to_thread(build)
             except PolicyError as e:
                 log.error(
-                    "egress-guard: policy reload rejected, keeping the old policy:\n%s",
-                    e.render(),
+                    Block("egress-guard: policy reload rejected, keeping the old policy:\n%s"),
+                    Block(e.render()),
                 )
                 self._policy_stamp = stamp
                 self._emit_policy(
@@ -397,7 +406,7 @@ class EgressGuard:
             policy_sha256=eng.policy.sha256 if eng else "",
             sni=state.sni,
             method=method,
-            path=path.split("?", 1)[0] if path else None,
+            path=redact.path(path) if path else None,
             opens=opens,
         )
 
@@ -630,7 +639,8 @@ class EgressGuard:
             self._deny_flow(flow, state, b.decision, b.status)
         except Exception as e:
             log.exception(
-                "egress-guard: internal error deciding %s; blocking", flow.request.pretty_url
+                "egress-guard: internal error deciding %s; blocking",
+                redact.path(flow.request.pretty_url),
             )
             d = Decision(
                 False,
@@ -642,6 +652,18 @@ class EgressGuard:
                 detail=type(e).__name__,
             )
             self._deny_flow(flow, state, d)
+
+    def _policy_files(self) -> tuple[str, ...]:
+        """The names the policy file goes by in hints (the engine's source, the option's
+        path); never raises: it runs while a refusal is being answered."""
+        try:
+            eng = self.engine
+            names = [str(ctx.options.egress_guard_policy or "")]
+            if eng is not None:
+                names.append(eng.policy.source)
+            return tuple(n for n in names if n)
+        except Exception:
+            return ()
 
     def _deny_flow(
         self, flow: http.HTTPFlow, state: ConnState, d: Decision, status: int | None = None
@@ -658,11 +680,13 @@ class EgressGuard:
                 path=None if connect else flow.request.path,
             )
         finally:
+            # the client is not told where the policy file is (responses.public_text)
+            sources = self._policy_files()
             if state.tunnel is not None and not connect:
                 # inside an inspected API tunnel: answer in the provider's error format
-                flow.response = provider_block_response(d, api_kind(flow.request.path))
+                flow.response = provider_block_response(d, api_kind(flow.request.path), sources)
             else:
-                flow.response = block_response(d)
+                flow.response = block_response(d, sources)
             if status is not None:
                 flow.response.status_code = status
                 flow.response.reason = _REASON_PHRASES.get(status, "")
@@ -714,6 +738,7 @@ class EgressGuard:
             # before it is forwarded, so an audit outage refuses it like a new CONNECT.
             host, port = state.tunnel
             self._check_sinks(host.value)
+            _strip_hop_by_hop(req)  # (Proxy-Authorization too: it is not the origin's)
             dest_name = state.tunnel_decision.destination if state.tunnel_decision else None
             mismatch = self._check_host_header(eng, flow, host, port, dest_name)
             if req.authority and not (req.is_http2 or req.is_http3):
@@ -740,7 +765,7 @@ class EgressGuard:
             self._count_http(flow, approval)
             return
         self._gate(eng, state, req.headers, req.host)
-        req.headers.pop("proxy-authorization", None)
+        _strip_hop_by_hop(req)  # Proxy-Authorization too, now that _gate has read it
         _check_well_formed(req)
         target_host, target_port = self._raw_target(req)
         approval = await self._authorize(eng, target_host, target_port)
@@ -1440,6 +1465,48 @@ def _http_start(data: bytes) -> bool | None:
 #: checked address.
 _TLS_HANDSHAKE = 0x16
 _TLS_OTHER_RECORDS = frozenset({0x14, 0x15, 0x17})  # change_cipher_spec, alert, application_data
+
+
+#: connection options a forwarded Connection header keeps: mitmproxy reads them from this
+#: very request to manage both connections, and an upgrade (WebSocket) needs its pair
+_KEPT_CONNECTION_OPTIONS = ("close", "keep-alive", "upgrade")
+#: never removed because a client listed it in Connection: the message's target and
+#: framing (removing Content-Length from a streamed body would desynchronise the upstream)
+_NOT_HOP_BY_HOP = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade"}
+)
+#: for this proxy or this connection only, listed in Connection or not (RFC 9110 7.6.1;
+#: Proxy-Authorization carries the client's credentials for the guard)
+_HOP_BY_HOP = ("proxy-connection", "proxy-authorization", "keep-alive")
+
+
+def _strip_hop_by_hop(req: http.Request) -> None:
+    """Remove what a proxy must not forward: the headers named in Connection, the
+    well-known hop-by-hop ones, TE (but ``TE: trailers`` on HTTP/2 and 3, where it is the
+    only value allowed), and an Upgrade that Connection does not announce. Connection
+    itself keeps only close, keep-alive and upgrade."""
+    headers = req.headers
+    options: list[str] = []
+    for value in headers.get_all("connection"):
+        for token in value.split(","):
+            token = token.strip().lower()
+            if token and token not in options:
+                options.append(token)
+    for name in [*_HOP_BY_HOP, *(o for o in options if o not in _NOT_HOP_BY_HOP)]:
+        if name in headers:
+            del headers[name]
+    te = headers.get_all("te")
+    if te and not (
+        (req.is_http2 or req.is_http3) and all(v.strip().lower() == "trailers" for v in te)
+    ):
+        del headers["te"]
+    if "upgrade" not in options and "upgrade" in headers:
+        del headers["upgrade"]
+    kept = [o for o in options if o in _KEPT_CONNECTION_OPTIONS]
+    if kept:
+        headers["connection"] = ", ".join(kept)
+    elif "connection" in headers:
+        del headers["connection"]
 
 
 def _check_well_formed(req: http.Request) -> None:

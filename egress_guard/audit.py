@@ -19,16 +19,19 @@ Events (``event`` field)
     ``decision``       from DecisionEvent: id, client, host, port, sni, method, path,
                        decision (allow|block|would_block), reason, destination, catalog
                        (the catalog entry covering an unlisted target), mode,
-                       policy_sha256, detail
+                       policy_sha256, detail, hint
     ``close``          from CloseEvent: the decision fields that apply, plus bytes_up,
                        bytes_down, duration_ms, error
     ``dropped``        events that could not be logged: count and reason (queue_full,
                        closed, encode_error). Written as soon as the writer can.
 
 Never written: header values (Authorization, Proxy-Authorization, x-api-key, api-key,
-cookies), bodies, query strings. The events do not carry them; as a second line of
-defence ``path`` loses everything from the first ``?`` or ``#`` (and userinfo of an
-absolute URL), and free-text fields lose ``?name=value`` queries.
+cookies), bodies, query strings, path parameters, userinfo. The events do not carry
+them; as a second line of defence (egress_guard/redact.py, docs/audit-log.md) ``path``
+loses everything from the first ``?``, ``#`` or ``;`` or an encoding of one (``%3F``,
+``%23``, ``%3B``, any case, ``%25``-encoded again) and the userinfo of an absolute URL,
+``host`` and ``sni`` lose userinfo, and free-text fields get markers in place of
+queries, parameters and userinfo.
 
 Threading and back-pressure: one writer thread serialises, hashes, writes and fsyncs.
 Decisions that let traffic through are *admitted*: ``await admit(event)`` queues the
@@ -96,7 +99,6 @@ import json
 import math
 import os
 import queue
-import re
 import stat
 import sys
 import threading
@@ -106,8 +108,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, Final, Literal
 
-from egress_guard import __version__
+from egress_guard import __version__, redact
 from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent
+from egress_guard.logsafe import escape
 
 FsyncPolicy = Literal["always", "interval", "never"]
 FSYNC_POLICIES: Final = ("always", "interval", "never")
@@ -137,7 +140,6 @@ _IDLE_WAIT_S = 1.0
 _PENDING_HIGH_WATER = 64 * 1024
 _TAIL_WINDOW = 256 * 1024
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-_QUERY_RE = re.compile(r"\?[^\s'\"]*=[^\s'\"]*")
 
 
 def line_hash(raw: bytes) -> str:
@@ -151,22 +153,23 @@ def rfc3339(t: float) -> str:
 
 
 def scrub_path(path: str | None) -> str | None:
-    """A request path fit for the log: no query, no fragment, no userinfo, bounded."""
-    if path is None:
-        return None
-    p = path.split("?", 1)[0].split("#", 1)[0]
-    scheme, sep, rest = p.partition("://")
-    if sep:  # absolute-form: keep scheme://host/path, drop user:password@
-        authority, slash, tail = rest.partition("/")
-        p = f"{scheme}://{authority.rpartition('@')[2]}{slash}{tail}"
-    return _clip(p, _MAX_PATH)
+    """A request path fit for the log: no query, fragment, parameters (nor their
+    percent-encodings), no userinfo, bounded (``redact.path``)."""
+    p = redact.path(path)
+    return None if p is None else _clip(p, _MAX_PATH)
+
+
+def scrub_host(host: str | None) -> str | None:
+    """A host or authority as a client wrote it, without userinfo (``redact.host``)."""
+    h = redact.host(host)
+    return None if h is None else _clip(h, _MAX_TEXT)
 
 
 def scrub_text(text: str | None) -> str | None:
-    """Free text (details, error messages): drop ``?name=value`` queries, bound the size."""
-    if text is None:
-        return None
-    return _clip(_QUERY_RE.sub("?<query removed>", text), _MAX_TEXT)
+    """Free text (details, error messages): queries, parameters and userinfo replaced
+    by markers (``redact.text``), bounded."""
+    t = redact.text(text)
+    return None if t is None else _clip(t, _MAX_TEXT)
 
 
 def _clip(text: str, limit: int) -> str:
@@ -912,9 +915,9 @@ def _fields(ev: DecisionEvent | CloseEvent | PolicyEvent) -> dict[str, Any]:
         return {
             "id": ev.conn_id,
             "client": ev.client,
-            "host": d.host,
+            "host": scrub_host(d.host),
             "port": d.port,
-            "sni": ev.sni,
+            "sni": scrub_host(ev.sni),
             "method": ev.method,
             "path": scrub_path(ev.path),
             "decision": d.action,
@@ -924,13 +927,15 @@ def _fields(ev: DecisionEvent | CloseEvent | PolicyEvent) -> dict[str, Any]:
             "mode": ev.mode,
             "policy_sha256": ev.policy_sha256 or None,
             "detail": scrub_text(d.detail),
+            # the operator's way out (file:line of the rule); clients get it without paths
+            "hint": scrub_text(d.hint),
         }
     if isinstance(ev, CloseEvent):
         dur = ev.duration_s
         return {
             "id": ev.conn_id,
             "client": ev.client,
-            "host": ev.host,
+            "host": scrub_host(ev.host),
             "port": ev.port,
             "decision": ev.decision,
             "destination": ev.destination,
@@ -974,7 +979,7 @@ def _sync_dir(path: str) -> None:
 
 def _warn(message: str) -> None:
     with contextlib.suppress(Exception):
-        print(f"egress-guard: {message}", file=sys.stderr, flush=True)
+        print(f"egress-guard: {escape(message)}", file=sys.stderr, flush=True)
 
 
 def rotated_set(path: str) -> list[str]:

@@ -29,6 +29,7 @@ from mitmproxy.utils import asyncio_utils
 from egress_guard import splice
 from egress_guard.addon import EgressGuard
 from egress_guard.events import Sink
+from egress_guard.logsafe import SafeFormatter, escape
 from egress_guard.metrics import Metrics, start_http_server
 
 log = logging.getLogger("egress_guard")
@@ -188,6 +189,9 @@ def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, E
     for sink in sinks:
         if isinstance(sink, Metrics):
             sink.track_held_bodies(guard.bodies)
+    check = errorcheck.ErrorCheck(repeat_errors_on_stderr=True)
+    # it repeats start-up errors on stderr with a handler of its own: escaped as well
+    check.logger.setFormatter(SafeFormatter())
     # The guard comes after NextLayer: its tunnel fast path has the last word on a tunnel's
     # layer (including "not yet": it resets NextLayer's choice while it waits for data).
     master.addons.add(
@@ -197,7 +201,7 @@ def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, E
         guard,
         tlsconfig.TlsConfig(),
         upstream_auth.UpstreamAuth(),
-        errorcheck.ErrorCheck(repeat_errors_on_stderr=True),
+        check,
     )
     host, port = args.listen
     mode = ["regular"]
@@ -233,7 +237,8 @@ async def serve(args: argparse.Namespace, sinks: list[Sink]) -> int:
     try:
         master, _guard = build_master(args, sinks)
     except exceptions.OptionsError as e:
-        print(f"egress-guard: {e}", file=sys.stderr)
+        # a policy error's render: several lines on purpose, nothing raw in them
+        print(f"egress-guard: {escape(str(e), keep_newlines=True)}", file=sys.stderr)
         return 2
     loop = asyncio.get_running_loop()
     draining: list[asyncio.Task[None]] = []

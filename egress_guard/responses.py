@@ -4,17 +4,70 @@ A tunnel or plain-HTTP block is answered as DESIGN section 5 says: 403 (407 for 
 auth, 502 when a name does not resolve) with ``X-Egress-Guard-*`` headers and a small
 JSON body. A request refused inside an inspected LLM API call is answered in that
 provider's own error format, so OpenCode surfaces the message instead of a parse error.
+
+What a client is told is for the client: it names the destination, the allowed models
+and the catalog entry to use, but never a filesystem path (the policy file's, or a
+shipped preset's: the hint's ``file:line`` stays in the audit log and the operator's
+logs) and no secret (``redact.text``: queries, path parameters, userinfo).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from mitmproxy import http
 
+from egress_guard import redact
 from egress_guard.engine import Decision
 from egress_guard.engine.models import ApiKind
+from egress_guard.policy import policies_dir
+
+#: what a policy file is called in a client's answer
+POLICY_NAME = "the policy"
+#: a policy-looking file path left over (one not named by the caller): absolute, home- or
+#: dot-relative, or a drive path; with its ``:line``
+_PATH_LEFT = re.compile(
+    r"(?:^|(?<=[\s'\"(\[=,]))"
+    r"(?:[A-Za-z]:[\\/]|~?/|\.\.?/)[^\s'\"]*?\.(?:ya?ml|json|txt|pem)(?::(?:\d+|None))?"
+    r"(?=$|[\s'\"),;\]])"
+)
+
+
+@functools.lru_cache(maxsize=8)
+def _sources_pattern(sources: tuple[str, ...]) -> re.Pattern[str] | None:
+    """The policy's own file names (longest first) with an optional ``:line``."""
+    names = sorted(
+        {s for s in sources if s and not s.startswith("builtin:")}, key=len, reverse=True
+    )
+    if not names:
+        return None
+    alternatives = "|".join(re.escape(n) for n in names)
+    return re.compile(f"(?:{alternatives})(?::(?:\\d+|None))?")
+
+
+_PRESETS = re.compile(
+    re.escape(str(policies_dir()) + os.sep) + r"(?P<name>[^\s'\"/:]+)\.ya?ml(?::(?:\d+|None))?"
+)
+
+
+def public_text(text: str | None, sources: Iterable[str] = ()) -> str | None:
+    """``text`` fit for a client: the policy's file names (``sources``) and shipped
+    presets' paths replaced by names, any other file path that looks like a policy's
+    removed, secrets redacted."""
+    if text is None:
+        return None
+    pattern = _sources_pattern(tuple(sources))
+    if pattern is not None:
+        text = pattern.sub(POLICY_NAME, text)
+    text = _PRESETS.sub(lambda m: f"preset {m.group('name')!r}", text)
+    text = _PATH_LEFT.sub(POLICY_NAME, text)
+    return redact.text(text)
+
 
 #: refusals that are not 403; ``buffer_budget`` (the held-body budget is spent) is 503
 #: with Retry-After: the request was not judged, and may pass once others are done
@@ -39,31 +92,35 @@ def _headers(d: Decision) -> dict[str, str]:
     return headers
 
 
-def block_response(d: Decision) -> http.Response:
-    """The 403 (or 407/502/400/503) for a refused CONNECT or plain-HTTP request."""
+def block_response(d: Decision, sources: Iterable[str] = ()) -> http.Response:
+    """The 403 (or 407/502/400/503) for a refused CONNECT or plain-HTTP request.
+    ``sources``: the policy's file names, which the client is not told (``public_text``)."""
     status = _STATUS.get(d.reason, 403)
+    sources = tuple(sources)
     body: dict[str, Any] = {
         "error": "blocked by egress-guard",
-        "host": d.host,
+        "host": redact.host(d.host),
         "port": d.port,
         "reason": d.reason,
-        "hint": d.hint,
+        "hint": public_text(d.hint, sources),
     }
     if d.detail:
-        body["detail"] = d.detail
+        body["detail"] = public_text(d.detail, sources)
     headers = {**_headers(d), "Connection": "close"}
     if status == 407:
         headers["Proxy-Authenticate"] = 'Basic realm="egress-guard"'
     return http.Response.make(status, json.dumps(body).encode() + b"\n", headers)
 
 
-def provider_block_response(d: Decision, kind: ApiKind | None) -> http.Response:
+def provider_block_response(
+    d: Decision, kind: ApiKind | None, sources: Iterable[str] = ()
+) -> http.Response:
     """403 (503 ``buffer_budget``) in the error shape of the provider API the request
-    was made to."""
+    was made to (``sources`` as for block_response)."""
     status = 503 if d.reason == "buffer_budget" else 403
     message = f"egress-guard: {d.reason.replace('_', ' ')}"
     if d.hint:
-        message += f" ({d.hint})"
+        message += f" ({public_text(d.hint, sources)})"
     body: dict[str, Any]
     if kind == "anthropic":
         kind_name = "overloaded_error" if status == 503 else "permission_error"

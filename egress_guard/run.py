@@ -25,6 +25,7 @@ from egress_guard.audit import (
 from egress_guard.bodybudget import DEFAULT_MAX_HELD_BODIES
 from egress_guard.engine.models import DEFAULT_MAX_MODEL_BODY
 from egress_guard.events import Sink
+from egress_guard.logsafe import SafeFormatter, escape
 from egress_guard.metrics import Metrics
 from egress_guard.normalize import NormalizationError, parse_authority
 
@@ -199,12 +200,23 @@ def add_run_parser(sub: Any) -> None:
     r.set_defaults(func=cmd_run)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # Every line on stderr goes through SafeFormatter: log lines quote what clients send
+    # (and so do mitmproxy's), and a terminal must never receive their control
+    # characters raw, nor a forged line (egress_guard/logsafe.py).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter(LOG_FORMAT))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    for h in logging.getLogger().handlers:  # basicConfig adds none if some were there
+        if (
+            isinstance(h, logging.StreamHandler)
+            and h.stream in (sys.stderr, sys.stdout)
+            and not isinstance(h.formatter, SafeFormatter)
+        ):
+            h.setFormatter(SafeFormatter(LOG_FORMAT))
     if verbose:
         logging.getLogger("egress_guard").setLevel(logging.DEBUG)
     else:
@@ -265,7 +277,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     audit = [s for s in sinks if isinstance(s, AuditLog)]
     if any(not s.healthy for s in audit):
         # Refuse to start rather than run a proxy that refuses every connection.
-        print(f"egress-guard: cannot write the audit log: {audit[0].last_error}", file=sys.stderr)
+        error = escape(str(audit[0].last_error))
+        print(f"egress-guard: cannot write the audit log: {error}", file=sys.stderr)
         for s in audit:
             s.shutdown(timeout=1)
         return 2

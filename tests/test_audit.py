@@ -152,6 +152,7 @@ def test_fresh_log_fields_and_chain(logpath: Path) -> None:
         "mode": "enforce",
         "policy_sha256": SHA,
         "detail": "resolved to 10.0.0.1",
+        "hint": None,
     }
     assert (o[4]["bytes_up"], o[4]["bytes_down"], o[4]["duration_ms"]) == (100, 2000, 1234)
     assert log.lines_written == 5 and log.last_seq == 5

@@ -1,0 +1,73 @@
+"""Helpers for the log/audit hygiene tests: exact bytes inside an inspected tunnel."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+
+from support.clients import RawResponse, read_response
+from support.policies import make_policy
+from support.proxy import EGRESS_GUARD, ProxyProcess
+
+#: request rules that make api.test an inspected destination
+INSPECTED_RULES = """\
+    methods: [GET, POST]
+    paths: ["/v1/*"]
+"""
+
+
+def inspect_policy(port: int, mode: str = "enforce") -> str:
+    text = make_policy(port, mode=mode)
+    return text.replace(
+        f"    ports: [{port}]\n  - name: private-api",
+        f"    ports: [{port}]\n{INSPECTED_RULES}  - name: private-api",
+        1,
+    )
+
+
+def guard_ca(p: ProxyProcess) -> ssl.SSLContext:
+    path = p.workdir / "guard-ca.pem"
+    if not path.exists():
+        pem = subprocess.run(
+            [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
+            capture_output=True,
+            check=True,
+            timeout=30,
+        ).stdout
+        path.write_bytes(pem)
+    return ssl.create_default_context(cafile=str(path))
+
+
+def tunnel_exchange(
+    p: ProxyProcess, host: str, port: int, request: bytes, connect_headers: str = ""
+) -> RawResponse:
+    """CONNECT host:port, TLS with the guard (SNI host), send ``request`` as is, read one
+    response."""
+    sock = socket.create_connection((p.host, p.port), timeout=10)
+    try:
+        sock.sendall(
+            f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n{connect_headers}\r\n".encode()
+        )
+        answer = read_response(sock)
+        if answer.status != 200:
+            return answer
+        tls = guard_ca(p).wrap_socket(sock, server_hostname=host)
+        tls.sendall(request)
+        return read_response(tls)  # type: ignore[arg-type]
+    finally:
+        sock.close()
+
+
+def plain_exchange(p: ProxyProcess, request: bytes) -> RawResponse:
+    with socket.create_connection((p.host, p.port), timeout=10) as sock:
+        sock.sendall(request)
+        try:
+            return read_response(sock, more=True)
+        except ConnectionError:
+            return RawResponse(0, "closed")
+
+
+def read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", "surrogateescape") if path.exists() else ""
