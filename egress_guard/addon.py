@@ -846,6 +846,7 @@ class EgressGuard:
                 req.headers.get("content-length"),
                 "transfer-encoding" in req.headers,
                 ctx.options.egress_guard_max_model_body,
+                http1=not (req.is_http2 or req.is_http3),
             )
             if unheld is not None:
                 final = eng.finalize(unheld)
