@@ -730,6 +730,7 @@ class EgressGuard:
                 req.raw_content,
                 headers=req.headers.keys(),
                 query=req.path.partition("?")[2],
+                content_type=req.headers.get_all("content-type"),
             )
         except ModelUnknown as e:
             bad: Decision | None = eng.refuse_model(dest, decision, str(e))
