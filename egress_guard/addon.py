@@ -852,6 +852,7 @@ class EgressGuard:
                 req.raw_content,
                 headers=req.headers.keys(),
                 query=req.path.partition("?")[2],
+                content_type=req.headers.get_all("content-type"),
             )
         except ModelUnknown as e:
             bad: Decision | None = eng.refuse_model(dest, decision, str(e))
@@ -974,6 +975,7 @@ class EgressGuard:
                 req.headers.get("content-length"),
                 "transfer-encoding" in req.headers,
                 ctx.options.egress_guard_max_model_body,
+                http1=not (req.is_http2 or req.is_http3),
             )
             if unheld is not None:
                 final = eng.finalize(unheld)

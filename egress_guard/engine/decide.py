@@ -537,16 +537,20 @@ class Engine:
         content_length: str | None,
         chunked: bool,
         limit: int,
+        *,
+        http1: bool = True,
     ) -> Decision | None:
         """Before a model endpoint's body is held whole to read its model (stage 4).
 
         The proxy would buffer such a body without a limit of its own, so it must
-        declare its length up front, and that length must be within ``limit``.
+        declare its length up front, and that length must be within ``limit``. Only an
+        HTTP/1 request without Content-Length (and not chunked) certainly has no body;
+        over HTTP/2 and HTTP/3 any method may send DATA frames of undeclared length.
         """
         if chunked:
             problem = "a body of unknown length (Transfer-Encoding) cannot be checked for its model"
         elif content_length is None:
-            if method.upper() not in ("POST", "PUT", "PATCH"):
+            if http1 and method.upper() not in ("POST", "PUT", "PATCH"):
                 return None
             problem = "a body without Content-Length cannot be checked for its model"
         elif not content_length.isdigit():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
 from urllib.parse import parse_qsl
 
@@ -91,7 +91,7 @@ class NamedModel(NamedTuple):
 _SELECTORS = frozenset({"model", "models", "fallbacks", "context_window_fallback_dict"})
 #: body keys (top level) the reader also looks into or refuses: their spelling must be
 #: the one it reads, or a server that folds case would read a value the guard did not
-_READ_KEYS = _SELECTORS | {"route", "preset", "tools"}
+_READ_KEYS = _SELECTORS | {"route", "preset", "tools", "user_config"}
 #: keys inside a ``tools`` entry (and its ``parameters``) the reader looks at
 _TOOL_KEYS = frozenset({"model", "type", "parameters"})
 #: a key whose folded spelling contains one of these names a model (or a way to another)
@@ -109,6 +109,7 @@ def requested_models(
     *,
     headers: Iterable[str] = (),
     query: str = "",
+    content_type: Sequence[str] = (),
 ) -> tuple[NamedModel, ...] | None:
     """Every model a request may run, the one it asks for first; None when the path is
     not a model call.
@@ -124,7 +125,9 @@ def requested_models(
     ``fallbacKs``: servers that match keys case-insensitively, like Go's encoding/json,
     read those), a model-selecting field whose value is not a model name, a stored
     configuration that picks models (OpenRouter ``preset``, Portkey's config header),
-    a query parameter or header that names models.
+    a query parameter or header that names models, a ``Content-Type`` other than
+    JSON (gateways such as LiteLLM's proxy read a body as a form when the header merely
+    contains ``form``, and a JSON body can be a form naming another model).
     """
     bare = path.split("?", 1)[0]
     kind = api_kind(bare)
@@ -137,6 +140,7 @@ def requested_models(
     for name, _value in parse_qsl(query, keep_blank_values=True):
         if any(w in _fold(name) for w in _MODELISH):
             raise ModelUnknown(f"query parameter {_show(name)} can select a model")
+    _check_content_type(content_type)
     path_model: NamedModel | None = None
     for pattern, _kind in _PATH_MODEL:
         m = pattern.search(bare)
@@ -170,6 +174,8 @@ def _body_models(data: dict[str, object], *, top_model: bool) -> tuple[NamedMode
                 "encoding/json match keys case-insensitively)"
             )
         if key == "model":
+            if not top_model:  # LiteLLM's Gemini routes take a body model over the path's
+                out.extend(_model_list(value, key, single=True))
             continue
         if key in ("models", "fallbacks"):
             out.extend(_model_list(value, key))
@@ -186,6 +192,8 @@ def _body_models(data: dict[str, object], *, top_model: bool) -> tuple[NamedMode
                 )
         elif key == "preset":
             raise ModelUnknown("'preset' selects a stored configuration that can pick models")
+        elif key == "user_config":
+            raise ModelUnknown("'user_config' configures a router (LiteLLM) that picks models")
         elif key == "tools":
             if top_model:
                 out.extend(_tool_models(value))
@@ -270,6 +278,24 @@ def _tool_models(tools: object) -> list[NamedModel]:
             raise ModelUnknown(f"{where} ({_show(kind)}) runs a model chosen at run time; name it")
         out.extend(found)
     return out
+
+
+def _check_content_type(values: Sequence[str]) -> None:
+    """A model call's body is read as JSON: its Content-Type, if any, must say JSON and
+    nothing a server could read otherwise (one header, ``application/json``, at most a
+    UTF-8 charset)."""
+    if not values:
+        return
+    if len(values) > 1:
+        raise ModelUnknown("more than one Content-Type header")
+    media, *params = values[0].split(";")
+    if media.strip().lower() != "application/json" or any(
+        p.strip().lower().replace('"', "") not in ("charset=utf-8", "") for p in params
+    ):
+        raise ModelUnknown(
+            f"Content-Type {_show(values[0])}: a model call's body must be sent as "
+            "application/json (a server may read other types, such as forms, differently)"
+        )
 
 
 def _strict_json(body: bytes) -> object:
