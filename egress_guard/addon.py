@@ -69,6 +69,7 @@ from egress_guard.normalize import (
     parse_authority,
 )
 from egress_guard.policy import EffectivePolicy, PolicyError, load_catalog, load_policy, load_preset
+from egress_guard.policy.loader import read_regular_file
 from egress_guard.policy.model import Destination
 from egress_guard.responses import block_response, provider_block_response
 from egress_guard.state import Approval, ConnState
@@ -1519,10 +1520,12 @@ def _read_users(policy: EffectivePolicy) -> dict[str, str]:
     if not path.is_absolute():
         path = Path(policy.source).parent / path
     users: dict[str, str] = {}
+    # never blocks (a FIFO or device there is refused): it runs under the reload lock
+    raw = read_regular_file(path, "users_file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise PolicyError(str(path), None, f"cannot read users_file: {e.strerror}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyError(str(path), None, "users_file is not valid UTF-8") from None
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
