@@ -78,6 +78,7 @@ from egress_guard.normalize import (
     parse_authority,
 )
 from egress_guard.policy import EffectivePolicy, PolicyError, load_catalog, load_policy, load_preset
+from egress_guard.policy.loader import read_regular_file
 from egress_guard.policy.model import Destination
 from egress_guard.responses import block_response, provider_block_response
 from egress_guard.state import Approval, ConnState
@@ -232,6 +233,8 @@ class EgressGuard:
                 )
                 raise exceptions.OptionsError(e.render()) from None
             self._install(policy)
+        elif "egress_guard_inspect" in updated and self.engine is not None:
+            self._warn_uninspected(self.engine.policy)
 
     def running(self) -> None:
         self.self_endpoints = self._listen_endpoints()
@@ -285,6 +288,27 @@ class EgressGuard:
                 policy.mode,
                 destinations=tuple(d.name for d in policy.destinations),
             )
+        )
+        self._warn_uninspected(policy)
+
+    @staticmethod
+    def _warn_uninspected(policy: EffectivePolicy) -> None:
+        """Say at start-up and on each reload which tunnels will be refused because
+        their destination's request rules need interception and it is off."""
+        if ctx.options.egress_guard_inspect:
+            return
+        names = [d.name for d in policy.destinations if d.needs_inspection]
+        if not names:
+            return
+        log.warning(
+            "egress-guard: inspection is off (no --inspect; mitmdump option "
+            "egress_guard_inspect): HTTPS tunnels (CONNECT) to %s are %s as "
+            "inspection_required, because their methods/paths/models rules can only be "
+            "checked with TLS interception; plain-HTTP requests to them are checked as usual",
+            ", ".join(repr(n) for n in names),
+            "let through unchecked and recorded as would_block"
+            if policy.mode == "audit"
+            else "refused",
         )
 
     async def reload(self, *, only_if_changed: bool = False) -> bool:
@@ -721,6 +745,7 @@ class EgressGuard:
         self._gate(eng, state, req.headers, req.host)
         host, port = self._raw_target(req)
         approval = await self._authorize(eng, host, port)
+        self._require_inspection(eng, approval)
         # recorded (written) before anything opens; refused (no close record) if not
         await self._admit(
             flow.client_conn.id, state, approval.decision, method="CONNECT", opens=True
@@ -728,6 +753,21 @@ class EgressGuard:
         state.tunnel = (approval.host, approval.port)
         state.tunnel_decision = approval.decision
         state.approved[(approval.host.value, approval.port)] = approval
+
+    @staticmethod
+    def _require_inspection(eng: Engine, approval: Approval) -> None:
+        """A tunnel to a destination with request rules opens only when it is intercepted
+        (raises _Blocked). Audit mode lets it through as would_block: recorded, never
+        silent, but its request rules go unchecked."""
+        gap = eng.check_inspection(
+            approval.destination, bool(ctx.options.egress_guard_inspect), approval.decision
+        )
+        if gap is None:
+            return
+        final = eng.finalize(gap)
+        if not final.allowed:
+            raise _Blocked(final)
+        approval.decision = final
 
     async def _on_request(self, flow: http.HTTPFlow, state: ConnState) -> None:
         eng = self._engine()
@@ -907,11 +947,12 @@ class EgressGuard:
             log.exception("egress-guard: cannot count response bytes")
 
     @staticmethod
-    def _redecide_tunnel(eng: Engine, state: ConnState, approval: Approval) -> None:
+    def _redecide_tunnel(eng: Engine, state: ConnState, approval: Approval) -> Decision:
         """The policy changed while an intercepted tunnel was open: decide its target
         again, so its requests get the new rules (a renamed destination included) and a
-        target or pinned address the new policy refuses gets no more requests. Raises
-        _Blocked."""
+        target or pinned address the new policy refuses gets no more requests. A
+        destination that gained request rules needs interception now (inspection_required
+        without it). Raises _Blocked; returns the new tunnel decision."""
         verdict = eng.decide_target(approval.host.value, approval.port)
         if isinstance(verdict, Decision):
             final = eng.finalize(verdict)
@@ -942,10 +983,17 @@ class EgressGuard:
                 if not repinned.allowed:
                     raise _Blocked(repinned)
             final = eng.finalize(eng.decide_addresses(verdict, (approval.address,)))
+        if not isinstance(verdict, Decision):
+            gap = eng.check_inspection(
+                verdict.destination, bool(ctx.options.egress_guard_inspect), final
+            )
+            if gap is not None:
+                final = eng.finalize(gap)
         if not final.allowed:
             raise _Blocked(final)
         state.tunnel_decision = final
         approval.policy_sha256 = eng.policy.sha256
+        return final
 
     def _request_rules(
         self,
@@ -1092,12 +1140,22 @@ class EgressGuard:
             # reloaded since the CONNECT: its rules (and whether it is intercepted) are
             # the new policy's
             try:
-                self._redecide_tunnel(eng, state, approval)
+                redecided = self._redecide_tunnel(eng, state, approval)
             except _Blocked as b:
                 self._record(conn_id, state, b.decision)
                 state.blocked = b.decision.reason
                 nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
                 return
+            if redecided.reason == "inspection_required":
+                # audit mode: relayed unchecked, but never silently (and its close record
+                # says would_block, as one opened that way would)
+                noted = self._recordable(redecided)
+                self._record(conn_id, state, noted)
+                if not noted.allowed:
+                    state.blocked = noted.reason
+                    nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
+                    return
+                approval.decision = redecided
         if data[0] == _TLS_HANDSHAKE:
             problem: str | None = client_hello_shape_problem(data)
             hello: HelloFacts | None = None
@@ -1588,10 +1646,12 @@ def _read_users(policy: EffectivePolicy) -> dict[str, str]:
     if not path.is_absolute():
         path = Path(policy.source).parent / path
     users: dict[str, str] = {}
+    # never blocks (a FIFO or device there is refused): it runs under the reload lock
+    raw = read_regular_file(path, "users_file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise PolicyError(str(path), None, f"cannot read users_file: {e.strerror}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyError(str(path), None, "users_file is not valid UTF-8") from None
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):

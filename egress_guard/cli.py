@@ -14,8 +14,16 @@ from collections.abc import Sequence
 
 from egress_guard import __version__
 from egress_guard.engine import Decision, Engine, Match
+from egress_guard.engine.decide import request_rules
 from egress_guard.normalize import NormalizationError, normalize_host, parse_target
-from egress_guard.policy import EffectivePolicy, PolicyError, load_catalog, load_policy, load_preset
+from egress_guard.policy import (
+    Destination,
+    EffectivePolicy,
+    PolicyError,
+    load_catalog,
+    load_policy,
+    load_preset,
+)
 
 EXIT_OK, EXIT_BLOCKED, EXIT_ERROR = 0, 1, 2
 
@@ -36,7 +44,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         names = ", ".join(d.name for d in pol.destinations) or "none"
         print(f"{f}: ok (mode {pol.mode}; destinations: {names}; sha256 {pol.sha256[:16]})")
+        for dest in pol.destinations:
+            if dest.needs_inspection:
+                print(f"{f}: warning: {_inspection_warning(dest)}", file=sys.stderr)
     return status
+
+
+def _inspection_warning(dest: Destination) -> str:
+    rules = ", ".join(request_rules(dest))
+    return (
+        f"destination {dest.name!r} has request rules ({rules}): HTTPS tunnels to it are "
+        "refused as inspection_required unless the proxy runs with `run --inspect` "
+        "(audit mode: let through unchecked, recorded as would_block); plain-HTTP "
+        "requests to it are checked as they are"
+    )
 
 
 def _check_one(engine: Engine, target: str, resolve: bool) -> dict[str, object]:
@@ -49,7 +70,9 @@ def _check_one(engine: Engine, target: str, resolve: bool) -> dict[str, object]:
     else:
         d = engine.decide_normalized(host, port)
     note = None
+    dest: Destination | None = None
     if isinstance(d, Match):
+        dest = d.destination
         addrs = engine.static_addresses(d.host)
         if addrs is None and resolve:
             try:
@@ -77,6 +100,12 @@ def _check_one(engine: Engine, target: str, resolve: bool) -> dict[str, object]:
         "reason": d.reason,
         "hint": d.hint,
         "detail": d.detail or note,
+        # `check` decides the target, not requests: request rules need `run --inspect`
+        # for tunnels, and are not evaluated here
+        "needs_inspection": bool(dest is not None and dest.needs_inspection),
+        "warning": _inspection_warning(dest)
+        if dest is not None and dest.needs_inspection
+        else None,
     }
 
 
@@ -91,8 +120,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             where = f"{r['host']}:{r['port']}" if r["port"] else str(r["host"])
             dest = f" ({r['destination']})" if r["destination"] else ""
             print(f"{str(r['decision']).upper():<11} {where}{dest}  {r['reason']}")
-            for key in ("detail", "hint"):
-                if r[key] and (r["decision"] != "allowed" or key == "detail"):
+            for key in ("detail", "hint", "warning"):
+                if r[key] and (r["decision"] != "allowed" or key != "hint"):
                     print(f"            {key}: {r[key]}")
     return EXIT_BLOCKED if any(r["decision"] == "blocked" for r in results) else EXIT_OK
 

@@ -152,8 +152,10 @@ SECTION_NOTES: dict[str, str] = {
     ),
     "Destination": (
         "`methods`, `paths` and `models` need TLS interception (`egress-guard run "
-        "--inspect`); without it a destination that declares them is matched on host and "
-        "port only."
+        "--inspect`) for HTTPS: without it, CONNECT tunnels to a destination that declares "
+        "them are refused as `inspection_required` (audit mode: let through unchecked and "
+        "recorded as `would_block`), and `run`, `validate` and `check` warn. Plain-HTTP "
+        "requests get the rules without interception."
     ),
     "DenyRule": "Deny rules win over every destination, in every mode.",
     "Network": (

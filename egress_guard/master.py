@@ -227,8 +227,11 @@ def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, E
         "rawtcp": False,
         "tcp_timeout": args.idle_timeout,
     }
-    if args.upstream_ca:
-        updates["ssl_verify_upstream_trusted_ca"] = os.path.abspath(args.upstream_ca)
+    # --upstream-ca adds to the public roots, --upstream-ca-only replaces them: either
+    # way a bundle written by run.py (egress_guard/upstream_trust.py)
+    bundle = getattr(args, "upstream_ca_bundle", None)
+    if bundle:
+        updates["ssl_verify_upstream_trusted_ca"] = os.path.abspath(bundle)
     master.options.update(**updates)
     return master, guard
 

@@ -28,6 +28,7 @@ from egress_guard.events import Sink
 from egress_guard.logsafe import SafeFormatter, escape
 from egress_guard.metrics import Metrics
 from egress_guard.normalize import NormalizationError, parse_authority
+from egress_guard.upstream_trust import UpstreamCAError, upstream_ca_bundle
 
 log = logging.getLogger("egress_guard")
 
@@ -101,10 +102,22 @@ def add_run_parser(sub: Any) -> None:
         metavar="URL",
         help="send all traffic through a parent proxy, e.g. http://proxy.corp:3128",
     )
-    r.add_argument(
+    trust = r.add_mutually_exclusive_group()
+    trust.add_argument(
         "--upstream-ca",
+        action="append",
+        default=[],
         metavar="FILE",
-        help="extra CA certificates (PEM) trusted for upstream TLS in inspect mode",
+        help="CA certificates (PEM) trusted for upstream TLS (inspect mode, https:// "
+        "upstream proxy) in addition to the public roots; may be repeated",
+    )
+    trust.add_argument(
+        "--upstream-ca-only",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="trust only these CA certificates (PEM) for upstream TLS, not the public "
+        "roots; may be repeated",
     )
     r.add_argument(
         "--audit-log",
@@ -273,6 +286,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     factory = loop_factory(args.event_loop)
     Path(os.path.expanduser(args.confdir)).mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        args.upstream_ca_bundle = upstream_ca_bundle(
+            args.confdir, args.upstream_ca, args.upstream_ca_only
+        )
+    except UpstreamCAError as e:
+        print(f"egress-guard: {e}", file=sys.stderr)
+        return 2
     sinks = make_sinks(args)
     audit = [s for s in sinks if isinstance(s, AuditLog)]
     if any(not s.healthy for s in audit):

@@ -55,6 +55,7 @@ Reason = Literal[
     "dns_failed",
     "malformed_request",
     "buffer_budget",
+    "inspection_required",
 ]
 
 #: Blocks that audit mode does not turn into would_block: they are about who may use the
@@ -565,6 +566,31 @@ class Engine:
         return _refusal(decision, "model_not_allowed", hint, problem)
 
     @staticmethod
+    def check_inspection(
+        dest: Destination | None, inspecting: bool, decision: Decision
+    ) -> Decision | None:
+        """A CONNECT tunnel to a destination with request rules (methods, paths, models)
+        can only have them checked when the guard intercepts its TLS. Without
+        interception such a tunnel is refused: relayed as bytes, its rules would not be
+        checked at all. None when the tunnel may open (no rules, inspection on, or the
+        target is refused or let through for another reason already, which then is the
+        reason recorded). Plain HTTP requests need no interception and never ask this.
+        """
+        if dest is None or inspecting or not dest.needs_inspection or decision.action != "allow":
+            return None
+        rules = ", ".join(request_rules(dest))
+        return _refusal(
+            decision,
+            "inspection_required",
+            (
+                f"destination {dest.name!r} has request rules ({rules}) that are checked only "
+                "with TLS interception: run egress-guard with --inspect (mitmdump: --set "
+                "egress_guard_inspect=true) and have clients trust its CA, or remove the rules"
+            ),
+            f"a tunnel to {dest.name!r} would be relayed without its {rules} checked",
+        )
+
+    @staticmethod
     def refuse_model(dest: Destination, decision: Decision, detail: str) -> Decision:
         """The model a request asks for could not be read from it (stage 4)."""
         return _refusal(decision, "model_not_allowed", _models_hint(dest), detail)
@@ -694,6 +720,11 @@ def _lenient_host(raw: str) -> Host | None:
 def _refusal(decision: Decision, reason: Reason, hint: str, detail: str | None) -> Decision:
     """A stage-4 refusal of a request whose target ``decision`` allowed."""
     return decision._replace(allowed=False, action="block", reason=reason, hint=hint, detail=detail)
+
+
+def request_rules(dest: Destination) -> list[str]:
+    """Which request rules a destination declares: they need inspect mode in a tunnel."""
+    return [k for k in ("methods", "paths", "models") if getattr(dest, k)]
 
 
 def _models_hint(dest: Destination) -> str:

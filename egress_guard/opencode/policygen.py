@@ -132,7 +132,7 @@ class _Builder:
         if ep.path not in ("", "/"):
             comments.append(
                 f'  path prefix {ep.path} (to restrict it, add paths: ["{ep.path.rstrip("/")}/*"]; '
-                "paths are enforced only with `run --inspect`)"
+                "paths need `run --inspect`: without it, HTTPS tunnels to this destination are refused)"
             )
         if ep.loopback:
             hosts: tuple[str, ...] = LOOPBACK_NAME_HOSTS if ep.host == "localhost" else (ep.host,)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -79,13 +81,64 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in policies_dir().glob("*.yaml") if p.stem != "catalog")
 
 
-def _read(path: FsPath) -> str:
+def read_regular_file(path: FsPath, what: str = "policy", limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file, read without ever blocking on what sits at ``path``.
+
+    A FIFO would block ``open()`` until a writer comes, and a device such as
+    ``/dev/zero`` never ends; either would hold the reload lock (and keep the worker
+    thread, and so shutdown, waiting) for good. So: open non-blocking, without taking a
+    controlling terminal, ``fstat`` what was opened (a symlink swapped in between the
+    caller's stat and this open is caught here) and read at most ``limit`` bytes.
+    Raises PolicyError naming the file.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise PolicyError(str(path), None, f"file is larger than {MAX_FILE_BYTES} bytes")
-        raw = path.read_bytes()
+        fd = os.open(path, flags)
     except OSError as e:
-        raise PolicyError(str(path), None, f"cannot read policy: {e.strerror or e}") from e
+        raise PolicyError(str(path), None, f"cannot read {what}: {e.strerror or e}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PolicyError(
+                str(path),
+                None,
+                f"cannot read {what}: not a regular file ({_file_kind(st.st_mode)})",
+                "point it at a plain file; FIFOs, devices and directories are refused",
+            )
+        if st.st_size > limit:
+            raise PolicyError(str(path), None, f"file is larger than {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:  # it grew since fstat
+            raise PolicyError(str(path), None, f"file is larger than {limit} bytes")
+        return b"".join(chunks)
+    except OSError as e:
+        raise PolicyError(str(path), None, f"cannot read {what}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def _read(path: FsPath, what: str = "policy") -> str:
+    raw = read_regular_file(path, what)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -129,7 +182,7 @@ def _validate_file(doc: SourceDoc) -> PolicyFile:
 
 @lru_cache(maxsize=4)
 def _load_catalog_cached(path: str, mtime_ns: int) -> dict[str, CatalogEntry]:
-    doc = parse_yaml(_read(FsPath(path)), path)
+    doc = parse_yaml(_read(FsPath(path), "catalog"), path)
     try:
         cat = Catalog.model_validate(doc.data)
     except ValidationError as e:
@@ -241,9 +294,17 @@ def _load_policy_text(text: str, file: str, catalog_path: FsPath | None) -> Effe
         users = FsPath(pf.clients.auth.users_file)
         if not users.is_absolute():
             users = FsPath(file).parent / users
-        if not users.is_file():
+        try:
+            regular = stat.S_ISREG(os.stat(users).st_mode)
+        except OSError:
             raise doc.error(
                 ("clients", "auth", "users_file"), f"users_file {str(users)!r} does not exist"
+            ) from None
+        if not regular:
+            raise doc.error(
+                ("clients", "auth", "users_file"),
+                f"users_file {str(users)!r} is not a regular file",
+                "point it at a plain file; FIFOs, devices and directories are refused",
             )
     effective = {
         "mode": pf.mode,
