@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.clients import connect, read_response, send_raw
 from support.policies import make_policy
 from support.ports import free_port
-from support.proxy import EGRESS_GUARD, ProxyFactory, ProxyProcess
+from support.proxy import ProxyFactory, guard_ca
 from support.upstream import Upstream
 
 
@@ -65,18 +64,6 @@ def test_plain_http_host_mismatch_in_audit_mode_is_recorded_would_block(
     assert recs[0]["destination"] == "test-api"
 
 
-def _guard_ca(p: ProxyProcess) -> ssl.SSLContext:
-    pem = subprocess.run(
-        [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
-        capture_output=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    path = p.workdir / "guard-ca.pem"
-    path.write_bytes(pem)
-    return ssl.create_default_context(cafile=str(path))
-
-
 @pytest.mark.parametrize("absolute", [False, True], ids=["host-header", "absolute-uri"])
 def test_inspected_tunnel_host_mismatch_in_audit_mode_is_recorded_would_block(
     proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path, absolute: bool
@@ -90,7 +77,7 @@ def test_inspected_tunnel_host_mismatch_in_audit_mode_is_recorded_would_block(
     p = proxy(policy, "--inspect", "--upstream-ca", str(ca_file))
     sock, resp = connect(p.port, f"api.test:{port}")
     assert resp.status == 200
-    tls = _guard_ca(p).wrap_socket(sock, server_hostname="api.test")
+    tls = guard_ca(p).wrap_socket(sock, server_hostname="api.test")
     if absolute:
         head = f"GET https://other.test:{port}/mismatch HTTP/1.1\r\nHost: api.test:{port}\r\n\r\n"
     else:

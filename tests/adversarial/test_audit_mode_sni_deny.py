@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import pytest
 from support.adv_wire import client_hello
 from support.clients import connect, read_response, send_raw
 from support.policies import make_policy
-from support.proxy import EGRESS_GUARD, ProxyFactory, ProxyProcess
+from support.proxy import ProxyFactory, ProxyProcess, guard_ca
 from support.upstream import Upstream
 
 P = pytest.param
@@ -277,25 +276,13 @@ def _inspect_policy(port: int, mode: str) -> str:
     )
 
 
-def _guard_ca(p: ProxyProcess) -> ssl.SSLContext:
-    pem = subprocess.run(
-        [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
-        capture_output=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    path = p.workdir / "guard-ca.pem"
-    path.write_bytes(pem)
-    return ssl.create_default_context(cafile=str(path))
-
-
 @pytest.mark.parametrize("mode", ["audit", "enforce"])
 @pytest.mark.parametrize("host", ["x.denied.test", "x.denied.test:443"], ids=["name", "port"])
 def test_host_naming_a_denied_host_inside_an_inspected_tunnel_is_refused(
     proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path, mode: str, host: str
 ) -> None:
     p = proxy(_inspect_policy(tls_upstream.port, mode), "--inspect", "--upstream-ca", str(ca_file))
-    with httpx.Client(proxy=p.url, verify=_guard_ca(p), trust_env=False, timeout=20) as c:
+    with httpx.Client(proxy=p.url, verify=guard_ca(p), trust_env=False, timeout=20) as c:
         r = c.get(f"https://api.test:{tls_upstream.port}/reached", headers={"host": host})
     assert r.status_code == 403 and r.headers["x-egress-guard-reason"] == "denylisted"
     assert tls_upstream.seen.requests == []
@@ -306,7 +293,7 @@ def _h2_get(p: ProxyProcess, port: int, headers: list[tuple[str, str]]) -> dict[
     stream or connection was refused without one)."""
     sock, resp = connect(p.port, f"api.test:{port}")
     assert resp.status == 200
-    ctx = _guard_ca(p)
+    ctx = guard_ca(p)
     ctx.set_alpn_protocols(["h2"])
     tls = ctx.wrap_socket(sock, server_hostname="api.test")
     assert tls.selected_alpn_protocol() == "h2"
@@ -371,7 +358,7 @@ def test_absolute_uri_naming_a_denied_host_inside_an_inspected_tunnel_is_refused
     target = f"api.test:{tls_upstream.port}"
     sock, resp = connect(p.port, target)
     assert resp.status == 200
-    tls = _guard_ca(p).wrap_socket(sock, server_hostname="api.test")
+    tls = guard_ca(p).wrap_socket(sock, server_hostname="api.test")
     tls.sendall(f"GET https://x.denied.test/reached HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
     r = read_response(tls)  # type: ignore[arg-type]
     tls.close()

@@ -38,7 +38,7 @@ import httpx
 import pytest
 from support.clients import RawResponse, read_response, send_raw
 from support.policies import make_policy
-from support.proxy import EGRESS_GUARD, ProxyFactory, ProxyProcess
+from support.proxy import EGRESS_GUARD, ProxyFactory, ProxyProcess, guard_ca
 from support.upstream import Upstream
 
 RULES = """\
@@ -100,18 +100,6 @@ def settled_size(path: Path) -> int:
     return last
 
 
-def guard_ctx(p: ProxyProcess) -> ssl.SSLContext:
-    pem = subprocess.run(
-        [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
-        capture_output=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    path = p.workdir / "guard-ca.pem"
-    path.write_bytes(pem)
-    return ssl.create_default_context(cafile=str(path))
-
-
 def on_disk(p: ProxyProcess, pred: Callable[[dict[str, Any]], bool]) -> bool:
     return any(pred(r) for r in p.audit(None))
 
@@ -153,7 +141,7 @@ class Tunnel:
         if kind == "http2":
             sock, resp = send_raw(p.port, f"CONNECT {self.authority} HTTP/1.1\r\n\r\n".encode())
             assert resp.status == 200
-            ctx = guard_ctx(p)
+            ctx = guard_ca(p)
             ctx.set_alpn_protocols(["h2"])
             self.tls = ctx.wrap_socket(sock, server_hostname="api.test")
             assert self.tls.selected_alpn_protocol() == "h2"
@@ -161,7 +149,7 @@ class Tunnel:
             self.h2.initiate_connection()
             self.tls.sendall(self.h2.data_to_send())
         else:
-            self.http = httpx.Client(proxy=p.url, verify=guard_ctx(p), trust_env=False, timeout=20)
+            self.http = httpx.Client(proxy=p.url, verify=guard_ca(p), trust_env=False, timeout=20)
 
     def request(self, tag: str) -> tuple[str, int, dict[str, str], str]:
         if self.kind == "http1-model-body":  # its model is checked once the body is in

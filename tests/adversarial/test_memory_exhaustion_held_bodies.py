@@ -21,8 +21,6 @@ import json
 import re
 import select
 import socket
-import ssl
-import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -37,7 +35,7 @@ import pytest
 from support.clients import read_response
 from support.policies import make_policy
 from support.ports import free_port
-from support.proxy import EGRESS_GUARD, ProxyFactory, ProxyProcess
+from support.proxy import ProxyFactory, ProxyProcess, guard_ca
 from support.upstream import Upstream
 
 MiB = 1024 * 1024
@@ -263,20 +261,6 @@ def test_one_client_gets_a_quarter_and_every_ending_gives_it_back(
 # -- HTTP/2 (inspected tunnel, several streams on one connection) -------------------------
 
 
-def guard_ca_context(p: ProxyProcess) -> ssl.SSLContext:
-    pem = subprocess.run(
-        [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
-        capture_output=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    path = p.workdir / "guard-ca.pem"
-    path.write_bytes(pem)
-    ctx = ssl.create_default_context(cafile=str(path))
-    ctx.set_alpn_protocols(["h2"])
-    return ctx
-
-
 class H2Client:
     """One HTTP/2 connection through a CONNECT tunnel, driven frame by frame."""
 
@@ -285,7 +269,7 @@ class H2Client:
         raw = socket.create_connection((g.p.host, g.p.port), timeout=30)
         raw.sendall(f"CONNECT {self.authority} HTTP/1.1\r\nHost: {self.authority}\r\n\r\n".encode())
         assert read_response(raw).status == 200
-        self.sock = guard_ca_context(g.p).wrap_socket(raw, server_hostname="api.test")
+        self.sock = guard_ca(g.p, ["h2"]).wrap_socket(raw, server_hostname="api.test")
         assert self.sock.selected_alpn_protocol() == "h2"
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.conn.initiate_connection()

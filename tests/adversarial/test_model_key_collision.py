@@ -20,10 +20,9 @@ import h2.connection
 import h2.events
 import httpx
 import pytest
-from proxy.test_inspect import guard_ca
 from support.clients import connect
 from support.policies import make_policy
-from support.proxy import ProxyFactory, ProxyProcess
+from support.proxy import ProxyFactory, ProxyProcess, guard_ca
 from support.upstream import Upstream
 
 CORPUS = Path(__file__).parent.parent / "testdata" / "model_bodies"

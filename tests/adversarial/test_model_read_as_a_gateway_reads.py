@@ -32,8 +32,7 @@ import httpx
 import pytest
 import trustme
 from adversarial.test_model_key_collision import models_policy
-from proxy.test_inspect import guard_ca
-from support.proxy import ProxyFactory
+from support.proxy import ProxyFactory, guard_ca
 
 ALLOWED = {"good-model", "gemini-ok"}
 _GEMINI = re.compile(r"/models/([^/:]+):(?:generateContent|streamGenerateContent)$")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import httpx
 import pytest
 from support.clients import read_response
 from support.policies import make_policy
-from support.proxy import EGRESS_GUARD, ProxyFactory, ProxyProcess
+from support.proxy import ProxyFactory, ProxyProcess, guard_ca
 from support.upstream import Upstream
 
 RULES = """\
@@ -36,18 +35,6 @@ def inspect_policy(port: int, mode: str = "enforce") -> str:
 @pytest.fixture
 def guard(proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path) -> ProxyProcess:
     return proxy(inspect_policy(tls_upstream.port), "--inspect", "--upstream-ca", str(ca_file))
-
-
-def guard_ca(p: ProxyProcess) -> ssl.SSLContext:
-    pem = subprocess.run(
-        [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
-        capture_output=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    path = p.workdir / "guard-ca.pem"
-    path.write_bytes(pem)
-    return ssl.create_default_context(cafile=str(path))
 
 
 def client(p: ProxyProcess) -> httpx.Client:

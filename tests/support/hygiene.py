@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import socket
-import ssl
-import subprocess
 from pathlib import Path
 
 from support.clients import RawResponse, read_response
 from support.policies import make_policy
-from support.proxy import EGRESS_GUARD, ProxyProcess
+from support.proxy import ProxyProcess, guard_ca
 
 #: request rules that make api.test an inspected destination
 INSPECTED_RULES = """\
@@ -25,19 +23,6 @@ def inspect_policy(port: int, mode: str = "enforce") -> str:
         f"    ports: [{port}]\n{INSPECTED_RULES}  - name: private-api",
         1,
     )
-
-
-def guard_ca(p: ProxyProcess) -> ssl.SSLContext:
-    path = p.workdir / "guard-ca.pem"
-    if not path.exists():
-        pem = subprocess.run(
-            [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
-            capture_output=True,
-            check=True,
-            timeout=30,
-        ).stdout
-        path.write_bytes(pem)
-    return ssl.create_default_context(cafile=str(path))
 
 
 def tunnel_exchange(

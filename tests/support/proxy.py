@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -179,3 +180,20 @@ class ProxyProcess:
 
 
 ProxyFactory = Callable[..., ProxyProcess]
+
+
+def guard_ca(p: ProxyProcess, alpn: list[str] | None = None) -> ssl.SSLContext:
+    """A client TLS context that trusts ``p``'s interception CA (exported with the real
+    ``egress-guard ca export``), for talking through an inspected tunnel."""
+    pem = subprocess.run(
+        [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    path = p.workdir / "guard-ca.pem"
+    path.write_bytes(pem)
+    ctx = ssl.create_default_context(cafile=str(path))
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    return ctx
