@@ -1504,18 +1504,35 @@ _HTTP1_VERSIONS = frozenset({"HTTP/1.0", "HTTP/1.1"})
 #: an HTTP/1 request line's method (a token) and the space after it
 _REQUEST_START = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ ")
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-#: how many bytes may go by before a request line's method must have ended
-_MAX_METHOD = 64
+#: what a lenient server takes for blanks in a request line: Python's http.server splits
+#: it with str.split() (tabs, \x0b, \x0c, \x1c-\x1f, and \x85, \xa0 in Latin-1), and
+#: skips blanks (line ends included) before it
+_LENIENT_BLANKS = re.compile(rb"[ \t\x0b\x0c\x1c-\x1f\x85\xa0]")
+_LENIENT_START = re.compile(rb"[ \t\r\n\x0b\x0c\x1c-\x1f\x85\xa0]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: bytes a text request line may hold (no other control characters): while the first
+#: bytes are all such, without a line end, they may still become a request line
+_TEXT = (frozenset(range(0x20, 0x100)) - {0x7F}) | frozenset(b"\t\x0b\x0c\x1c\x1d\x1e\x1f")
+#: how many bytes of text may go by without a line end before they are read as HTTP
+#: anyway (and refused, if they are not): a lenient server reads lines this long
+_MAX_LINE = 64 * 1024
 
 
 def _http_start(data: bytes) -> bool | None:
-    """Whether a tunnel's first bytes start an HTTP/1 request; None while they could
-    still become one (a method not yet followed by its space). Empty lines first count
-    as HTTP: a server skips them before a request line."""
+    """Whether a tunnel's first bytes start an HTTP/1 request as some server reads it;
+    None while they could still become one. Empty lines first count as HTTP: a server
+    skips them before a request line. Lenient readings count too: a method followed by
+    another blank than a space, blanks before it, or any line naming an HTTP version (the
+    guard's own reading then refuses what it cannot read strictly)."""
     if data[:1] in (b"\r", b"\n") or _REQUEST_START.match(data):
         return True
-    if len(data) < _MAX_METHOD and all(b in _TOKEN for b in data):
-        return None
+    line, newline, _ = data.partition(b"\n")
+    start = _LENIENT_START.match(line)
+    if start is not None and _LENIENT_BLANKS.match(line, start.end()):
+        return True  # a method, then a blank of another kind
+    if b"HTTP/" in line.upper():
+        return True
+    if not newline and all(b in _TEXT for b in data):
+        return None if len(data) < _MAX_LINE else True
     return False
 
 
