@@ -1196,17 +1196,18 @@ class EgressGuard:
             nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
             return
         plain = data[0] != _TLS_HANDSHAKE and data[0] not in _TLS_OTHER_RECORDS
-        audited = plain and approval.decision.action == "would_block"
-        if audited and _http_start(data) is None:
+        http_start = _http_start(data) if plain else False
+        if http_start is None:
             return  # wait for more bytes: a request line may be starting
         state.first_bytes_checked = True
         self._tunnel_accepted(conn_id)
-        if plain and (self._inspect(state) or (audited and _http_start(data))):
+        if plain and (self._inspect(state) or http_start):
             # Plain bytes to a destination with request rules: read them as HTTP (and
             # refuse what is not), so its method, path and model rules apply here too.
-            # Plain HTTP in a tunnel audit mode let through (its target is not allowed):
-            # read as HTTP too, so the names its requests give (Host, an absolute URI)
-            # are checked against the deny rules, request by request.
+            # Plain HTTP in any tunnel (allowed, or let through by audit mode) is read as
+            # HTTP too, so the names its requests give (Host, an absolute URI) are checked
+            # against the CONNECT target and the deny rules, request by request, as the
+            # SNI of a TLS tunnel is: a server behind an allowed address may route by Host.
             nextlayer.layer = HttpLayer(context, HTTPMode.transparent)
             return
         nextlayer.layer = CountingTCPLayer(
