@@ -45,15 +45,19 @@ from egress_guard import (
     backpressure,
     connlimit,
     early_answer,
+    heldprogress,
     http1limit,
     redact,
     resolver,
     splice,
 )
 from egress_guard.bodybudget import (
+    DEFAULT_HELD_BODY_MIN_RATE,
     DEFAULT_MAX_HELD_BODIES,
+    HELD_BODY_GRACE,
     TRIM_AFTER,
     BodyBudget,
+    Held,
     client_share,
     return_memory,
 )
@@ -160,6 +164,7 @@ class EgressGuard:
         http1limit.install()  # nor by sending a head, a chunk line or pipelined bytes without end
         http1limit.on_refused = self._on_http1_refused
         early_answer.install()  # a refused request's body is not taken into memory
+        heldprogress.install()  # a held body's arrival is counted (stalled ones give way)
         loader.add_option(
             "egress_guard_policy",
             str,
@@ -194,6 +199,14 @@ class EgressGuard:
             "together; one client address may hold a quarter of it (at least one "
             "--max-model-body body). A body that does not fit is refused with 503.",
         )
+        loader.add_option(
+            "egress_guard_held_body_min_rate",
+            int,
+            DEFAULT_HELD_BODY_MIN_RATE,
+            "Held bodies arriving slower than this (bytes/s, over their age; heads alone "
+            f"included) and older than {HELD_BODY_GRACE:g} s are evicted (their "
+            "connection closed) when another body does not fit. 0: never evict.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         # With eager connections mitmproxy contacts the upstream before the SNI check.
@@ -224,6 +237,11 @@ class EgressGuard:
                     limit,
                 )
             self.bodies.resize(limit, client_share(limit, body))
+        if (
+            "egress_guard_held_body_min_rate" in updated
+            and ctx.options.egress_guard_held_body_min_rate < 0
+        ):
+            raise exceptions.OptionsError("egress_guard_held_body_min_rate must not be negative")
         if updated & {"egress_guard_policy", "egress_guard_mode"}:
             try:
                 policy = self._read_policy()
@@ -842,6 +860,13 @@ class EgressGuard:
         self._count_http(flow, approval)
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(_EVICTED_KEY):
+            # its reservation was evicted and its connection closed; should its body have
+            # ended meanwhile, it still goes nowhere (recorded at eviction)
+            self._release_body(flow)
+            if flow.killable:
+                flow.kill()
+            return
         if _MODEL_CHECK_KEY in flow.metadata and flow.response is None:
             await self._guard_flow(flow, self._on_request_body)
         if flow.response is not None:
@@ -854,6 +879,7 @@ class EgressGuard:
     def _release_body(self, flow: http.HTTPFlow, *, drop: bool = False) -> None:
         """Give a held body's reservation back; ``drop``: the body has been forwarded, and
         the flow need not keep it (it would live on while the response streams)."""
+        flow.metadata.pop(heldprogress.PROGRESS, None)
         key = flow.metadata.pop(_HELD_KEY, None)
         if key is None:
             return
@@ -1044,7 +1070,10 @@ class EgressGuard:
         length = flow.request.headers.get("content-length", "0")
         size = int(length) if length.isdigit() else 0  # check_model_body refused the rest
         key = (flow.client_conn.id, flow.id)
-        why = self.bodies.reserve(key, flow.client_conn.id, _peer(flow.client_conn), size)
+        client = _peer(flow.client_conn)
+        if size > 0 and not self.bodies.fits(client, size):
+            self._evict_stalled(client, size)
+        why = self.bodies.reserve(key, flow.client_conn.id, client, size, tag=flow)
         if why is not None:
             raise _Blocked(
                 decision._replace(
@@ -1057,6 +1086,70 @@ class EgressGuard:
             )
         if size > 0:
             flow.metadata[_HELD_KEY] = key
+            flow.metadata[heldprogress.PROGRESS] = self.bodies.get(key)
+
+    def _evict_stalled(self, client: str, size: int) -> None:
+        """Before refusing a body for capacity: release the reservations of held bodies
+        that are stalled (a head alone, or a trickle: see bodybudget.Held.stalled), close
+        their connections and record each. Never raises: what cannot be closed stays
+        released and its flow marked, so its body, should it end, is not forwarded."""
+        rate = ctx.options.egress_guard_held_body_min_rate
+        now = time.monotonic()
+        try:
+            evicted = self.bodies.evict_stalled(client, size, now, HELD_BODY_GRACE, rate)
+        except Exception:
+            log.exception("egress-guard: cannot evict stalled held bodies")
+            return
+        for _, entry in evicted:
+            try:
+                self._evict(entry, now)
+            except Exception:
+                log.exception("egress-guard: cannot evict a stalled held body")
+        if evicted:
+            self._return_memory_soon()
+
+    def _evict(self, entry: Held, now: float) -> None:
+        """End one evicted reservation's flow: mark it, record it, close its client."""
+        flow = entry.tag
+        if not isinstance(flow, http.HTTPFlow):
+            raise TypeError(f"held body tagged {type(flow).__name__}")
+        flow.metadata.pop(_HELD_KEY, None)
+        flow.metadata.pop(heldprogress.PROGRESS, None)
+        flow.metadata[_EVICTED_KEY] = True
+        client = flow.client_conn
+        try:
+            req = flow.request
+            base = flow.metadata.get(_DECISION_KEY)
+            if not isinstance(base, Decision):
+                base = Decision(False, "block", "buffer_budget", None, req.host, req.port)
+            d = base._replace(
+                allowed=False,
+                action="block",
+                reason="buffer_budget",
+                hint="the request body stalled while other requests needed the room it "
+                "held; send the body at once",
+                detail=(
+                    f"held body stalled: {entry.received} of {entry.size} bytes after "
+                    f"{now - entry.since:.1f} s; evicted for another request"
+                ),
+            )
+            state = self.conns.get(client.id)
+            if state is None:
+                state = ConnState(client=_peer(client), started=entry.since)
+            self._record(client.id, state, d, method=req.method, path=req.path)
+        finally:
+            self._close_client(client)
+
+    @staticmethod
+    def _close_client(client: Client) -> None:
+        """Close a client connection now (mitmproxy's handler for it cancels its reader,
+        and the usual disconnect hooks follow)."""
+        servers = ctx.master.addons.get("proxyserver")
+        handler = servers.connections.get(client.id) if servers is not None else None
+        if handler is None:
+            log.warning("egress-guard: no connection to close for client %s", client.id)
+            return
+        handler.close_connection(handler.client)
 
     @staticmethod
     def _check_host_header(
@@ -1450,6 +1543,8 @@ _DECISION_KEY = "egress_guard_decision"
 _OPENS_KEY = "egress_guard_opens"
 #: the key of this request's reservation in the held-body budget
 _HELD_KEY = "egress_guard_held"
+#: this request's reservation was evicted (stalled); its connection is being closed
+_EVICTED_KEY = "egress_guard_evicted"
 
 
 def _audited(decision: Decision, mismatch: Decision | None) -> Decision:

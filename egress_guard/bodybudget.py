@@ -17,6 +17,19 @@ Two limits apply:
 A reservation that does not fit is refused (the caller answers 503 ``buffer_budget``):
 nothing waits, so nothing can be held by waiting either.
 
+Reserving the declared length keeps memory strictly bounded, but a head costs a client a
+few hundred bytes while it reserves up to its share: a client that sends heads and then
+no body (or trickles it) held the budget for as long as its connections stayed open.
+So each reservation records when it was made and how many body bytes have arrived since
+(``progress``, fed from mitmproxy's body buffering by egress_guard/heldprogress.py).
+Before a body is refused for capacity, reservations that are *stalled* give way
+(``evict_stalled``): older than ``grace`` seconds (``HELD_BODY_GRACE``) and with fewer
+bytes received than ``min_rate`` bytes a second (``--held-body-min-rate``, default
+``DEFAULT_HELD_BODY_MIN_RATE``) over their whole age. The caller closes their
+connections. A body that keeps arriving at least at that rate is never evicted: real
+clients upload a JSON body in one go, at loopback or LAN speed, orders of magnitude
+faster than the floor.
+
 Pure bookkeeping, no mitmproxy: keys are opaque (the addon uses (connection id, flow
 id)), every method is O(1) but ``release_connection``, and release is idempotent, so each
 path that ends a body may release it without knowing whether another one did.
@@ -28,8 +41,9 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +52,14 @@ MiB = 1024 * 1024
 DEFAULT_MAX_HELD_BODIES = 256 * MiB
 #: one client address may hold this fraction of the budget (1/4)
 CLIENT_SHARE_DIVISOR = 4
+#: a reservation younger than this (seconds) is never evicted: its body may not have
+#: started yet (the head is decided first; the client may still be writing)
+HELD_BODY_GRACE = 2.0
+#: default for --held-body-min-rate (bytes a second, averaged over a reservation's age):
+#: a held body slower than this is stalled and may be evicted for another one. 64 KiB/s
+#: is a 16 MiB body in over four minutes; loopback and LAN clients send it in well under
+#: a second.
+DEFAULT_HELD_BODY_MIN_RATE = 64 * 1024
 
 
 def client_share(limit: int, max_body: int) -> int:
@@ -46,11 +68,26 @@ def client_share(limit: int, max_body: int) -> int:
     return max(0, min(limit, max(limit // CLIENT_SHARE_DIVISOR, max_body)))
 
 
-@dataclass(frozen=True, slots=True)
-class _Held:
+@dataclass(slots=True, eq=False)
+class Held:
+    """One reservation; ``received`` and ``last`` change as its body arrives."""
+
     conn: Hashable
     client: str
     size: int
+    #: time.monotonic() when it was made
+    since: float
+    #: what the caller wants back on eviction (the addon: the flow)
+    tag: object = None
+    #: body bytes arrived so far
+    received: int = 0
+    #: time.monotonic() of the last body bytes (``since`` until some arrive)
+    last: float = field(default=0.0)
+
+    def stalled(self, now: float, grace: float, min_rate: float) -> bool:
+        """Older than ``grace`` and slower than ``min_rate`` bytes/s over its whole age."""
+        age = now - self.since
+        return age > grace and self.received < min_rate * age
 
 
 class BodyBudget:
@@ -65,7 +102,9 @@ class BodyBudget:
         self.refused = 0
         #: bytes released since start (the allocator is asked to return memory by this)
         self.released = 0
-        self._held: dict[Hashable, _Held] = {}
+        #: stalled reservations evicted for other bodies since start
+        self.evicted = 0
+        self._held: dict[Hashable, Held] = {}
         self._by_client: dict[str, int] = {}
         self._by_conn: dict[Hashable, set[Hashable]] = {}
 
@@ -84,12 +123,28 @@ class BodyBudget:
     def __len__(self) -> int:
         return len(self._held)
 
-    def reserve(self, key: Hashable, conn: Hashable, client: str, size: int) -> str | None:
+    def get(self, key: Hashable) -> Held | None:
+        return self._held.get(key)
+
+    def fits(self, client: str, size: int) -> bool:
+        """Would ``size`` more bytes of ``client`` fit now (share and limit)?"""
+        return self.held_by(client) + size <= self.per_client and self.held + size <= self.limit
+
+    def reserve(
+        self,
+        key: Hashable,
+        conn: Hashable,
+        client: str,
+        size: int,
+        *,
+        tag: object = None,
+        now: float | None = None,
+    ) -> str | None:
         """Reserve ``size`` bytes for the body ``key`` on connection ``conn`` of ``client``.
 
         Returns None when reserved (a size of 0 or less needs and takes nothing), else why
         not (for the record's detail). A key already reserved keeps its reservation and is
-        not reserved twice.
+        not reserved twice. ``tag`` comes back with the reservation if it is evicted.
         """
         if size <= 0 or key in self._held:
             return None
@@ -106,7 +161,8 @@ class BodyBudget:
                 f"the guard holds {self.held} bytes of request bodies; {size} more would pass "
                 f"--max-held-bodies ({self.limit})"
             )
-        self._held[key] = _Held(conn, client, size)
+        since = time.monotonic() if now is None else now
+        self._held[key] = Held(conn, client, size, since, tag, last=since)
         self._by_client[client] = mine + size
         self._by_conn.setdefault(conn, set()).add(key)
         self.held += size
@@ -134,6 +190,37 @@ class BodyBudget:
     def release_connection(self, conn: Hashable) -> int:
         """Release every reservation of connection ``conn`` (it closed); bytes released."""
         return sum(self.release(key) for key in list(self._by_conn.get(conn, ())))
+
+    def progress(self, key: Hashable, n: int, now: float) -> None:
+        """``n`` more body bytes of reservation ``key`` arrived (none: nothing to do)."""
+        entry = self._held.get(key)
+        if entry is not None:
+            entry.received += n
+            entry.last = now
+
+    def evict_stalled(
+        self, client: str, size: int, now: float, grace: float, min_rate: float
+    ) -> list[tuple[Hashable, Held]]:
+        """Make room for ``size`` bytes of ``client`` by releasing stalled reservations
+        (``Held.stalled``): the client's own if its share is what is short, every stalled
+        one if the budget is (all of them: each is a client holding bytes it does not
+        send, and the budget is wanted). Returns what was released, for the caller to
+        close and record; nothing if the body fits already or ``min_rate`` is 0 (eviction
+        off). O(reservations), and only when a body does not fit."""
+        if min_rate <= 0 or size <= 0 or self.fits(client, size):
+            return []
+        short_share = self.held_by(client) + size > self.per_client
+        short_all = self.held + size > self.limit
+        out = [
+            (key, entry)
+            for key, entry in self._held.items()
+            if (short_all or (short_share and entry.client == client))
+            and entry.stalled(now, grace, min_rate)
+        ]
+        for key, _ in out:
+            self.release(key)
+        self.evicted += len(out)
+        return out
 
 
 #: give memory back to the system once this many bytes of held bodies were released

@@ -218,6 +218,7 @@ def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, E
         "egress_guard_inspect": bool(args.inspect),
         "egress_guard_max_model_body": args.max_model_body,
         "egress_guard_max_held_bodies": args.max_held_bodies,
+        "egress_guard_held_body_min_rate": args.held_body_min_rate,
         # HTTP/2 and HTTP/3 towards the client only matter when intercepting.
         "http2": bool(args.inspect),
         "http3": False,

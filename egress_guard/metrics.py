@@ -151,6 +151,7 @@ class HeldBodies(Protocol):
     held: int
     limit: int
     refused: int
+    evicted: int
 
 
 class _HeldBodiesCollector(Collector):
@@ -174,7 +175,13 @@ class _HeldBodiesCollector(Collector):
             "held-body budget or its client's share.",
         )
         refused.add_metric([], float(self._bodies.refused))
-        return [held, limit, refused]
+        evicted = CounterMetricFamily(
+            "egress_guard_held_body_evictions",
+            "Held model-call bodies evicted (their connection closed, 503 buffer_budget "
+            "recorded) because they stalled while another body needed the room.",
+        )
+        evicted.add_metric([], float(self._bodies.evicted))
+        return [held, limit, refused, evicted]
 
 
 class Metrics:

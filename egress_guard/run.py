@@ -22,7 +22,11 @@ from egress_guard.audit import (
     FSYNC_POLICIES,
     AuditLog,
 )
-from egress_guard.bodybudget import DEFAULT_MAX_HELD_BODIES
+from egress_guard.bodybudget import (
+    DEFAULT_HELD_BODY_MIN_RATE,
+    DEFAULT_MAX_HELD_BODIES,
+    HELD_BODY_GRACE,
+)
 from egress_guard.engine.models import DEFAULT_MAX_MODEL_BODY
 from egress_guard.events import Sink
 from egress_guard.logsafe import SafeFormatter, escape
@@ -59,6 +63,10 @@ def _positive_int(text: str) -> int:
 
 
 def _seconds(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def _non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
@@ -196,6 +204,16 @@ def add_run_parser(sub: Any) -> None:
         f"(default {DEFAULT_MAX_HELD_BODIES}, by declared length); one client address may "
         "hold a quarter of it (at least one --max-model-body body); a body that does not "
         "fit is refused with 503 (buffer_budget)",
+    )
+    r.add_argument(
+        "--held-body-min-rate",
+        type=_non_negative_int,
+        default=DEFAULT_HELD_BODY_MIN_RATE,
+        metavar="BYTES_PER_S",
+        help="when a body does not fit, held bodies older than "
+        f"{HELD_BODY_GRACE:g} s that arrived slower than this (a head alone, a trickle) "
+        f"are evicted: their connection is closed (default {DEFAULT_HELD_BODY_MIN_RATE}; "
+        "0: never)",
     )
     r.add_argument(
         "--event-loop",

@@ -133,3 +133,71 @@ def test_any_interleaving_returns_to_zero() -> None:
         for conn in range(6):
             b.release_connection(conn)
         assert b.held == 0 and len(b) == 0
+
+
+# -- stalled reservations (heads alone, trickles) give way -------------------------------
+
+
+def test_stalled_needs_the_grace_period_and_a_rate_below_the_floor() -> None:
+    b = BodyBudget(100, 100)
+    b.reserve("f", "c", "10.0.0.1", 50, now=10.0)
+    held = b.get("f")
+    assert held is not None
+    assert not held.stalled(11.9, 2.0, 10)  # within the grace period
+    assert held.stalled(12.1, 2.0, 10)  # 0 bytes after 2.1 s
+    b.progress("f", 25, 12.0)
+    assert (held.received, held.last) == (25, 12.0)
+    assert not held.stalled(12.4, 2.0, 10)  # 25 bytes >= 10 B/s x 2.4 s
+    assert held.stalled(2.6 + 10.0, 2.0, 10)  # 25 < 26
+    b.progress("gone", 5, 13.0)  # not reserved: nothing
+
+
+def test_evict_stalled_only_when_short_and_only_stalled() -> None:
+    b = BodyBudget(100, 60)
+    b.reserve("a", "c1", "10.0.0.1", 40, now=0.0, tag="flow-a")  # stalls
+    b.reserve("b", "c2", "10.0.0.2", 40, now=0.0)
+    b.progress("b", 40, 0.5)  # 40 bytes in 10 s: above 3 B/s
+    assert b.evict_stalled("10.0.0.3", 20, 10.0, 2.0, 10) == []  # fits: nothing
+    assert b.evict_stalled("10.0.0.3", 30, 10.0, 2.0, 0) == []  # eviction off
+    assert b.evict_stalled("10.0.0.3", 30, 1.0, 2.0, 10) == []  # within grace
+    out = b.evict_stalled("10.0.0.3", 30, 10.0, 2.0, 3)
+    assert [(k, e.tag, e.size) for k, e in out] == [("a", "flow-a", 40)]
+    assert (b.held, b.evicted, b.held_by("10.0.0.1"), len(b)) == (40, 1, 0, 1)
+    assert b.reserve("n", "c3", "10.0.0.3", 30) is None
+    assert b.release("a") == 0  # already released: the later hooks find nothing
+
+
+def test_a_short_share_evicts_only_the_clients_own() -> None:
+    b = BodyBudget(1000, 50)
+    b.reserve("mine", "c1", "10.0.0.1", 40, now=0.0)
+    b.reserve("other", "c2", "10.0.0.2", 40, now=0.0)  # stalled too, but not in the way
+    out = b.evict_stalled("10.0.0.1", 20, 10.0, 2.0, 10)
+    assert [k for k, _ in out] == ["mine"]
+    assert b.get("other") is not None and b.held == 40
+    # the budget short as well: every stalled one goes
+    b2 = BodyBudget(80, 50)
+    b2.reserve("mine", "c1", "10.0.0.1", 40, now=0.0)
+    b2.reserve("other", "c2", "10.0.0.2", 40, now=0.0)
+    assert sorted(k for k, _ in b2.evict_stalled("10.0.0.1", 20, 10.0, 2.0, 10)) == [
+        "mine",
+        "other",
+    ]
+    assert b2.held == 0
+
+
+def test_progress_counting_fails_closed() -> None:
+    """A reservation whose progress cannot be counted stays reserved (it only looks
+    stalled); the count raises for what is not a reservation, and the patch logs it."""
+    from types import SimpleNamespace
+
+    from egress_guard import heldprogress
+
+    b = BodyBudget(100, 100)
+    b.reserve("f", "c", "10.0.0.1", 50, now=0.0)
+    flow = SimpleNamespace(metadata={heldprogress.PROGRESS: b.get("f")})
+    heldprogress.count(flow, 7)
+    assert b.get("f") is not None and b.get("f").received == 7  # type: ignore[union-attr]
+    heldprogress.count(SimpleNamespace(metadata={}), 7)  # not held: nothing
+    with pytest.raises(TypeError):
+        heldprogress.count(SimpleNamespace(metadata={heldprogress.PROGRESS: 7}), 7)
+    assert b.held == 50
