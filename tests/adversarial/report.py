@@ -80,13 +80,19 @@ def render(s: Stats) -> str:
                 ("spellings tried", am.tried),
                 ("passed through to an upstream (must be 0)", len(am.passed)),
                 ("blocked by the guard", am.guard_blocks),
-                ("rejected by the proxy's HTTP parser (4xx) or closed", am.proxy_rejects),
-                ("guard blocks joined with an audit `block denylisted` record", am.audit_joined),
+                ("rejected by the proxy's HTTP parser (4xx) or closed", len(am.proxy_rejects)),
+                (
+                    "guard blocks joined with an audit `decision: block` record "
+                    "(`denylisted`, or the documented other reason)",
+                    am.audit_joined,
+                ),
                 ("audit disagreements (must be 0)", len(am.mismatches)),
             ]
         )
         lines += ["", "Spellings per class:", "", "| class | spellings |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(am.by_class.items())]
+        lines += ["", "Rejected before the guard decided (no decision record):", ""]
+        lines += [f"- `{i}`" for i in sorted(am.proxy_rejects)] or ["- none"]
         lines += ["", "Passed through or audit disagrees (each is a hole):", ""]
         bad = sorted(set(am.passed) | set(am.mismatches))
         lines += [f"- `{i}`" for i in bad] or ["- none"]

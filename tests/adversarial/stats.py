@@ -18,8 +18,8 @@ class AuditModeStats:
     passed: list[str] = field(default_factory=list)  # ids that reached an upstream
     by_class: dict[str, int] = field(default_factory=dict)
     guard_blocks: int = 0
-    proxy_rejects: int = 0
-    audit_joined: int = 0  # guard blocks found as `block denylisted` by client address
+    proxy_rejects: list[str] = field(default_factory=list)  # parser 4xx or closed: no record
+    audit_joined: int = 0  # guard blocks found as `decision: block` with the expected reason
     mismatches: list[str] = field(default_factory=list)  # wrong reason, or a lifted record
 
     def count_class(self, cls: str) -> None:

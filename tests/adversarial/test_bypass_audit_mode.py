@@ -117,7 +117,7 @@ def test_denied_spelling_is_refused_in_audit_mode(
     elif v.guard_blocked:
         am.guard_blocks += 1
     else:
-        am.proxy_rejects += 1
+        am.proxy_rejects.append(sp.id)
 
     assert not v.problems, v.describe()
     assert not v.passed_through, v.describe()
