@@ -68,7 +68,13 @@ def _raise_fd_limit() -> None:
 
 #: the modules whose figures make the committed report; a session that ran only some of
 #: them (``-k``, one file) writes its report next to it instead of over it
-ALL_MODULES = {"test_bypass", "test_faults", "test_fuzz", "test_load"}
+ALL_MODULES = {
+    "test_bypass",
+    "test_bypass_audit_mode",
+    "test_faults",
+    "test_fuzz",
+    "test_load",
+}
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -93,6 +99,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             f"bypass corpus: {STATS.spellings_tried} spellings tried, "
             f"{len(STATS.spellings_passed)} passed through (must be 0), "
             f"{len(STATS.audit_mismatches)} audit disagreements (must be 0)"
+        )
+    if "test_bypass_audit_mode" in STATS.ran:
+        am = STATS.audit_mode
+        tr.write_line(
+            f"bypass corpus, audit mode: {am.tried} spellings tried, "
+            f"{len(am.passed)} passed through (must be 0), "
+            f"{len(am.mismatches)} audit disagreements (must be 0)"
         )
     if STATS.report_path:
         tr.write_line(f"report: {STATS.report_path}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator
 
-from support.adv_lab import PRIVATE_NAMES, Spelling
+from support.adv_lab import DENIED_ADDR, DENIED_ALIASES, PRIVATE_NAMES, Spelling
 
 # -- IPv4 legacy encodings ------------------------------------------------------------------
 
@@ -502,6 +502,95 @@ def generate() -> Iterator[Spelling]:
         raw_tls=b"\x14\x03\x01\x00\x01\x01" + b"",  # completed with a hello below
     )
 
+    # 9. a denied address (deny rule by address, 10.200.0.15): every encoding, IPv4-mapped
+    #    IPv6 (the IPv4 address, decisions.md), plain HTTP, and unlisted aliases of it
+    yield from denied_address_spellings()
+
+    # 10. Host headers with userinfo, IPv4-mapped Hosts and URIs of private addresses
+    for ident, uri, host in (
+        ("userinfo-denied", "http://front.test:{PH}/", "user@x.denied.test:{PH}"),
+        ("userinfo-denied-noport", "http://front.test:{PH}/", "user@x.denied.test"),
+        ("userinfo-front-at-denied", "http://front.test:{PH}/", "front.test:{PH}@x.denied.test"),
+        ("userinfo-denied-at-front", "http://front.test:{PH}/", "x.denied.test@front.test:{PH}"),
+        ("userinfo-denied-addr", "http://front.test:{PH}/", f"u:p@{DENIED_ADDR}:{{PH}}"),
+        ("userinfo-empty", "http://front.test:{PH}/", "@front.test:{PH}"),
+    ):
+        yield Spelling(f"host-userinfo-{ident}", "host-userinfo", "http", _get(uri, host))
+    for ident, host in (
+        ("rfc1918", "[::ffff:10.0.0.1]"),
+        ("rfc1918-hex", "[::ffff:a00:1]"),
+        ("rfc1918-long", "[0:0:0:0:0:ffff:10.0.0.1]"),
+        ("metadata", "[::ffff:169.254.169.254]"),
+        ("metadata-hex", "[::ffff:a9fe:a9fe]"),
+        ("loopback-upper", "[::FFFF:127.0.0.1]"),
+    ):
+        yield Spelling(
+            f"v4mapped-uri-{ident}",
+            "v4mapped",
+            "http",
+            _get(f"http://{host}:{{PF}}/", f"{host}:{{PF}}"),
+        )
+        yield Spelling(
+            f"v4mapped-host-{ident}",
+            "v4mapped",
+            "http",
+            _get("http://front.test:{PH}/", f"{host}:{{PH}}"),
+        )
+
+
+def denied_address_spellings() -> Iterator[Spelling]:
+    """The lab's address deny rule, in every spelling of the address and through every
+    unlisted alias of it: refused as ``denylisted`` in every mode."""
+    for form, text in ipv4_spellings(DENIED_ADDR).items():
+        if form == "zero-padded-dec":
+            continue  # 010.200.000.015 is octal for 8.200.0.13: another address
+        yield Spelling(f"denied-addr-v4-{form}", "denied-address", "connect", _connect(text))
+    for form in ("v4mapped", "v4mapped-hex", "v4mapped-long"):
+        text = ipv6_wrappers(DENIED_ADDR)[form]
+        yield Spelling(f"denied-addr-{form}", "denied-address", "connect", _connect(text))
+    yield Spelling(
+        "denied-addr-v4mapped-upper",
+        "denied-address",
+        "connect",
+        _connect(f"[::FFFF:{DENIED_ADDR}]"),
+    )
+    yield Spelling(
+        "denied-addr-v4mapped-zero-padded",
+        "denied-address",
+        "connect",
+        _connect(f"[0000:0000:0000:0000:0000:ffff:{DENIED_ADDR}]"),
+    )
+    for form in ("dotted", "decimal", "hex"):
+        text = ipv4_spellings(DENIED_ADDR)[form]
+        yield Spelling(
+            f"denied-addr-http-uri-{form}",
+            "denied-address",
+            "http",
+            _get(f"http://{text}:{{PF}}/", f"{text}:{{PF}}"),
+        )
+    for form in ("v4mapped", "v4mapped-hex"):
+        text = ipv6_wrappers(DENIED_ADDR)[form]
+        yield Spelling(
+            f"denied-addr-http-uri-{form}",
+            "denied-address",
+            "http",
+            _get(f"http://{text}:{{PF}}/", f"{text}:{{PF}}"),
+        )
+    for name in DENIED_ALIASES:
+        for variant in ("lower", "upper", "trailing-dot"):
+            yield Spelling(
+                f"denied-alias-{name}-{variant}",
+                "denied-alias",
+                "connect",
+                _connect(NAME_VARIANTS[variant](name)),
+            )
+        yield Spelling(
+            f"denied-alias-{name}-http-uri",
+            "denied-alias",
+            "http",
+            _get(f"http://{name}:{{PF}}/", f"{name}:{{PF}}"),
+        )
+
 
 def corpus() -> list[Spelling]:
     out: list[Spelling] = []
@@ -523,3 +612,143 @@ def corpus() -> list[Spelling]:
 
 
 CORPUS = corpus()
+
+
+# -- the audit-mode corpus ----------------------------------------------------------------
+#
+# Audit mode lets what the allowlist would block through (``would_block``), but never a
+# denied destination: not by name, not by address, not through another name the client
+# gives (SNI, Host, an absolute URI) while the target itself is merely unlisted. These
+# spellings run against a second lab proxy with ``mode: audit``; each must be refused and
+# recorded ``decision: block``, ``reason: denylisted``.
+
+#: the unlisted targets audit mode lets through (both are the trap's address, .13)
+UNLISTED_TARGETS = {"name": "other.test:{PF}", "addr": "10.200.0.13:{PF}"}
+
+#: names the lab's deny rules cover, in the spellings a server might still read as them
+DENIED_NAME_SPELLINGS = {
+    **{
+        v: NAME_VARIANTS[v]("x.denied.test")
+        for v in (
+            "lower",
+            "upper",
+            "mixed-case",
+            "trailing-dot",
+            "ideographic-dot",
+            "fullwidth-dot",
+            "halfwidth-dot",
+            "fullwidth-letters",
+        )
+    },
+    "apex": "denied.test",
+    "deeper": "a.b.x.denied.test",
+    "apex-upper-dot": "DENIED.TEST.",
+    "addr": DENIED_ADDR,
+}
+
+
+def audit_generate() -> Iterator[Spelling]:
+    # every enforce-mode spelling that names a denied host or address
+    for sp in CORPUS:
+        if "denied" in sp.id or sp.cls in ("denied-address", "denied-alias"):
+            yield sp
+
+    # SNI naming a denied host inside a tunnel to an unlisted target
+    for tident, target in UNLISTED_TARGETS.items():
+        for ident, name in DENIED_NAME_SPELLINGS.items():
+            yield Spelling(
+                f"audit-sni-{tident}-{ident}",
+                "audit-sni",
+                "tls",
+                sni=name.encode(),
+                connect_to=target,
+            )
+        for ident, sni, split in (
+            ("split-3", b"x.denied.test", (3,)),
+            ("split-1-1-1", b"x.denied.test", (1, 1, 1)),
+            ("v4mapped-addr", f"::ffff:{DENIED_ADDR}".encode(), ()),
+        ):
+            yield Spelling(
+                f"audit-sni-{tident}-{ident}",
+                "audit-sni",
+                "tls",
+                sni=sni,
+                split=split,
+                connect_to=target,
+            )
+        yield Spelling(
+            f"audit-sni-{tident}-second-name-denied",
+            "audit-sni",
+            "tls",
+            sni=b"other.test",
+            extra_sni=b"x.denied.test",
+            connect_to=target,
+        )
+
+    # plain HTTP: Host names a denied host while the URI names an unlisted one, and the
+    # other way round; Host with userinfo; a denied address in Host, IPv4-mapped too
+    hosts = {
+        **{ident: f"{name}:{{PF}}" for ident, name in DENIED_NAME_SPELLINGS.items()},
+        "noport": "x.denied.test",
+        "userinfo": "user@x.denied.test:{PF}",
+        "userinfo-other": "other.test:{PF}@x.denied.test",
+        "addr-v4mapped": f"[::ffff:{DENIED_ADDR}]:{{PF}}",
+        "addr-decimal": f"{ipv4_spellings(DENIED_ADDR)['decimal']}:{{PF}}",
+    }
+    for ident, host in hosts.items():
+        yield Spelling(
+            f"audit-host-{ident}",
+            "audit-host",
+            "http",
+            _get("http://other.test:{PF}/", host),
+        )
+    yield Spelling(
+        "audit-host-origin-form",
+        "audit-host",
+        "http",
+        _get("/", "x.denied.test:{PF}"),
+    )
+    for ident in ("lower", "upper", "trailing-dot", "addr"):
+        name = DENIED_NAME_SPELLINGS[ident]
+        yield Spelling(
+            f"audit-uri-{ident}",
+            "audit-uri",
+            "http",
+            _get(f"http://{name}:{{PF}}/", "other.test:{PF}"),
+        )
+    yield Spelling(
+        "audit-uri-v4mapped-addr",
+        "audit-uri",
+        "http",
+        _get(f"http://[::ffff:{DENIED_ADDR}]:{{PF}}/", "other.test:{PF}"),
+    )
+
+    # plain HTTP inside a tunnel audit mode let through (read as HTTP: decisions.md)
+    for tident, target in UNLISTED_TARGETS.items():
+        for ident, data in (
+            ("host", _get("/", "x.denied.test")),
+            ("host-upper", _get("/", "X.DENIED.TEST")),
+            ("host-addr", _get("/", DENIED_ADDR)),
+            ("host-userinfo", _get("/", "user@x.denied.test")),
+            ("uri", _get("http://x.denied.test/", "other.test")),
+            ("uri-addr", _get(f"http://{DENIED_ADDR}/", "other.test")),
+            # (a keep-alive second request needs an HTTP server at the unlisted address,
+            # which the lab does not have: test_audit_mode_sni_deny.py covers it)
+        ):
+            yield Spelling(
+                f"audit-tunnel-http-{tident}-{ident}",
+                "audit-tunnel-http",
+                "tunnel-http",
+                data,
+                connect_to=target,
+            )
+
+
+def audit_corpus() -> list[Spelling]:
+    out = list(audit_generate())
+    ids = [sp.id for sp in out]
+    assert len(ids) == len(set(ids)), "duplicate audit spelling id"
+    return out
+
+
+AUDIT_CORPUS = audit_corpus()

@@ -67,6 +67,37 @@ def render(s: Stats) -> str:
             lines += ["- none"]
     else:
         lines += [NOT_RUN]
+    lines += ["", "### 1a. Bypass corpus in audit mode (`test_bypass_audit_mode.py`)", ""]
+    if "test_bypass_audit_mode" in s.ran:
+        am = s.audit_mode
+        lines += [
+            "The corpus classes a `mode: audit` proxy must still refuse as `denylisted`",
+            "(a denied host or address in any name the client gives).",
+            "",
+        ]
+        lines += _table(
+            [
+                ("spellings tried", am.tried),
+                ("passed through to an upstream (must be 0)", len(am.passed)),
+                ("blocked by the guard", am.guard_blocks),
+                ("rejected by the proxy's HTTP parser (4xx) or closed", len(am.proxy_rejects)),
+                (
+                    "guard blocks joined with an audit `decision: block` record "
+                    "(`denylisted`, or the documented other reason)",
+                    am.audit_joined,
+                ),
+                ("audit disagreements (must be 0)", len(am.mismatches)),
+            ]
+        )
+        lines += ["", "Spellings per class:", "", "| class | spellings |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(am.by_class.items())]
+        lines += ["", "Rejected before the guard decided (no decision record):", ""]
+        lines += [f"- `{i}`" for i in sorted(am.proxy_rejects)] or ["- none"]
+        lines += ["", "Passed through or audit disagrees (each is a hole):", ""]
+        bad = sorted(set(am.passed) | set(am.mismatches))
+        lines += [f"- `{i}`" for i in bad] or ["- none"]
+    else:
+        lines += [NOT_RUN]
     lines += ["", "## 2. Fuzzing (`test_fuzz.py`)", ""]
     if "test_fuzz" in s.ran:
         lines += _table(

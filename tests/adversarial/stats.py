@@ -10,6 +10,23 @@ from typing import Any
 
 
 @dataclass
+class AuditModeStats:
+    """The bypass corpus's audit-mode run (``test_bypass_audit_mode.py``): spellings a
+    ``mode: audit`` proxy must still refuse as ``denylisted``."""
+
+    tried: int = 0
+    passed: list[str] = field(default_factory=list)  # ids that reached an upstream
+    by_class: dict[str, int] = field(default_factory=dict)
+    guard_blocks: int = 0
+    proxy_rejects: list[str] = field(default_factory=list)  # parser 4xx or closed: no record
+    audit_joined: int = 0  # guard blocks found as `decision: block` with the expected reason
+    mismatches: list[str] = field(default_factory=list)  # wrong reason, or a lifted record
+
+    def count_class(self, cls: str) -> None:
+        self.by_class[cls] = self.by_class.get(cls, 0) + 1
+
+
+@dataclass
 class Stats:
     ran: set[str] = field(default_factory=set)  # which test modules contributed
     spellings_tried: int = 0
@@ -29,6 +46,7 @@ class Stats:
     tunnels_peak: dict[str, int] = field(default_factory=dict)  # test -> concurrent tunnels held
     load: dict[str, dict[str, Any]] = field(default_factory=dict)  # test -> figures
     faults: dict[str, dict[str, Any]] = field(default_factory=dict)  # fault -> figures
+    audit_mode: AuditModeStats = field(default_factory=AuditModeStats)
     notes: list[str] = field(default_factory=list)
     #: where conftest wrote the report at the end of the session
     report_path: str | None = None

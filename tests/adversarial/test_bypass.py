@@ -100,6 +100,7 @@ def test_corpus_is_big_enough() -> None:
     assert {
         "loopback", "metadata", "rfc1918", "ipv6", "dns-private", "dns-localhost", "unlisted",
         "denied", "authority", "port", "http-uri", "host-mismatch", "smuggling", "sni",
+        "denied-address", "denied-alias", "host-userinfo", "v4mapped",
     } <= classes  # fmt: skip
 
 

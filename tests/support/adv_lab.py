@@ -11,6 +11,9 @@ porthost.test      10.200.0.11           allowed on port ``PT`` only; odd port s
                                          it: never contacted
 front.test         10.200.0.12           allowed (TLS ``PA``, HTTP ``PH``); every SNI / Host /
                                          smuggling disagreement names it: never contacted
+(denied address)   10.200.0.15           denied by address (``DENIED_ADDR``); the unlisted
+                                         ``DENIED_ALIASES`` resolve to it: never contacted
+                                         (the trap listens there)
 everything else    any local address     the trap (wildcard listener on ``PF``, 443, 80):
                                          never contacted
 =================  ====================  ===================================================
@@ -30,7 +33,7 @@ from typing import Any
 import trustme
 
 from support.adv_net import FaultUpstream, NetNS, Trap
-from support.adv_wire import Outcome, client_hello, exchange
+from support.adv_wire import Outcome, client_hello, exchange, read_outcome
 from support.ports import free_port
 from support.proxy import BIN_DIR, ProxyProcess
 from support.upstream import Upstream
@@ -63,6 +66,18 @@ PRIVATE_NAMES: dict[str, str | list[str]] = {
     # every address must pass: a public-looking first answer does not launder the second
     "mixed.test": ["10.200.0.13", "127.0.0.1"],
     "mixed6.test": ["10.200.0.13", "::1"],
+}
+
+
+#: an address the lab policy denies by address; only the trap listens there
+DENIED_ADDR = "10.200.0.15"
+
+#: unlisted names (``network.resolve``) whose answers hold the denied address: an alias
+#: must not reach it in any mode (audit mode lets an unlisted name through otherwise)
+DENIED_ALIASES: dict[str, str | list[str]] = {
+    "alias.test": DENIED_ADDR,
+    "alias-mapped.test": "::ffff:" + DENIED_ADDR,
+    "alias-second.test": ["10.200.0.13", DENIED_ADDR],
 }
 
 
@@ -132,7 +147,8 @@ class Lab:
         p = self.ports
         private_hosts = ", ".join([*PRIVATE_NAMES, "localhost", "x.denied.test"])
         resolve = "\n".join(
-            f"    {name}: {json.dumps(addr)}" for name, addr in PRIVATE_NAMES.items()
+            f"    {name}: {json.dumps(addr)}"
+            for name, addr in (PRIVATE_NAMES | DENIED_ALIASES).items()
         )
         return f"""\
 version: 1
@@ -160,6 +176,8 @@ destinations:
     ports: [{p["PF"]}, 443, 80]
 {destinations}deny:
   - hosts: ["**.denied.test"]
+  - hosts: [{DENIED_ADDR}]
+    comment: a denied address; only the trap listens there
 {deny}network:
   block_private: true
   allow_cidrs: [10.200.0.0/24]
@@ -241,8 +259,11 @@ class Spelling:
     kind ``connect``: ``data`` is sent as is; a 2xx answer is followed by a ClientHello
     without SNI (allowed by design) so a wrongly opened tunnel shows up at the upstream.
     kind ``http``: ``data`` is a plain-HTTP proxy request.
-    kind ``tls``: ``CONNECT front.test:PA`` (which must be allowed), then a ClientHello
+    kind ``tls``: ``CONNECT front.test:PA`` (which must be allowed; ``connect_to`` names
+    another authority, e.g. an unlisted one audit mode lets through), then a ClientHello
     with ``sni`` (and ``extra_sni``), its first bytes cut into ``split``.
+    kind ``tunnel-http``: ``CONNECT connect_to`` (which must be let through), then
+    ``data`` (a plain-HTTP request) inside the tunnel; the outcome is its answer.
     """
 
     id: str
@@ -254,6 +275,7 @@ class Spelling:
     split: tuple[int, ...] = ()
     raw_tls: bytes | None = None
     note: str = ""
+    connect_to: str = ""
 
 
 @dataclass
@@ -325,16 +347,31 @@ def run_spelling(
     tunnel = False
     tls_answer = b""
     problems: list[str] = []
-    if sp.kind == "tls":
-        pa = lab.ports["PA"]
+    if sp.kind in ("tls", "tunnel-http"):
+        authority = lab.fill(sp.connect_to or "front.test:{PA}")
         sock, out = exchange(
             proxy.port,
-            f"CONNECT front.test:{pa} HTTP/1.1\r\nHost: front.test:{pa}\r\n\r\n".encode(),
+            f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode(),
             src=src,
             timeout=timeout,
         )
         if sock is None or out.status != 200:
-            problems.append(f"CONNECT front.test was not allowed ({out.short()}): case cannot run")
+            problems.append(
+                f"CONNECT {authority} was not let through ({out.short()}): case cannot run"
+            )
+            if sock is not None:
+                sock.close()
+        elif sp.kind == "tunnel-http":
+            tunnel = True
+            try:
+                sock.sendall(lab.fill(sp.data).encode("utf-8", "surrogateescape"))
+                out = read_outcome(sock, timeout)
+            except OSError:
+                out = Outcome(closed=True)
+            sock.close()
+            time.sleep(0.3)
+            if out.timed_out:
+                problems.append(f"no answer in the tunnel and no close within {timeout}s")
         else:
             tunnel = True
             hello = (
@@ -391,13 +428,14 @@ def audit_records(proxy: ProxyProcess) -> list[dict[str, Any]]:
 _BARRIERS = iter(range(10**9))
 
 
-def audit_barrier(proxy: ProxyProcess, timeout: float = 10.0) -> bool:
+def audit_barrier(proxy: ProxyProcess, timeout: float = 10.0, denied: bool = False) -> bool:
     """Wait until every audit record the proxy emitted so far is in the file.
 
     The sink writes in order from one queue, so once a fresh block (an unlisted name
-    nobody else uses) is in the file, so is everything emitted before it."""
+    nobody else uses) is in the file, so is everything emitted before it. ``denied``: use
+    a name the lab's deny rules cover (refused in audit mode too)."""
     n = next(_BARRIERS)
-    host = f"barrier{n}.test"
+    host = f"barrier{n}.denied.test" if denied else f"barrier{n}.test"
     sock, out = exchange(
         proxy.port, f"CONNECT {host}:1 HTTP/1.1\r\n\r\n".encode(), src="127.69.0.1", timeout=timeout
     )
