@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from egress_guard.engine import Engine, Match
-from egress_guard.master import _tune_gc
 from egress_guard.normalize import Host, normalize_host, normalize_port
 from egress_guard.policy import load_catalog, load_policy_text
+from egress_guard.proxy.master import _tune_gc
 
 SIZES = (10, 1_000, 10_000, 100_000)
 V4_PREFIXES = (16, 20, 22, 24, 26, 28, 32)

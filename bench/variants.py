@@ -28,7 +28,7 @@ def _copying_relay() -> None:
     what the buffered relay saves (experiment ``x_copying_relay``)."""
     import asyncio
 
-    from egress_guard import splice
+    from egress_guard.proxy.patches import splice
 
     class CopyingRelay(asyncio.Protocol):
         def __init__(self, d):  # type: ignore[no-untyped-def]
@@ -58,7 +58,7 @@ def main() -> int:
         return 2
     for n in names:
         PATCHES[n]()
-    from egress_guard.cli import main as cli_main
+    from egress_guard.cli.app import main as cli_main
 
     sys.argv = ["egress-guard", *rest]
     return int(cli_main() or 0)

@@ -19,11 +19,18 @@ from typing import Any
 import pytest
 from support.prereq import missing
 
-from egress_guard import audit
-from egress_guard.audit import GENESIS, AuditLog, read_tail, rotated_set, scrub_path, scrub_text
-from egress_guard.audit_cli import order_files, verify
+from egress_guard.cli.audit import order_files, verify
 from egress_guard.engine import Decision
-from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent
+from egress_guard.sinks import audit
+from egress_guard.sinks.audit import (
+    GENESIS,
+    AuditLog,
+    read_tail,
+    rotated_set,
+    scrub_path,
+    scrub_text,
+)
+from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
 
 SHA = "ab" * 32
 TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
@@ -506,9 +513,9 @@ def test_constructor_rejects_bad_settings(logpath: Path) -> None:
 
 def test_stdout_mode_writes_a_verifiable_chain(tmp_path: Path) -> None:
     script = (
-        "from egress_guard.audit import AuditLog\n"
+        "from egress_guard.sinks.audit import AuditLog\n"
         "from egress_guard.engine import Decision\n"
-        "from egress_guard.events import CloseEvent, DecisionEvent\n"
+        "from egress_guard.sinks.events import CloseEvent, DecisionEvent\n"
         "d = Decision(True, 'allow', 'allowlisted', 'a', 'api.anthropic.com', 443)\n"
         "log = AuditLog('-')\n"
         "log.decision(DecisionEvent('c1', '127.0.0.1', d, 'enforce', '', path='/x?k=SECRET'))\n"

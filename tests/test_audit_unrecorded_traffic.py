@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from egress_guard import audit
-from egress_guard.audit import AuditLog
-from egress_guard.audit_cli import verify
+from egress_guard.cli.audit import verify
 from egress_guard.engine import Decision
-from egress_guard.events import CloseEvent, DecisionEvent
-from egress_guard.metrics import Metrics
+from egress_guard.sinks import audit
+from egress_guard.sinks.audit import AuditLog
+from egress_guard.sinks.events import CloseEvent, DecisionEvent
+from egress_guard.sinks.metrics import Metrics
 
 SHA = "ab" * 32
 

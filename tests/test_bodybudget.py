@@ -1,4 +1,4 @@
-"""The held-body budget's bookkeeping (egress_guard/bodybudget.py): limits, shares, and
+"""The held-body budget's bookkeeping (egress_guard/proxy/bodybudget.py): limits, shares, and
 that every way a body ends gives its bytes back (a leak would refuse everything later)."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ import random
 
 import pytest
 
-from egress_guard.bodybudget import (
+from egress_guard.engine.models import DEFAULT_MAX_MODEL_BODY
+from egress_guard.proxy.bodybudget import (
     DEFAULT_MAX_HELD_BODIES,
     BodyBudget,
     MiB,
     client_share,
 )
-from egress_guard.engine.models import DEFAULT_MAX_MODEL_BODY
 
 
 def test_default_share_is_a_quarter_and_fits_one_largest_body() -> None:
@@ -190,7 +190,7 @@ def test_progress_counting_fails_closed() -> None:
     stalled); the count raises for what is not a reservation, and the patch logs it."""
     from types import SimpleNamespace
 
-    from egress_guard import heldprogress
+    from egress_guard.proxy.patches import heldprogress
 
     b = BodyBudget(100, 100)
     b.reserve("f", "c", "10.0.0.1", 50, now=0.0)

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.prereq import missing
 
 from egress_guard.engine import Decision
-from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent
-from egress_guard.metrics import DURATION_BUCKETS, Metrics, MetricsServer, start_http_server
+from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
+from egress_guard.sinks.metrics import DURATION_BUCKETS, Metrics, MetricsServer, start_http_server
 
 CONTRACT = {
     "egress_guard_decisions",
@@ -470,7 +470,7 @@ def test_ipv6_host_literal(metrics: Metrics, client: httpx.Client, host: str) ->
 
 def test_audit_health_is_exported(tmp_path: Path) -> None:
     """A real audit log on /dev/full (ENOSPC on every write) shows up in the metrics."""
-    from egress_guard.audit import AuditLog
+    from egress_guard.sinks.audit import AuditLog
 
     good = AuditLog(str(tmp_path / "audit.log"), fsync="never")
     bad = AuditLog("/dev/full", fsync="never", retry_interval=0.05)

@@ -1,4 +1,4 @@
-"""DNS lookups (egress_guard.resolver): slow names cannot starve the others, callers of
+"""DNS lookups (egress_guard.proxy.resolver): slow names cannot starve the others, callers of
 one name share one lookup, and a lookup nobody waits for any more never starts. On both
 event loops: uvloop's own ``getaddrinfo`` has four shared threads and runs abandoned
 lookups anyway."""
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from support.loops import EACH_LOOP, Factory
 
-from egress_guard import resolver
+from egress_guard.proxy import resolver
 
 
 class FakeResolver:

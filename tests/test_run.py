@@ -11,8 +11,8 @@ import pytest
 import uvloop
 from support.loops import EACH_LOOP, Factory
 
-from egress_guard.cli import build_parser
-from egress_guard.run import DEFAULT_DRAIN_TIMEOUT, loop_factory
+from egress_guard.cli.app import build_parser
+from egress_guard.cli.run import DEFAULT_DRAIN_TIMEOUT, loop_factory
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_without_uvloop_auto_falls_back_and_uvloop_refuses(
 def test_task_factory_runs_tasks_eagerly_and_takes_eager_start(factory: Factory) -> None:
     """mitmproxy wants eager tasks; uvloop on Python 3.13 calls the task factory with an
     ``eager_start`` keyword that CPython's own eager factory takes only from 3.14."""
-    from egress_guard.master import _eager_task_factory
+    from egress_guard.proxy.master import _eager_task_factory
 
     steps: list[str] = []
 

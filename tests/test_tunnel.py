@@ -1,5 +1,5 @@
 """The tunnel fast path's ClientHello reader agrees with mitmproxy's parser wherever it
-answers (egress_guard/tunnel.py: read_plain_client_hello).
+answers (egress_guard/proxy/tunnel.py: read_plain_client_hello).
 
 The guard decides a tunnel from the SNI and the extension types it reads. The fast
 reader answers only for the plain shape and defers (None) otherwise; the invariant is
@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from egress_guard.tunnel import read_plain_client_hello, sni_problem
+from egress_guard.proxy.tunnel import read_plain_client_hello, sni_problem
 
 
 def openssl_hello(sni: str | None, alpn: list[str] | None = None) -> bytes:

@@ -38,7 +38,7 @@ from egress_guard.normalize import (
     parse_authority,
 )
 from egress_guard.policy import load_catalog, load_policy_text
-from egress_guard.tunnel import sni_problem
+from egress_guard.proxy.tunnel import sni_problem
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 

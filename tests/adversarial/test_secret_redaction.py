@@ -23,7 +23,7 @@ from support.ports import free_port
 from support.proxy import ProxyFactory, ProxyProcess
 from support.upstream import Upstream
 
-from egress_guard import audit
+from egress_guard.sinks import audit
 
 DATA = Path(__file__).parent.parent / "testdata" / "hygiene"
 SECRET = "SECRET"

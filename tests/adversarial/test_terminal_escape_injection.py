@@ -27,7 +27,7 @@ from support.ports import free_port
 from support.proxy import ProxyFactory, ProxyProcess
 from support.upstream import Upstream
 
-from egress_guard.logsafe import Block, SafeFormatter, escape
+from egress_guard.sinks.logsafe import Block, SafeFormatter, escape
 
 DATA = Path(__file__).parent.parent / "testdata" / "hygiene" / "control_sequences.json"
 SEQUENCES: dict[str, str] = {

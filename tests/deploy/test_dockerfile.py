@@ -23,7 +23,7 @@ from deploy.manifests import (
 )
 from deploy.running import RunningGuard
 
-from egress_guard.cli import build_parser
+from egress_guard.cli.app import build_parser
 from egress_guard.policy import load_policy
 
 
@@ -141,7 +141,7 @@ def test_copy_sources_are_in_build_context(dockerfile: Dockerfile) -> None:
 
 def test_dockerignore_keeps_secrets_and_clutter_out() -> None:
     context = {p.relative_to(ROOT).as_posix() for p in build_context()}
-    assert "pyproject.toml" in context and "egress_guard/cli.py" in context
+    assert "pyproject.toml" in context and "egress_guard/cli/app.py" in context
     assert "policies/catalog.yaml" in context
     for prefix in (".git/", ".venv/", "tests/", "docs/", ".mypy_cache/"):
         assert not any(p.startswith(prefix) for p in context), prefix
@@ -154,7 +154,7 @@ def test_dockerignore_matcher() -> None:
     ig = DockerIgnore("*\n!egress_guard/\n**/__pycache__\n!docker/policy.yaml\n")
     assert ig.excluded("tests/test_x.py")
     assert ig.excluded(".git/config")
-    assert not ig.excluded("egress_guard/cli.py")
+    assert not ig.excluded("egress_guard/cli/app.py")
     assert ig.excluded("egress_guard/__pycache__/cli.cpython-312.pyc")
     assert not ig.excluded("docker/policy.yaml")
     assert ig.excluded("docker/compose.yaml")

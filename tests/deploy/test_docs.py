@@ -13,11 +13,11 @@ import pytest
 from deploy.manifests import ROOT
 from deploy.running import RunningGuard
 
-from egress_guard import docgen
+from egress_guard.cli import docgen
 from egress_guard.engine.decide import Reason
 
 DOCS = ROOT / "docs"
-REGENERATE = "regenerate with: python -m egress_guard.docgen > docs/policy-reference.md"
+REGENERATE = "regenerate with: python -m egress_guard.cli.docgen > docs/policy-reference.md"
 
 
 def test_policy_reference_is_current() -> None:
@@ -27,7 +27,7 @@ def test_policy_reference_is_current() -> None:
 
 def test_docgen_entry_point_prints_the_reference() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "egress_guard.docgen"],
+        [sys.executable, "-m", "egress_guard.cli.docgen"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -35,7 +35,9 @@ def test_docgen_entry_point_prints_the_reference() -> None:
     ).stdout
     assert out == (DOCS / "policy-reference.md").read_text(encoding="utf-8")
     bad = subprocess.run(
-        [sys.executable, "-m", "egress_guard.docgen", "--bogus"], capture_output=True, timeout=60
+        [sys.executable, "-m", "egress_guard.cli.docgen", "--bogus"],
+        capture_output=True,
+        timeout=60,
     )
     assert bad.returncode == 2
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from egress_guard import cli
+from egress_guard.cli import app as cli
 from egress_guard.opencode.config import OpenCodeConfig, load_config
 from egress_guard.opencode.doctor import (
     DoctorInput,

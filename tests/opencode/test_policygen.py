@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from egress_guard import cli
+from egress_guard.cli import app as cli
 from egress_guard.engine import Engine, Match
 from egress_guard.opencode import contacts as oc
 from egress_guard.opencode.config import OpenCodeConfig, load_config

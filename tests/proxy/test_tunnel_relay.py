@@ -1,6 +1,6 @@
 """An allowed tunnel relays every byte in both directions, in order, and counts them
 exactly. (Past its first chunk a tunnel's data takes the short cut in
-egress_guard/splice.py; this is what that short cut must keep.)
+egress_guard/proxy/patches/splice.py; this is what that short cut must keep.)
 
 A client's half-close (FIN while still reading) ends the whole tunnel, as in mitmproxy
 itself and in Squid's default (``half_closed_clients off``); TLS clients close with

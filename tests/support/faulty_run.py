@@ -24,6 +24,6 @@ def faulty(self: Any, *args: Any, **kwargs: Any) -> Any:
 
 setattr(decide.Engine, method, faulty)
 
-from egress_guard.cli import main  # noqa: E402
+from egress_guard.cli.app import main  # noqa: E402
 
 sys.exit(main(sys.argv[1:]))

@@ -15,6 +15,6 @@ import certifi
 roots = os.environ["EG_TEST_PUBLIC_ROOTS"]
 certifi.where = lambda: roots
 
-from egress_guard.cli import main  # noqa: E402
+from egress_guard.cli.app import main  # noqa: E402
 
 sys.exit(main(sys.argv[1:]))

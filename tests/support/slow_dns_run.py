@@ -26,6 +26,6 @@ def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
 
 socket.getaddrinfo = getaddrinfo
 
-from egress_guard.cli import main  # noqa: E402
+from egress_guard.cli.app import main  # noqa: E402
 
 sys.exit(main(sys.argv[1:]))

@@ -19,7 +19,7 @@ Clients that multiplex (HTTP/2, HTTP/3) are not held back: their other streams m
 the client's next frames to finish and free one of mitmproxy's five connection slots
 per address that a new stream's connect waits for, so holding the client back could
 deadlock it. HTTP/1 bytes pipelined behind a request whose answer has not come are held
-back the same way once a layer asks for it (``hold``, from egress_guard/http1limit.py).
+back the same way once a layer asks for it (``hold``, from egress_guard/proxy/patches/http1limit.py).
 Not covered (mitmproxy buffers, the guard does not bound it): the wait for a parent
 proxy's CONNECT answer. See docs/decisions.md.
 

@@ -52,7 +52,7 @@ from mitmproxy.proxy import events
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.server import ConnectionHandler
 
-from egress_guard.tunnel import ByteCounter
+from egress_guard.proxy.tunnel import ByteCounter
 
 log = logging.getLogger("egress_guard")
 

@@ -21,7 +21,7 @@ Reserving the declared length keeps memory strictly bounded, but a head costs a 
 few hundred bytes while it reserves up to its share: a client that sends heads and then
 no body (or trickles it) held the budget for as long as its connections stayed open.
 So each reservation records when it was made and how many body bytes have arrived since
-(``progress``, fed from mitmproxy's body buffering by egress_guard/heldprogress.py).
+(``progress``, fed from mitmproxy's body buffering by egress_guard/proxy/patches/heldprogress.py).
 Before a body is refused for capacity, reservations that are *stalled* give way
 (``evict_stalled``): older than ``grace`` seconds (``HELD_BODY_GRACE``) and with fewer
 bytes received than ``min_rate`` bytes a second (``--held-body-min-rate``, default

@@ -1,6 +1,6 @@
 """Count the body bytes that arrive for a held model-call body.
 
-The held-body budget (egress_guard/bodybudget.py) reserves a body's declared length when
+The held-body budget (egress_guard/proxy/bodybudget.py) reserves a body's declared length when
 its head is decided. To tell a body that is arriving from one that is not (a client that
 sends a head and then nothing, or a trickle, to keep the budget from others), each
 reservation counts the bytes that actually came. mitmproxy buffers a request body in
@@ -25,7 +25,7 @@ from mitmproxy.proxy import events
 from mitmproxy.proxy.layers.http import HttpStream
 from mitmproxy.proxy.layers.http._events import RequestData
 
-from egress_guard.bodybudget import Held
+from egress_guard.proxy.bodybudget import Held
 
 log = logging.getLogger("egress_guard")
 

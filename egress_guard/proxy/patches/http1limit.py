@@ -38,7 +38,7 @@ from mitmproxy.proxy.layers.http._http1 import (
     make_error_response,
 )
 
-from egress_guard import backpressure
+from egress_guard.proxy.patches import backpressure
 
 log = logging.getLogger("egress_guard")
 

@@ -151,10 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("targets", nargs="+", metavar="TARGET")
     c.set_defaults(func=cmd_check)
 
-    from egress_guard.audit_cli import add_audit_parser
-    from egress_guard.ca import add_ca_parser
-    from egress_guard.opencode.cli import add_opencode_parsers
-    from egress_guard.run import add_run_parser
+    from egress_guard.cli.audit import add_audit_parser
+    from egress_guard.cli.ca import add_ca_parser
+    from egress_guard.cli.opencode import add_opencode_parsers
+    from egress_guard.cli.run import add_run_parser
 
     add_run_parser(sub)
     add_ca_parser(sub)

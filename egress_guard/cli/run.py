@@ -15,24 +15,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from egress_guard.audit import (
+from egress_guard.engine.models import DEFAULT_MAX_MODEL_BODY
+from egress_guard.normalize import NormalizationError, parse_authority
+from egress_guard.proxy.bodybudget import (
+    DEFAULT_HELD_BODY_MIN_RATE,
+    DEFAULT_MAX_HELD_BODIES,
+    HELD_BODY_GRACE,
+)
+from egress_guard.proxy.upstream_trust import UpstreamCAError, upstream_ca_bundle
+from egress_guard.sinks.audit import (
     DEFAULT_BACKUPS,
     DEFAULT_MAX_BYTES,
     DEFAULT_QUEUE_SIZE,
     FSYNC_POLICIES,
     AuditLog,
 )
-from egress_guard.bodybudget import (
-    DEFAULT_HELD_BODY_MIN_RATE,
-    DEFAULT_MAX_HELD_BODIES,
-    HELD_BODY_GRACE,
-)
-from egress_guard.engine.models import DEFAULT_MAX_MODEL_BODY
-from egress_guard.events import Sink
-from egress_guard.logsafe import SafeFormatter, escape
-from egress_guard.metrics import Metrics
-from egress_guard.normalize import NormalizationError, parse_authority
-from egress_guard.upstream_trust import UpstreamCAError, upstream_ca_bundle
+from egress_guard.sinks.events import Sink
+from egress_guard.sinks.logsafe import SafeFormatter, escape
+from egress_guard.sinks.metrics import Metrics
 
 log = logging.getLogger("egress_guard")
 
@@ -237,7 +237,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def _setup_logging(verbose: bool) -> None:
     # Every line on stderr goes through SafeFormatter: log lines quote what clients send
     # (and so do mitmproxy's), and a terminal must never receive their control
-    # characters raw, nor a forged line (egress_guard/logsafe.py).
+    # characters raw, nor a forged line (egress_guard/sinks/logsafe.py).
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(SafeFormatter(LOG_FORMAT))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
@@ -321,7 +321,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             s.shutdown(timeout=1)
         return 2
     # Imported here: mitmproxy takes about a second to import, and only `run` needs it.
-    from egress_guard.master import serve
+    from egress_guard.proxy.master import serve
 
     complete = False
     try:

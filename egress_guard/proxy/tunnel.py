@@ -39,7 +39,7 @@ class CountingTCPLayer(TCPLayer):
         super().__init__(context, ignore=True)
         self.counter = counter
         #: called once, when both ends are connected and the first chunk is relayed (the
-        #: guard's run mode hands the tunnel's later data to egress_guard.splice)
+        #: guard's run mode hands the tunnel's later data to egress_guard.proxy.patches.splice)
         self.on_relaying = on_relaying
 
     def relay_messages(self, event: events.Event) -> Generator[Any, Any, None]:

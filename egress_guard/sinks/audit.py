@@ -27,7 +27,7 @@ Events (``event`` field)
 
 Never written: header values (Authorization, Proxy-Authorization, x-api-key, api-key,
 cookies), bodies, query strings, path parameters, userinfo. The events do not carry
-them; as a second line of defence (egress_guard/redact.py, docs/audit-log.md) ``path``
+them; as a second line of defence (egress_guard/sinks/redact.py, docs/audit-log.md) ``path``
 loses everything from the first ``?``, ``#`` or ``;`` or an encoding of one (``%3F``,
 ``%23``, ``%3B``, any case, ``%25``-encoded again) and the userinfo of an absolute URL,
 ``host`` and ``sni`` lose userinfo, and free-text fields get markers in place of
@@ -108,9 +108,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, Final, Literal
 
-from egress_guard import __version__, redact
-from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent
-from egress_guard.logsafe import escape
+from egress_guard import __version__
+from egress_guard.sinks import redact
+from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
+from egress_guard.sinks.logsafe import escape
 
 FsyncPolicy = Literal["always", "interval", "never"]
 FSYNC_POLICIES: Final = ("always", "interval", "never")

@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from egress_guard import redact
+from egress_guard.sinks import redact
 
 #: what never reaches a terminal raw (see the module docstring); newline and tab are
 #: added for text that must stay on one line

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from egress_guard.events import CloseEvent, DecisionEvent, PolicyEvent
+from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
 
 __all__ = [
     "CONTENT_TYPE",
@@ -111,7 +111,7 @@ class _WithoutCreated:
 
 
 class AuditHealth(Protocol):
-    """What the metrics read from the audit log (egress_guard.audit.AuditLog)."""
+    """What the metrics read from the audit log (egress_guard.sinks.audit.AuditLog)."""
 
     @property
     def healthy(self) -> bool: ...
@@ -146,7 +146,7 @@ class _AuditCollector(Collector):
 
 
 class HeldBodies(Protocol):
-    """What the metrics read from the held-body budget (egress_guard.bodybudget.BodyBudget)."""
+    """What the metrics read from the held-body budget (egress_guard.proxy.bodybudget.BodyBudget)."""
 
     held: int
     limit: int
@@ -185,7 +185,7 @@ class _HeldBodiesCollector(Collector):
 
 
 class Metrics:
-    """The metrics sink (implements ``egress_guard.events.Sink``).
+    """The metrics sink (implements ``egress_guard.sinks.events.Sink``).
 
     The proxy calls, besides the sink methods ``decision``/``close``/``policy``:
 

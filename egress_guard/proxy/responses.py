@@ -22,10 +22,10 @@ from typing import Any
 
 from mitmproxy import http
 
-from egress_guard import redact
 from egress_guard.engine import Decision
 from egress_guard.engine.models import ApiKind
 from egress_guard.policy import policies_dir
+from egress_guard.sinks import redact
 
 #: what a policy file is called in a client's answer
 POLICY_NAME = "the policy"

@@ -26,11 +26,11 @@ from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfi
 from mitmproxy.master import Master
 from mitmproxy.utils import asyncio_utils
 
-from egress_guard import splice
-from egress_guard.addon import EgressGuard
-from egress_guard.events import Sink
-from egress_guard.logsafe import SafeFormatter, escape
-from egress_guard.metrics import Metrics, start_http_server
+from egress_guard.proxy.guard import EgressGuard
+from egress_guard.proxy.patches import splice
+from egress_guard.sinks.events import Sink
+from egress_guard.sinks.logsafe import SafeFormatter, escape
+from egress_guard.sinks.metrics import Metrics, start_http_server
 
 log = logging.getLogger("egress_guard")
 
@@ -229,7 +229,7 @@ def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, E
         "tcp_timeout": args.idle_timeout,
     }
     # --upstream-ca adds to the public roots, --upstream-ca-only replaces them: either
-    # way a bundle written by run.py (egress_guard/upstream_trust.py)
+    # way a bundle written by run.py (egress_guard/proxy/upstream_trust.py)
     bundle = getattr(args, "upstream_ca_bundle", None)
     if bundle:
         updates["ssl_verify_upstream_trusted_ca"] = os.path.abspath(bundle)

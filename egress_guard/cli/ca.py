@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from egress_guard.run import DEFAULT_CONFDIR
+from egress_guard.cli.run import DEFAULT_CONFDIR
 
 CA_BASENAME = "mitmproxy"
 KEY_SIZE = 2048

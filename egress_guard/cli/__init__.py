@@ -1,0 +1,1 @@
+"""The ``egress-guard`` command line: one module per command, built on the layers below."""
