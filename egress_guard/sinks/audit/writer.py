@@ -52,7 +52,7 @@ class AuditLog(LogFile):
     """JSON Lines audit sink with a hash chain, a writer thread and size rotation.
 
     Sink protocol: ``admit(event)`` (awaitable), ``decision(event)``, ``close(event)``,
-    ``policy(event)``, ``healthy``.
+    ``policy(event)``, ``tunnel_accepted(conn_id)`` (nothing to record), ``healthy``.
     Lifecycle: ``flush(timeout)``, ``shutdown(timeout)`` (also a context manager).
     For metrics: ``write_errors``, ``events_dropped``, ``lines_written``, ``bytes_written``,
     ``fsyncs``, ``rotations``, ``queue_depth``, ``last_error``, ``head``, ``last_seq``.
@@ -194,6 +194,11 @@ class AuditLog(LogFile):
 
     def policy(self, event: PolicyEvent) -> None:
         self._put(Entry("policy", time.time(), event))
+
+    def tunnel_accepted(self, conn_id: str) -> None:
+        """Nothing to record: the log holds every decision from when it was made (the
+        CONNECT's was admitted before the tunnel opened). Only the metrics count a
+        tunnel's CONNECT once its first bytes pass."""
 
     @property
     def healthy(self) -> bool:
