@@ -1,8 +1,9 @@
 """The log files: opening and locking, writing and syncing, size rotation, and linking
 each committed line into the chain. Run on the writer thread only (writer.py).
 
-``LogFile`` is the file side of ``AuditLog``: its state is set up by ``AuditLog.__init__``
-(declared below so mypy checks both halves) and used by the writer's loop. It is a base
+``LogFile`` is the file side of ``AuditLog``: its state is set up by ``_init_file`` (the
+settings it reads, such as ``path`` and ``max_bytes``, by ``AuditLog.__init__``; declared
+below so mypy checks both halves) and used by the writer's loop. It is a base
 class rather than a separate object so that the byte accounting the admissions rely on
 (``bytes_written`` plus what is pending) stays one set of fields.
 """
@@ -53,6 +54,25 @@ class LogFile:
     _seq: int
     _prev: str
     _started_at: float
+
+    def _init_file(self) -> None:
+        """The file state before the first open (``AuditLog.__init__`` calls this)."""
+        #: lines on disk (or on stdout)
+        self.lines_written = 0
+        self.bytes_written = 0
+        self.fsyncs = 0
+        self.rotations = 0
+        self._fd = None
+        self._opened = False
+        self._regular = False
+        self._size = 0
+        self._pending = bytearray()
+        self._pending_lines = 0
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        self._seq = 0
+        self._prev = GENESIS
+        self._started_at = time.time()
 
     # -- file handling ---------------------------------------------------------------------
 

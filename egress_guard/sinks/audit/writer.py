@@ -20,7 +20,6 @@ import time
 from collections import deque
 from typing import BinaryIO, Final, Literal
 
-from egress_guard.sinks.audit.chain import GENESIS
 from egress_guard.sinks.audit.files import LogFile, warn
 from egress_guard.sinks.audit.handoff import Entry, Flush, Item, QuietQueue, Waiter, deliver
 from egress_guard.sinks.audit.record import record_fields
@@ -99,11 +98,6 @@ class AuditLog(LogFile):
         # -- counters for metrics (written by the writer thread, read anywhere) ----------
         #: failed write/open/fsync/rotate attempts (each retry of a failing write counts)
         self.write_errors = 0
-        #: lines on disk (or on stdout)
-        self.lines_written = 0
-        self.bytes_written = 0
-        self.fsyncs = 0
-        self.rotations = 0
         #: the most recent write failure, "path: reason"; stays set after recovery
         self.last_error: str | None = None
 
@@ -116,18 +110,8 @@ class AuditLog(LogFile):
         self._admitting: list[Waiter] = []
         #: admissions decided without a line of theirs (unencodable)
         self._verdicts: list[tuple[Waiter, bool]] = []
-        self._fd: int | None = None
-        self._opened = False
-        self._regular = False
-        self._size = 0
-        self._pending = bytearray()
-        self._pending_lines = 0
-        self._dirty = False
-        self._last_sync = time.monotonic()
-        self._seq = 0
-        self._prev = GENESIS
         self._failing: str | None = None
-        self._started_at = time.time()
+        self._init_file()
 
         # -- loss accounting (written by callers under the lock, logged by the writer) ----
         self._lock = threading.Lock()
