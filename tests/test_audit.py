@@ -18,18 +18,19 @@ from typing import Any
 
 import pytest
 from support.prereq import missing
+from support.rotated import rotated_set
 
-from egress_guard.cli.audit import order_files, verify
 from egress_guard.engine import Decision
-from egress_guard.sinks import audit
 from egress_guard.sinks.audit import (
     GENESIS,
     AuditLog,
     read_tail,
-    rotated_set,
     scrub_path,
     scrub_text,
+    writer,
 )
+from egress_guard.sinks.audit.read import order_files
+from egress_guard.sinks.audit.verify import verify
 from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
 
 SHA = "ab" * 32
@@ -543,7 +544,7 @@ def test_idle_writer_sleeps_and_the_next_event_wakes_it(
 ) -> None:
     """An idle proxy's audit writer does not poll (it did, 50 times a second), and an
     event after a quiet spell is written at once, not at the writer's next timeout."""
-    monkeypatch.setattr(audit, "_IDLE_WAIT_S", 60.0)  # so only a wake-up can write it
+    monkeypatch.setattr(writer, "_IDLE_WAIT_S", 60.0)  # so only a wake-up can write it
     with AuditLog(tmp_path / "audit.log", fsync="interval") as log:
         log.decision(decision(0))
         assert log.flush(5)

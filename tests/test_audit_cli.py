@@ -11,12 +11,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.rotated import rotated_set
 
 from egress_guard.cli import app as cli
-from egress_guard.cli.audit import order_files
 from egress_guard.engine import Decision, Engine, Match
 from egress_guard.policy import load_catalog, load_policy_text
-from egress_guard.sinks.audit import AuditLog, rotated_set
+from egress_guard.sinks.audit import AuditLog
+from egress_guard.sinks.audit.read import order_files
 from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
 
 BIN = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "egress-guard")

@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 
-from egress_guard.cli.audit import verify
 from egress_guard.engine import Decision
-from egress_guard.sinks import audit
-from egress_guard.sinks.audit import AuditLog
+from egress_guard.sinks.audit import AuditLog, writer
+from egress_guard.sinks.audit.verify import verify
 from egress_guard.sinks.events import CloseEvent, DecisionEvent
 from egress_guard.sinks.metrics import Metrics
 
@@ -69,8 +68,8 @@ def test_admit_is_true_only_once_the_line_is_written(logpath: Path) -> None:
 
 def test_admit_wakes_the_writer_at_once(logpath: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An admission is not left to the writer's poll (a request waits for it)."""
-    monkeypatch.setattr(audit, "_POLL_S", 30.0)
-    monkeypatch.setattr(audit, "_IDLE_WAIT_S", 30.0)
+    monkeypatch.setattr(writer, "_POLL_S", 30.0)
+    monkeypatch.setattr(writer, "_IDLE_WAIT_S", 30.0)
     with AuditLog(logpath, fsync="never") as log:
 
         async def go() -> float:

@@ -95,6 +95,7 @@ from egress_guard.proxy.tunnel import (
 )
 from egress_guard.sinks import redact
 from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent, Sink
+from egress_guard.sinks.fanout import Fanout
 from egress_guard.sinks.logsafe import Block
 
 log = logging.getLogger("egress_guard")
@@ -138,6 +139,7 @@ class EgressGuard:
 
     def __init__(self, sinks: Sequence[Sink] = ()) -> None:
         self.sinks: list[Sink] = list(sinks)
+        self.fanout = Fanout(self.sinks)
         self.engine: Engine | None = None
         self.conns: dict[str, ConnState] = {}
         self.self_endpoints: frozenset[tuple[str, int]] = frozenset()
@@ -421,15 +423,8 @@ class EgressGuard:
 
     # -- events --------------------------------------------------------------------------
 
-    def _emit(self, method: str, event: Any) -> None:
-        for sink in self.sinks:
-            try:
-                getattr(sink, method)(event)
-            except Exception:
-                log.exception("egress-guard: sink %r failed", sink)
-
     def _emit_policy(self, event: PolicyEvent) -> None:
-        self._emit("policy", event)
+        self.fanout.policy(event)
 
     def _event(
         self,
@@ -465,7 +460,7 @@ class EgressGuard:
     ) -> None:
         """Record a decision that lets nothing go upstream (sinks queue it, never drop
         it). One that does must go through ``_admit``."""
-        self._emit("decision", self._event(conn_id, state, d, method, path, opens))
+        self.fanout.decision(self._event(conn_id, state, d, method, path, opens))
 
     async def _admit(
         self,
@@ -482,23 +477,11 @@ class EgressGuard:
         internal_error) when a sink cannot record it, or fails: nothing is forwarded
         that the audit log does not hold."""
         event = self._event(conn_id, state, d, method, path, opens)
-        for sink in self.sinks:
-            try:
-                ok = await sink.admit(event)
-            except Exception:
-                log.exception("egress-guard: sink %r failed; refusing", sink)
-                ok = False
-            if not ok:
-                raise _unrecorded(
-                    d.host, "the audit log could not record this request: refusing it"
-                )
+        if not await self.fanout.admit(event):
+            raise _unrecorded(d.host, "the audit log could not record this request: refusing it")
 
     def _sinks_healthy(self) -> bool:
-        try:
-            return all(s.healthy for s in self.sinks)
-        except Exception:
-            log.exception("egress-guard: sink health unknown; refusing")
-            return False
+        return self.fanout.healthy
 
     def _check_sinks(self, host: str) -> None:
         """Refuse early (before a body is read or a tunnel's bytes move) while a sink
@@ -1348,14 +1331,7 @@ class EgressGuard:
     def _tunnel_accepted(self, conn_id: str) -> None:
         """The tunnel's first bytes passed: sinks that count tunnels once (the metrics)
         may count its CONNECT decision now."""
-        for sink in self.sinks:
-            accepted = getattr(sink, "tunnel_accepted", None)
-            if accepted is None:
-                continue
-            try:
-                accepted(conn_id)
-            except Exception:
-                log.exception("egress-guard: sink %r failed", sink)
+        self.fanout.tunnel_accepted(conn_id)
 
     def _inspect(self, state: ConnState) -> bool:
         if not ctx.options.egress_guard_inspect or state.tunnel_decision is None:
@@ -1516,8 +1492,7 @@ class EgressGuard:
             d = approval.decision
             if refused is not None and refused == (approval.host, approval.port):
                 d = d._replace(action="block")
-            self._emit(
-                "close",
+            self.fanout.close(
                 CloseEvent(
                     conn_id=client_id,
                     client=state.client,

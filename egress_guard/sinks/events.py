@@ -67,6 +67,11 @@ class Sink(Protocol):
     record is accepted (written), False when it cannot be; a sink whose loss must not
     stop traffic (metrics) records and returns True. ``decision`` records one that lets
     nothing through (a refusal): it must not wait, and must not lose the record either.
+    ``tunnel_accepted`` says a CONNECT tunnel's first bytes passed its checks (the metrics
+    count the CONNECT then; the audit log already holds it).
+
+    The proxy calls these methods by name on every sink (``Fanout``), so "who records a
+    decision" has a grep answer, and mypy checks each sink against this protocol.
     """
 
     async def admit(self, event: DecisionEvent) -> bool: ...
@@ -76,6 +81,8 @@ class Sink(Protocol):
     def close(self, event: CloseEvent) -> None: ...
 
     def policy(self, event: PolicyEvent) -> None: ...
+
+    def tunnel_accepted(self, conn_id: str) -> None: ...
 
     @property
     def healthy(self) -> bool: ...
