@@ -89,12 +89,12 @@ class InspectRules(_Strict):
     """Request-level rules; they need TLS interception (``run --inspect``)."""
 
     methods: list[Method] | None = Field(
-        None,
+        default=None,
         description="Inspect mode only: HTTP methods allowed (`method_not_allowed` otherwise). "
         "`null` allows every method.",
     )
     paths: list[PathGlob] | None = Field(
-        None,
+        default=None,
         description="Inspect mode only: request paths allowed, as shell-style globs matched "
         "against the path without its query, percent-decoded (`*` also matches `/`). Paths "
         "that servers read differently (empty or dot segments, `;`, `\\\\`, encoded "
@@ -102,7 +102,7 @@ class InspectRules(_Strict):
         "or `models`. `null` allows every path.",
     )
     models: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
-        None,
+        default=None,
         description="Inspect mode only: model names a request body may ask for (the JSON "
         "`model` field, `model_not_allowed` otherwise). `null` allows every model.",
     )
@@ -115,7 +115,9 @@ class Destination(InspectRules):
         description="Label for the audit log (`destination`) and metrics (`destination` "
         "label). Unique in the effective policy, presets included."
     )
-    purpose: str = Field("", description="Free text for humans; shown by `egress-guard check`.")
+    purpose: str = Field(
+        default="", description="Free text for humans; shown by `egress-guard check`."
+    )
     hosts: list[HostPatternStr] = Field(
         min_length=1,
         description="Host patterns this destination covers (at least one, no duplicates).",
@@ -185,16 +187,16 @@ class DenyRule(_Strict):
         min_length=1, description="Host patterns to deny (at least one)."
     )
     ports: list[Port] | None = Field(
-        None,
+        default=None,
         description="None: every port. Deny rules win over every allow. Leave it out (or "
         "write `null`) to deny every port.",
     )
-    comment: str = Field("", description="Free text for humans (why this is denied).")
+    comment: str = Field(default="", description="Free text for humans (why this is denied).")
 
 
 class Network(_Strict):
     block_private: bool = Field(
-        True,
+        default=True,
         description="Refuse destinations whose addresses are not public: loopback, RFC 1918, "
         "link-local, CGNAT, ULA, multicast, reserved ranges, cloud metadata endpoints, and "
         "IPv6 forms that embed such an IPv4 address (mapped, NAT64, 6to4, Teredo). Checked "
@@ -228,7 +230,7 @@ class Clients(_Strict):
         "listening on a network address needs the clients' ranges here.",
     )
     auth: Auth | None = Field(
-        None,
+        default=None,
         description="Optional proxy authentication (`Proxy-Authorization: Basic`); clients "
         "without valid credentials get `407` (`proxy_auth_required`).",
     )
@@ -239,7 +241,7 @@ class PolicyFile(_Strict):
 
     version: Literal[1] = Field(description="The policy language version. Always `1`.")
     mode: Literal["enforce", "audit"] = Field(
-        "enforce",
+        default="enforce",
         description="`enforce` blocks what the policy does not allow. `audit` lets it through "
         "and records `would_block` in the audit log and metrics; blocks about who may use the "
         "proxy (`client_not_allowed`, `proxy_auth_required`), unusable input "
@@ -298,7 +300,7 @@ class CatalogEntry(InspectRules):
     seed_row: str | None = Field(
         None, description="The row of OpenCode's network table this entry comes from."
     )
-    notes: str = Field("", description="Free text.")
+    notes: str = Field(default="", description="Free text.")
 
     @property
     def usable(self) -> str | None:
