@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any, BinaryIO
 
+from egress_guard.cli.exits import EXIT_ERROR, EXIT_FAIL, EXIT_OK
 from egress_guard.engine import Decision, Engine, HostIndex, Match, special_class
 from egress_guard.normalize import Host, NormalizationError, canonical_ip, normalize_host
 from egress_guard.policy import (
@@ -51,7 +52,6 @@ from egress_guard.policy.writer import (
 )
 from egress_guard.sinks.audit import GENESIS, line_hash
 
-EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 DECISIONS = ("allow", "block", "would_block")
 

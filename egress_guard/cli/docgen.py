@@ -29,6 +29,7 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from egress_guard.cli.exits import EXIT_ERROR, EXIT_OK
 from egress_guard.policy import load_catalog, load_preset, policies_dir, preset_names
 from egress_guard.policy import model as m
 
@@ -445,9 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "usage: python -m egress_guard.cli.docgen > docs/policy-reference.md", file=sys.stderr
         )
-        return 2
+        return EXIT_ERROR
     sys.stdout.write(render())
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -30,10 +30,9 @@ from egress_guard.opencode import contacts as oc
 from egress_guard.opencode import jsonc
 from egress_guard.opencode.config import OpenCodeConfig
 from egress_guard.opencode.jsonc import JsoncDoc
-from egress_guard.opencode.policygen import sanitize_name
 from egress_guard.policy import CatalogEntry, EffectivePolicy
 from egress_guard.policy.patterns import is_public_suffix
-from egress_guard.policy.writer import comment_safe
+from egress_guard.policy.writer import comment_safe, destination_name
 
 Severity = Literal["error", "warning", "info"]
 SEVERITY_ORDER: Mapping[str, int] = {"error": 0, "warning": 1, "info": 2}
@@ -506,7 +505,7 @@ class _Doctor:
             fix = f"add `- use: {entry.name}` to the policy"
         else:
             fix = (
-                f"add a destination to the policy: {{name: {sanitize_name(name, 'provider')}, hosts: [{host}], "
+                f"add a destination to the policy: {{name: {destination_name(name, 'provider')}, hosts: [{host}], "
                 f"ports: [{port}]}} (`egress-guard policy from-opencode` writes it)"
             )
         self.add(
