@@ -511,7 +511,7 @@ class _Doctor:
         self.add(
             "error",
             "provider",
-            f"provider {p.id} ({', '.join(p.refs)}) calls {_hostport(host, port)}, which "
+            f"provider {p.id} ({', '.join(p.refs)}) calls {oc.hostport(host, port)}, which "
             f"{self.inp.policy_label} does not allow ({decision.reason})",
             fix,
             source,
@@ -526,7 +526,7 @@ class _Doctor:
                 self.add(
                     "warning",
                     "mcp",
-                    f"remote MCP server {server.name} at {_hostport(ep.host, ep.port)} is not "
+                    f"remote MCP server {server.name} at {oc.hostport(ep.host, ep.port)} is not "
                     f"allowed by {self.inp.policy_label}: its tools will fail",
                     f"add a destination for {ep.host} port {ep.port}, or set "
                     f'"mcp": {{"{server.name}": {{"enabled": false}}}}',
@@ -715,10 +715,6 @@ class _Doctor:
         self.webfetch()
         self.models_fetch()
         return sorted(self.out, key=lambda f: SEVERITY_ORDER[f.severity])
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def diagnose(inp: DoctorInput) -> list[Finding]:
