@@ -11,7 +11,7 @@ import pytest
 import uvloop
 from support.loops import EACH_LOOP, Factory
 
-from egress_guard.cli.app import build_parser
+from egress_guard.cli.parser import build_parser
 from egress_guard.cli.run import DEFAULT_DRAIN_TIMEOUT, loop_factory
 
 

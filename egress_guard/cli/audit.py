@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
+from egress_guard.cli.exits import EXIT_ERROR, EXIT_FAIL, EXIT_OK
 from egress_guard.policy import PolicyError, load_catalog, load_policy
+from egress_guard.policy.writer import write_atomically
 from egress_guard.sinks.audit.learn import Source, learn
 from egress_guard.sinks.audit.read import ReadStats, iter_records, order_files
 from egress_guard.sinks.audit.summary import render_summary, summarize
 from egress_guard.sinks.audit.verify import verify
-
-EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 
 # -- commands ------------------------------------------------------------------------------
 
@@ -110,10 +109,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.output:
-        tmp = f"{args.output}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(learned.text)
-        os.replace(tmp, args.output)
+        write_atomically(args.output, learned.text)
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(learned.text)

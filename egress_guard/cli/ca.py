@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from egress_guard.cli.exits import EXIT_OK
 from egress_guard.cli.run import DEFAULT_CONFDIR
 
 CA_BASENAME = "mitmproxy"
@@ -37,7 +38,7 @@ def cmd_ca_export(args: argparse.Namespace) -> int:
         print(
             f"wrote {args.output}; trust it with NODE_EXTRA_CA_CERTS={args.output}", file=sys.stderr
         )
-    return 0
+    return EXIT_OK
 
 
 def add_ca_parser(sub: Any) -> None:

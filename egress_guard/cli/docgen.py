@@ -5,10 +5,9 @@
 The reference is a walk over the pydantic models of the policy language
 (``egress_guard.policy.model``), starting at ``PolicyFile``: every key, its type, its
 default and its description, section by section, followed by the shipped presets and the
-catalog (``policies/``). Descriptions come from, in order: ``Field(description=...)``,
-the ``#:`` comment above the field in the model's source, and the operator notes kept
-here in ``FIELD_NOTES``. A note for a key the models no longer have is an error, so the
-notes cannot silently outlive the language.
+catalog (``policies/``). A key's description is its ``Field(description=...)`` in the
+model, so a new policy key is described where it is declared; a key without one is an
+error, so the reference cannot silently fall behind the language.
 
 The output is deterministic (no dates, no paths of this machine): a test compares the
 committed file with a fresh run, so a change to the models, presets or catalog that is not
@@ -17,11 +16,9 @@ followed by regenerating the reference fails the test suite.
 
 from __future__ import annotations
 
-import ast
 import inspect
 import json
 import sys
-import textwrap
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -32,10 +29,11 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from egress_guard.cli.exits import EXIT_ERROR, EXIT_OK
 from egress_guard.policy import load_catalog, load_preset, policies_dir, preset_names
 from egress_guard.policy import model as m
 
-__all__ = ["FIELD_NOTES", "main", "render"]
+__all__ = ["main", "render"]
 
 #: Value types with a name of their own in the reference, and the anchor that explains them.
 _ALIASES: tuple[tuple[object, str, str], ...] = (
@@ -47,102 +45,6 @@ _ALIASES: tuple[tuple[object, str, str], ...] = (
     (m.DestName, "name", "names"),
     (m.DestinationItem, "catalog reference or destination", ""),
 )
-
-#: Operator-facing descriptions for keys the model source does not describe itself.
-#: Keys are (model class name, field name); a key that is not a field is an error.
-FIELD_NOTES: dict[tuple[str, str], str] = {
-    ("PolicyFile", "version"): "The policy language version. Always `1`.",
-    ("PolicyFile", "mode"): (
-        "`enforce` blocks what the policy does not allow. `audit` lets it through and "
-        "records `would_block` in the audit log and metrics; blocks about who may use the "
-        "proxy (`client_not_allowed`, `proxy_auth_required`), unusable input "
-        "(`invalid_host`), self-connections, DNS failures and internal errors stay blocks "
-        "in audit mode. `egress-guard run --mode` overrides it."
-    ),
-    ("PolicyFile", "include"): (
-        "Presets shipped in `policies/` (see [Presets](#presets)). Their destinations and "
-        "deny rules come before this file's own; `mode`, `network` and `clients` are "
-        "taken from this file only."
-    ),
-    ("PolicyFile", "destinations"): (
-        "What may be reached. Each item is either `use: <catalog entry>` or a destination "
-        "written in full."
-    ),
-    ("PolicyFile", "deny"): (
-        "Hosts that are never reached, whatever a destination allows. Checked first."
-    ),
-    ("PolicyFile", "network"): "Address-level rules: private ranges and static name resolution.",
-    ("PolicyFile", "clients"): "Who may use the proxy.",
-    ("UseRef", "use"): (
-        "The name of a [catalog entry](#catalog), taken as it is (hosts, ports, request "
-        "rules). Entries without fixed hosts, or that are not TCP, cannot be `use`d; the "
-        "loader says why."
-    ),
-    ("Destination", "name"): (
-        "Label for the audit log (`destination`) and metrics (`destination` label). "
-        "Unique in the effective policy, presets included."
-    ),
-    ("Destination", "purpose"): "Free text for humans; shown by `egress-guard check`.",
-    ("Destination", "hosts"): (
-        "Host patterns this destination covers (at least one, no duplicates)."
-    ),
-    ("Destination", "ports"): "TCP ports allowed for these hosts (no duplicates).",
-    ("InspectRules", "methods"): (
-        "Inspect mode only: HTTP methods allowed (`method_not_allowed` otherwise). "
-        "`null` allows every method."
-    ),
-    ("InspectRules", "paths"): (
-        "Inspect mode only: request paths allowed, as shell-style globs matched against the "
-        "path without its query, percent-decoded (`*` also matches `/`). Paths that servers "
-        "read differently (empty or dot segments, `;`, `\\\\`, encoded `/ \\\\ % ? # ;`) are "
-        "refused as `path_not_allowed` on destinations with `paths` or `models`. `null` "
-        "allows every path."
-    ),
-    ("InspectRules", "models"): (
-        "Inspect mode only: model names a request body may ask for (the JSON `model` field, "
-        "`model_not_allowed` otherwise). `null` allows every model."
-    ),
-    ("DenyRule", "hosts"): "Host patterns to deny (at least one).",
-    ("DenyRule", "ports"): "Leave it out (or write `null`) to deny every port.",
-    ("DenyRule", "comment"): "Free text for humans (why this is denied).",
-    ("Network", "block_private"): (
-        "Refuse destinations whose addresses are not public: loopback, RFC 1918, "
-        "link-local, CGNAT, ULA, multicast, reserved ranges, cloud metadata endpoints, and "
-        "IPv6 forms that embed such an IPv4 address (mapped, NAT64, 6to4, Teredo). Checked "
-        "on every address a name resolves to (`private_address`)."
-    ),
-    ("Network", "allow_cidrs"): (
-        "Private ranges that may be reached anyway, e.g. an internal LLM gateway. A "
-        "destination whose `hosts` lists an IP or CIDR allows that range for itself only."
-    ),
-    ("Network", "resolve"): (
-        "Each value is one IP address or a list of them; keys are host names (not "
-        "addresses). A name listed here is never looked up in DNS."
-    ),
-    ("Clients", "allow_cidrs"): (
-        "Source addresses allowed to use the proxy (`client_not_allowed` otherwise, in "
-        "every mode). The default admits the local machine only; a proxy listening on a "
-        "network address needs the clients' ranges here."
-    ),
-    ("Clients", "auth"): (
-        "Optional proxy authentication (`Proxy-Authorization: Basic`); clients without "
-        "valid credentials get `407` (`proxy_auth_required`)."
-    ),
-    ("Auth", "users_file"): "Relative paths are relative to the policy file.",
-    ("Catalog", "version"): "The catalog format version. Always `1`.",
-    ("Catalog", "entries"): "One entry per destination, in the order of the table above.",
-    ("CatalogEntry", "name"): "The name a policy gives to `use:`.",
-    ("CatalogEntry", "purpose"): "What OpenCode uses this traffic for.",
-    ("CatalogEntry", "required"): (
-        "`yes`, `no`, `conditional` (depends on configuration) or `licensed` (needed for "
-        "licensed features), as in OpenCode's network documentation."
-    ),
-    ("CatalogEntry", "hosts"): "Hosts; empty when they depend on the user's configuration.",
-    ("CatalogEntry", "ports"): "TCP (or UDP) ports.",
-    ("CatalogEntry", "transport"): "`udp` entries document traffic no HTTP proxy can carry.",
-    ("CatalogEntry", "seed_row"): "The row of OpenCode's network table this entry comes from.",
-    ("CatalogEntry", "notes"): "Free text.",
-}
 
 #: Extra prose for a section, by model class name (shown after the class docstring).
 SECTION_NOTES: dict[str, str] = {
@@ -262,46 +164,6 @@ def _container_suffix(tp: object) -> str:
 # -- descriptions ------------------------------------------------------------------------
 
 
-def _comment_docs(cls: type) -> dict[str, str]:
-    """``#:`` comments written above fields in the class body (Sphinx attribute docs)."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    lines = source.splitlines()
-    tree = ast.parse(source)
-    out: dict[str, str] = {}
-    body = tree.body[0]
-    assert isinstance(body, ast.ClassDef)
-    for node in body.body:
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-            continue
-        comment: list[str] = []
-        i = node.lineno - 2
-        while i >= 0 and lines[i].strip().startswith("#:"):
-            comment.insert(0, lines[i].strip()[2:].strip())
-            i -= 1
-        if comment:
-            out[node.target.id] = " ".join(comment)
-    return out
-
-
-def _defining_class(model: type[BaseModel], field: str) -> type[BaseModel]:
-    for cls in model.__mro__:
-        if isinstance(cls, type) and field in getattr(cls, "__annotations__", {}):
-            return typing.cast(type[BaseModel], cls)
-    return model
-
-
-def _check_notes() -> None:
-    known: set[tuple[str, str]] = set()
-    for cls in _all_models():
-        known.update((cls.__name__, f) for f in getattr(cls, "__annotations__", {}))
-    stale = sorted(set(FIELD_NOTES) - known)
-    if stale:
-        raise RuntimeError(f"docgen: FIELD_NOTES name keys the models do not have: {stale}")
-
-
 def _all_models() -> list[type[BaseModel]]:
     return [
         v
@@ -310,24 +172,18 @@ def _all_models() -> list[type[BaseModel]]:
     ]
 
 
-def _description(model: type[BaseModel], field: str, info: FieldInfo) -> str:
-    owner = _defining_class(model, field)
-    parts: list[str] = []
-    if info.description:
-        parts.append(info.description)
-    comment = _comment_docs(owner).get(field)
-    if comment:
-        parts.append(_sentence(comment))
-    note = FIELD_NOTES.get((owner.__name__, field))
-    if note:
-        parts.append(note)
-    return " ".join(parts)
-
-
-def _sentence(text: str) -> str:
-    text = _md(text.strip())
-    text = text[:1].upper() + text[1:]
-    return text if text.endswith((".", "!", "?", ")")) else text + "."
+def _check_descriptions() -> None:
+    """Every key of the language is described where it is declared: a key added without
+    ``Field(description=...)`` fails here (and so the docs test), not silently in the
+    reference as an empty cell."""
+    bare = sorted(
+        f"{cls.__name__}.{name}"
+        for cls in _all_models()
+        for name, info in cls.model_fields.items()
+        if not info.description
+    )
+    if bare:
+        raise RuntimeError(f"docgen: policy keys without Field(description=...): {bare}")
 
 
 # -- defaults ----------------------------------------------------------------------------
@@ -402,7 +258,7 @@ def _model_table(model: type[BaseModel], out: list[str]) -> None:
         extra = _constraints(list(info.metadata))
         if extra:
             ftype += f" ({', '.join(extra)})"
-        desc = _description(model, name, info)
+        desc = info.description or ""
         out.append(
             f"| `{name}` | {_cell(ftype)} | {_cell(_default(info))} | {_cell(desc) or ' '} |"
         )
@@ -543,7 +399,7 @@ def _catalog_md(out: list[str]) -> None:
 
 def render() -> str:
     """The whole reference, as Markdown text."""
-    _check_notes()
+    _check_descriptions()
     out: list[str] = [
         "# Policy reference",
         "",
@@ -590,9 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "usage: python -m egress_guard.cli.docgen > docs/policy-reference.md", file=sys.stderr
         )
-        return 2
+        return EXIT_ERROR
     sys.stdout.write(render())
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from egress_guard.cli.exits import EXIT_ERROR, EXIT_FAIL
 from egress_guard.engine.models import DEFAULT_MAX_MODEL_BODY
 from egress_guard.normalize import NormalizationError, parse_authority
 from egress_guard.proxy.bodybudget import (
@@ -310,7 +311,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     except UpstreamCAError as e:
         print(f"egress-guard: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     sinks = make_sinks(args)
     audit = [s for s in sinks if isinstance(s, AuditLog)]
     if any(not s.healthy for s in audit):
@@ -319,7 +320,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"egress-guard: cannot write the audit log: {error}", file=sys.stderr)
         for s in audit:
             s.shutdown(timeout=1)
-        return 2
+        return EXIT_ERROR
     # Imported here: mitmproxy takes about a second to import, and only `run` needs it.
     from egress_guard.proxy.master import serve
 
@@ -333,5 +334,5 @@ def cmd_run(args: argparse.Namespace) -> int:
         complete = all([s.shutdown(AUDIT_SHUTDOWN_TIMEOUT) for s in audit])
     if not complete and rc == 0:
         print("egress-guard: audit records were lost at shutdown (see above)", file=sys.stderr)
-        return 1
+        return EXIT_FAIL
     return rc

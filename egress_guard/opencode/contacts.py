@@ -60,6 +60,11 @@ _SCHEME_AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)$", r
 # -- URLs ---------------------------------------------------------------------------------
 
 
+def hostport(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """Where a URL setting sends OpenCode: canonical host, port, and the path prefix."""
@@ -89,8 +94,7 @@ class Endpoint:
         )
 
     def authority(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return hostport(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,10 +30,9 @@ from egress_guard.opencode import contacts as oc
 from egress_guard.opencode import jsonc
 from egress_guard.opencode.config import OpenCodeConfig
 from egress_guard.opencode.jsonc import JsoncDoc
-from egress_guard.opencode.policygen import sanitize_name
 from egress_guard.policy import CatalogEntry, EffectivePolicy
 from egress_guard.policy.patterns import is_public_suffix
-from egress_guard.policy.writer import comment_safe
+from egress_guard.policy.writer import comment_safe, destination_name
 
 Severity = Literal["error", "warning", "info"]
 SEVERITY_ORDER: Mapping[str, int] = {"error": 0, "warning": 1, "info": 2}
@@ -506,13 +505,13 @@ class _Doctor:
             fix = f"add `- use: {entry.name}` to the policy"
         else:
             fix = (
-                f"add a destination to the policy: {{name: {sanitize_name(name, 'provider')}, hosts: [{host}], "
+                f"add a destination to the policy: {{name: {destination_name(name, 'provider')}, hosts: [{host}], "
                 f"ports: [{port}]}} (`egress-guard policy from-opencode` writes it)"
             )
         self.add(
             "error",
             "provider",
-            f"provider {p.id} ({', '.join(p.refs)}) calls {_hostport(host, port)}, which "
+            f"provider {p.id} ({', '.join(p.refs)}) calls {oc.hostport(host, port)}, which "
             f"{self.inp.policy_label} does not allow ({decision.reason})",
             fix,
             source,
@@ -527,7 +526,7 @@ class _Doctor:
                 self.add(
                     "warning",
                     "mcp",
-                    f"remote MCP server {server.name} at {_hostport(ep.host, ep.port)} is not "
+                    f"remote MCP server {server.name} at {oc.hostport(ep.host, ep.port)} is not "
                     f"allowed by {self.inp.policy_label}: its tools will fail",
                     f"add a destination for {ep.host} port {ep.port}, or set "
                     f'"mcp": {{"{server.name}": {{"enabled": false}}}}',
@@ -716,10 +715,6 @@ class _Doctor:
         self.webfetch()
         self.models_fetch()
         return sorted(self.out, key=lambda f: SEVERITY_ORDER[f.severity])
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def diagnose(inp: DoctorInput) -> list[Finding]:

@@ -25,7 +25,6 @@ opencode.json cannot write policy lines.
 
 from __future__ import annotations
 
-import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,10 +34,14 @@ from egress_guard.opencode.config import OpenCodeConfig
 from egress_guard.opencode.contacts import Endpoint, UrlSetting
 from egress_guard.policy import CatalogEntry, load_preset
 from egress_guard.policy.model import DenyRule
-from egress_guard.policy.writer import comment_safe, deny_lines, destination_lines
+from egress_guard.policy.writer import (
+    comment_safe,
+    deny_lines,
+    destination_lines,
+    destination_name,
+)
 
 LOOPBACK_NAME_HOSTS = ("localhost", "127.0.0.1", "::1")
-_NAME_BAD = re.compile(r"[^a-z0-9_-]+")
 
 
 @dataclass
@@ -60,13 +63,6 @@ class Generated:
     text: str
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-def sanitize_name(raw: str, fallback: str = "destination") -> str:
-    """A destination name ([a-z0-9][a-z0-9_-]{0,62}) derived from an id or host."""
-    name = _NAME_BAD.sub("-", raw.lower()).lstrip("-_")
-    name = re.sub(r"-{2,}", "-", name)[:63].rstrip("-_")
-    return name or fallback
 
 
 class _Builder:
@@ -231,7 +227,7 @@ class _Builder:
                     self.use(entry.name, head)
                     continue
                 self.url_dest(
-                    sanitize_name(p.id, "provider"), purpose + " (custom baseURL)", p.url, head
+                    destination_name(p.id, "provider"), purpose + " (custom baseURL)", p.url, head
                 )
                 continue
             entry = self.usable(p.catalog)
@@ -243,7 +239,7 @@ class _Builder:
                 "its API host is not in the policy (a commented template is)"
             )
             self.template(
-                sanitize_name(p.id, "provider"),
+                destination_name(p.id, "provider"),
                 purpose,
                 "api.provider.example",
                 443,
@@ -339,7 +335,7 @@ class _Builder:
 
     def mcp(self) -> None:
         for server in oc.mcp_servers(self.cfg):
-            want = sanitize_name(f"mcp-{server.name}")
+            want = destination_name(f"mcp-{server.name}")
             if server.kind == "remote":
                 if server.url is None:
                     self.warnings.append(
@@ -377,11 +373,11 @@ class _Builder:
             head = [f"{what}: {', '.join(f'{u.key} ({u.where})' for u in urls)}"]
             ep = first.endpoint
             if ep is None:
-                self.url_dest(sanitize_name(kind), f"OpenCode {what}", first, head)
+                self.url_dest(destination_name(kind), f"OpenCode {what}", first, head)
                 continue
             ports = tuple(sorted({u.endpoint.port for u in urls if u.endpoint}))
             self.dest(
-                sanitize_name(f"{kind}-{host}"),
+                destination_name(f"{kind}-{host}"),
                 f"OpenCode {what} fetched at start-up",
                 LOOPBACK_NAME_HOSTS if ep.host == "localhost" else (ep.host,),
                 ports,

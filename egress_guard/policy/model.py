@@ -88,18 +88,45 @@ class _Strict(BaseModel):
 class InspectRules(_Strict):
     """Request-level rules; they need TLS interception (``run --inspect``)."""
 
-    methods: list[Method] | None = None
-    paths: list[PathGlob] | None = None
-    models: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = None
+    methods: list[Method] | None = Field(
+        default=None,
+        description="Inspect mode only: HTTP methods allowed (`method_not_allowed` otherwise). "
+        "`null` allows every method.",
+    )
+    paths: list[PathGlob] | None = Field(
+        default=None,
+        description="Inspect mode only: request paths allowed, as shell-style globs matched "
+        "against the path without its query, percent-decoded (`*` also matches `/`). Paths "
+        "that servers read differently (empty or dot segments, `;`, `\\\\`, encoded "
+        "`/ \\\\ % ? # ;`) are refused as `path_not_allowed` on destinations with `paths` "
+        "or `models`. `null` allows every path.",
+    )
+    models: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None,
+        description="Inspect mode only: model names a request body may ask for (the JSON "
+        "`model` field, `model_not_allowed` otherwise). `null` allows every model.",
+    )
 
 
 class Destination(InspectRules):
     """One allowed destination: a label for audit and metrics, and what it covers."""
 
-    name: DestName
-    purpose: str = ""
-    hosts: list[HostPatternStr] = Field(min_length=1)
-    ports: list[Port] = Field(default_factory=lambda: [443], min_length=1)
+    name: DestName = Field(
+        description="Label for the audit log (`destination`) and metrics (`destination` "
+        "label). Unique in the effective policy, presets included."
+    )
+    purpose: str = Field(
+        default="", description="Free text for humans; shown by `egress-guard check`."
+    )
+    hosts: list[HostPatternStr] = Field(
+        min_length=1,
+        description="Host patterns this destination covers (at least one, no duplicates).",
+    )
+    ports: list[Port] = Field(
+        default_factory=lambda: [443],
+        min_length=1,
+        description="TCP ports allowed for these hosts (no duplicates).",
+    )
 
     @field_validator("hosts", "ports")
     @classmethod
@@ -133,7 +160,11 @@ class Destination(InspectRules):
 class UseRef(_Strict):
     """``- use: <catalog entry>``: take a catalog entry as it is."""
 
-    use: DestName
+    use: DestName = Field(
+        description="The name of a [catalog entry](#catalog), taken as it is (hosts, ports, "
+        "request rules). Entries without fixed hosts, or that are not TCP, cannot be `use`d; "
+        "the loader says why."
+    )
 
 
 def _entry_kind(value: object) -> str:
@@ -152,56 +183,124 @@ DestinationItem = Annotated[
 
 
 class DenyRule(_Strict):
-    hosts: list[DenyPatternStr] = Field(min_length=1)
-    #: None: every port. Deny rules win over every allow.
-    ports: list[Port] | None = None
-    comment: str = ""
+    hosts: list[DenyPatternStr] = Field(
+        min_length=1, description="Host patterns to deny (at least one)."
+    )
+    ports: list[Port] | None = Field(
+        default=None,
+        description="None: every port. Deny rules win over every allow. Leave it out (or "
+        "write `null`) to deny every port.",
+    )
+    comment: str = Field(default="", description="Free text for humans (why this is denied).")
 
 
 class Network(_Strict):
-    block_private: bool = True
-    allow_cidrs: list[Cidr] = Field(default_factory=list)
-    #: static host -> address(es), for air-gapped sites without DNS; checked like DNS answers
-    resolve: dict[str, str | list[str]] = Field(default_factory=dict)
+    block_private: bool = Field(
+        default=True,
+        description="Refuse destinations whose addresses are not public: loopback, RFC 1918, "
+        "link-local, CGNAT, ULA, multicast, reserved ranges, cloud metadata endpoints, and "
+        "IPv6 forms that embed such an IPv4 address (mapped, NAT64, 6to4, Teredo). Checked "
+        "on every address a name resolves to (`private_address`).",
+    )
+    allow_cidrs: list[Cidr] = Field(
+        default_factory=list,
+        description="Private ranges that may be reached anyway, e.g. an internal LLM gateway. "
+        "A destination whose `hosts` lists an IP or CIDR allows that range for itself only.",
+    )
+    resolve: dict[str, str | list[str]] = Field(
+        default_factory=dict,
+        description="Static host -> address(es), for air-gapped sites without DNS; checked "
+        "like DNS answers. Each value is one IP address or a list of them; keys are host "
+        "names (not addresses). A name listed here is never looked up in DNS.",
+    )
 
 
 class Auth(_Strict):
-    #: htpasswd-style file, one ``user:password`` or ``user:sha256:<hex>`` per line
-    users_file: str
+    users_file: str = Field(
+        description="Htpasswd-style file, one `user:password` or `user:sha256:<hex>` per "
+        "line. Relative paths are relative to the policy file."
+    )
 
 
 class Clients(_Strict):
-    allow_cidrs: list[Cidr] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
-    auth: Auth | None = None
+    allow_cidrs: list[Cidr] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description="Source addresses allowed to use the proxy (`client_not_allowed` "
+        "otherwise, in every mode). The default admits the local machine only; a proxy "
+        "listening on a network address needs the clients' ranges here.",
+    )
+    auth: Auth | None = Field(
+        default=None,
+        description="Optional proxy authentication (`Proxy-Authorization: Basic`); clients "
+        "without valid credentials get `407` (`proxy_auth_required`).",
+    )
 
 
 class PolicyFile(_Strict):
     """A policy file as written. ``include`` and ``use`` are resolved by the loader."""
 
-    version: Literal[1]
-    mode: Literal["enforce", "audit"] = "enforce"
-    include: list[DestName] = Field(default_factory=list)
-    destinations: list[DestinationItem] = Field(default_factory=list)
-    deny: list[DenyRule] = Field(default_factory=list)
-    network: Network = Field(default_factory=Network)
-    clients: Clients = Field(default_factory=Clients)
+    version: Literal[1] = Field(description="The policy language version. Always `1`.")
+    mode: Literal["enforce", "audit"] = Field(
+        default="enforce",
+        description="`enforce` blocks what the policy does not allow. `audit` lets it through "
+        "and records `would_block` in the audit log and metrics; blocks about who may use the "
+        "proxy (`client_not_allowed`, `proxy_auth_required`), unusable input "
+        "(`invalid_host`), self-connections, DNS failures and internal errors stay blocks "
+        "in audit mode. `egress-guard run --mode` overrides it.",
+    )
+    include: list[DestName] = Field(
+        default_factory=list,
+        description="Presets shipped in `policies/` (see [Presets](#presets)). Their "
+        "destinations and deny rules come before this file's own; `mode`, `network` and "
+        "`clients` are taken from this file only.",
+    )
+    destinations: list[DestinationItem] = Field(
+        default_factory=list,
+        description="What may be reached. Each item is either `use: <catalog entry>` or a "
+        "destination written in full.",
+    )
+    deny: list[DenyRule] = Field(
+        default_factory=list,
+        description="Hosts that are never reached, whatever a destination allows. Checked first.",
+    )
+    network: Network = Field(
+        default_factory=Network,
+        description="Address-level rules: private ranges and static name resolution.",
+    )
+    clients: Clients = Field(default_factory=Clients, description="Who may use the proxy.")
 
 
 class CatalogEntry(InspectRules):
     """A row of OpenCode's destination table, as data."""
 
-    name: DestName
-    purpose: str
-    required: Literal["yes", "no", "conditional", "licensed"]
-    hosts: list[HostPatternStr] = Field(default_factory=list)
-    ports: list[Port] = Field(default_factory=lambda: [443], min_length=1)
-    transport: Literal["tcp", "udp"] = "tcp"
-    #: the opencode.json key or environment variable that turns this traffic off
-    disabled_by: list[str] = Field(default_factory=list)
-    #: where the row comes from: the network doc's table, or observed traffic
-    source: list[Literal["docs", "observed"]] = Field(min_length=1)
-    seed_row: str | None = None
-    notes: str = ""
+    name: DestName = Field(description="The name a policy gives to `use:`.")
+    purpose: str = Field(description="What OpenCode uses this traffic for.")
+    required: Literal["yes", "no", "conditional", "licensed"] = Field(
+        description="`yes`, `no`, `conditional` (depends on configuration) or `licensed` "
+        "(needed for licensed features), as in OpenCode's network documentation."
+    )
+    hosts: list[HostPatternStr] = Field(
+        default_factory=list,
+        description="Hosts; empty when they depend on the user's configuration.",
+    )
+    ports: list[Port] = Field(
+        default_factory=lambda: [443], min_length=1, description="TCP (or UDP) ports."
+    )
+    transport: Literal["tcp", "udp"] = Field(
+        "tcp", description="`udp` entries document traffic no HTTP proxy can carry."
+    )
+    disabled_by: list[str] = Field(
+        default_factory=list,
+        description="The opencode.json key or environment variable that turns this traffic off.",
+    )
+    source: list[Literal["docs", "observed"]] = Field(
+        min_length=1,
+        description="Where the row comes from: the network doc's table, or observed traffic.",
+    )
+    seed_row: str | None = Field(
+        None, description="The row of OpenCode's network table this entry comes from."
+    )
+    notes: str = Field(default="", description="Free text.")
 
     @property
     def usable(self) -> str | None:
@@ -231,5 +330,7 @@ class CatalogEntry(InspectRules):
 
 
 class Catalog(_Strict):
-    version: Literal[1]
-    entries: list[CatalogEntry]
+    version: Literal[1] = Field(description="The catalog format version. Always `1`.")
+    entries: list[CatalogEntry] = Field(
+        description="One entry per destination, in the order of the table above."
+    )

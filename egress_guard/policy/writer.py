@@ -10,6 +10,7 @@ of its own and write policy.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,24 @@ from egress_guard.policy.model import Clients, DenyRule, Network
 _PLAIN_SCALAR = re.compile(r"^[a-z][a-z0-9_.-]*$")
 #: plain scalars YAML 1.1 reads as booleans or null
 _YAML_WORDS = frozenset({"y", "n", "yes", "no", "on", "off", "true", "false", "null"})
+_NAME_BAD = re.compile(r"[^a-z0-9_-]+")
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through ``path.tmp`` and a rename, so a proxy reloading
+    the policy reads the old file or the new one, never half of one. Raises ``OSError``."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def destination_name(raw: str, fallback: str = "destination") -> str:
+    """A destination name ([a-z0-9][a-z0-9_-]{0,62}, the model's ``NAME_RE``) derived from
+    an id or a host: what a generated policy may call a destination."""
+    name = _NAME_BAD.sub("-", raw.lower()).lstrip("-_")
+    name = re.sub(r"-{2,}", "-", name)[:63].rstrip("-_")
+    return name or fallback
 
 
 def comment_safe(text: str) -> str:

@@ -25,7 +25,7 @@ from deploy.manifests import (
 )
 from support.proxy import EGRESS_GUARD
 
-from egress_guard.cli.app import build_parser
+from egress_guard.cli.parser import build_parser
 from egress_guard.policy import load_policy
 
 OFFLINE_ENV = env_file(DOCKER / "offline.env")

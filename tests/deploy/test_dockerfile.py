@@ -23,7 +23,7 @@ from deploy.manifests import (
 )
 from deploy.running import RunningGuard
 
-from egress_guard.cli.app import build_parser
+from egress_guard.cli.parser import build_parser
 from egress_guard.policy import load_policy
 
 

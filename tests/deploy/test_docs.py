@@ -52,9 +52,13 @@ def test_reference_covers_every_key() -> None:
             assert f"| `{name}` |" in text, f"{cls.__name__}.{name}"
 
 
-def test_stale_field_notes_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(docgen.FIELD_NOTES, ("Network", "no_such_key"), "x")
-    with pytest.raises(RuntimeError, match="no_such_key"):
+def test_undescribed_keys_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key is described where it is declared (``Field(description=...)``); one without a
+    description fails the reference instead of leaving an empty cell."""
+    from egress_guard.policy import model as m
+
+    monkeypatch.setattr(m.Network.model_fields["resolve"], "description", None)
+    with pytest.raises(RuntimeError, match=r"Network\.resolve"):
         docgen.render()
 
 

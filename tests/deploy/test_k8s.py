@@ -24,7 +24,7 @@ from deploy.manifests import (
 )
 from support.prereq import missing
 
-from egress_guard.cli.app import build_parser
+from egress_guard.cli.parser import build_parser
 from egress_guard.policy import load_policy_text
 
 NS = "egress-guard"

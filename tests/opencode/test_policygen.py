@@ -19,8 +19,9 @@ from egress_guard.engine import Engine, Match
 from egress_guard.opencode import contacts as oc
 from egress_guard.opencode.config import OpenCodeConfig, load_config
 from egress_guard.opencode.jsonc import parse_jsonc
-from egress_guard.opencode.policygen import Generated, comment_safe, generate, sanitize_name
+from egress_guard.opencode.policygen import Generated, comment_safe, generate
 from egress_guard.policy import EffectivePolicy, load_catalog, load_policy_text, load_preset
+from egress_guard.policy.writer import destination_name
 
 BIN = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "egress-guard")
 LOOP = ("localhost", "127.0.0.1", "::1")
@@ -264,7 +265,7 @@ def test_values_from_the_config_cannot_write_policy_lines() -> None:
     ],
 )
 def test_sanitize_name(raw: str, name: str) -> None:
-    assert sanitize_name(raw) == name
+    assert destination_name(raw) == name
 
 
 # -- the command ------------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""``egress-guard check``: decide targets with the engine, without a proxy.
+
+It decides the target (name, port, addresses with ``--resolve``), not requests: request
+rules need ``run --inspect`` for tunnels and are not evaluated here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+from typing import Any
+
+from egress_guard.cli.exits import EXIT_FAIL, EXIT_OK
+from egress_guard.cli.shared import inspection_warning, policy_or_minimal
+from egress_guard.engine import Decision, Engine, Match
+from egress_guard.normalize import NormalizationError, normalize_host, parse_target
+from egress_guard.policy import Destination, load_catalog
+
+
+def _check_one(engine: Engine, target: str, resolve: bool) -> dict[str, object]:
+    try:
+        host, port = parse_target(target)
+    except NormalizationError as e:
+        d: Decision | Match = Decision(
+            False, "block", "invalid_host", None, target, None, None, str(e)
+        )
+    else:
+        d = engine.decide_normalized(host, port)
+    note = None
+    dest: Destination | None = None
+    if isinstance(d, Match):
+        dest = d.destination
+        addrs = engine.static_addresses(d.host)
+        if addrs is None and resolve:
+            try:
+                infos = socket.getaddrinfo(d.host.value, d.port, type=socket.SOCK_STREAM)
+                addrs = tuple(
+                    ip for ip in (normalize_host(str(i[4][0])).ip for i in infos) if ip is not None
+                )
+            except OSError as e:
+                note = f"DNS lookup failed: {e}"
+                addrs = ()
+        if addrs is None:
+            note = "addresses not checked (run with --resolve to look the name up)"
+            d = Decision(True, "allow", "allowlisted", d.destination.name, d.host.value, d.port)
+        else:
+            d = engine.decide_addresses(d, addrs)
+    d = engine.finalize(d)
+    return {
+        "target": target,
+        "host": d.host,
+        "port": d.port,
+        "decision": "allowed"
+        if d.action == "allow"
+        else ("blocked" if d.action == "block" else "would_block"),
+        "destination": d.destination,
+        "reason": d.reason,
+        "hint": d.hint,
+        "detail": d.detail or note,
+        # `check` decides the target, not requests: request rules need `run --inspect`
+        # for tunnels, and are not evaluated here
+        "needs_inspection": bool(dest is not None and dest.needs_inspection),
+        "warning": inspection_warning(dest) if dest is not None and dest.needs_inspection else None,
+    }
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    pol = policy_or_minimal(args.policy)
+    engine = Engine(pol, load_catalog())
+    results = [_check_one(engine, t, args.resolve) for t in args.targets]
+    for r in results:
+        if args.json:
+            print(json.dumps(r, sort_keys=False))
+        else:
+            where = f"{r['host']}:{r['port']}" if r["port"] else str(r["host"])
+            dest = f" ({r['destination']})" if r["destination"] else ""
+            print(f"{str(r['decision']).upper():<11} {where}{dest}  {r['reason']}")
+            for key in ("detail", "hint", "warning"):
+                if r[key] and (r["decision"] != "allowed" or key != "hint"):
+                    print(f"            {key}: {r[key]}")
+    return EXIT_FAIL if any(r["decision"] == "blocked" for r in results) else EXIT_OK
+
+
+def add_check_parser(sub: Any) -> None:
+    c = sub.add_parser("check", help="decide targets (host, host:port or URL) without a proxy")
+    c.add_argument(
+        "--policy", metavar="FILE", help="policy file (default: built-in minimal preset)"
+    )
+    c.add_argument("--json", action="store_true", help="one JSON object per target")
+    c.add_argument(
+        "--resolve", action="store_true", help="look names up in DNS and check the addresses"
+    )
+    c.add_argument("targets", nargs="+", metavar="TARGET")
+    c.set_defaults(func=cmd_check)
