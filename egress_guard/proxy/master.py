@@ -26,8 +26,9 @@ from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfi
 from mitmproxy.master import Master
 from mitmproxy.utils import asyncio_utils
 
-from egress_guard.proxy.guard import EgressGuard
+from egress_guard.proxy.guard import guard_addons
 from egress_guard.proxy.patches import splice
+from egress_guard.proxy.state import GuardState
 from egress_guard.sinks.events import Sink
 from egress_guard.sinks.logsafe import SafeFormatter, escape
 from egress_guard.sinks.metrics import Metrics, start_http_server
@@ -180,12 +181,12 @@ def _embedded_master(opts: options.Options) -> Master:
     return master
 
 
-def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, EgressGuard]:
+def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, GuardState]:
     """Must run inside an event loop (mitmproxy's Master takes the running loop)."""
     splice.install()
     opts = options.Options()
     master = _embedded_master(opts)
-    guard = EgressGuard(sinks)
+    guard, addons = guard_addons(sinks)
     for sink in sinks:
         if isinstance(sink, Metrics):
             sink.track_held_bodies(guard.bodies)
@@ -194,11 +195,12 @@ def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, E
     check.logger.setFormatter(SafeFormatter())
     # The guard comes after NextLayer: its tunnel fast path has the last word on a tunnel's
     # layer (including "not yet": it resets NextLayer's choice while it waits for data).
+    # The same addons, in the same order, as mitmdump gets from egress_guard/addon.py.
     master.addons.add(
         core.Core(),
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
-        guard,
+        *addons,
         tlsconfig.TlsConfig(),
         upstream_auth.UpstreamAuth(),
         check,

@@ -296,7 +296,7 @@ def test_half_written_policy_is_not_loaded(lab: Lab, reload_guard: ProxyProcess)
     # RELOAD_SETTLE_S): the half-written file is never loaded, the whole one is. A writer
     # that stalls for longer can be caught half-way; docs/decisions.md says to replace the
     # file atomically (rename), as editors and ConfigMaps do.
-    from egress_guard.proxy.guard import RELOAD_SETTLE_S
+    from egress_guard.proxy.reload import RELOAD_SETTLE_S
 
     with p.policy_path.open("w") as f:
         f.write(new[: new.index("deny:")])

@@ -92,7 +92,7 @@ def test_loader_refuses_non_regular_policy(tmp_path: Path, kind: str) -> None:
 def test_users_file_fifo_refused(tmp_path: Path) -> None:
     """The users_file is read on every (re)load too: a FIFO there is refused the same
     way, by the loader's check and by the read itself (a link swapped in between)."""
-    from egress_guard.proxy.guard import _read_users
+    from egress_guard.proxy.reload import read_users as _read_users
 
     os.mkfifo(tmp_path / "pipe")
     (tmp_path / "users.txt").write_text("u:p\n")
