@@ -22,6 +22,10 @@ log = logging.getLogger("egress_guard")
 class Accounting:
     """mitmproxy addon: byte counts of HTTP exchanges, and close records."""
 
+    #: unique among mitmproxy addons (its default is the lower-cased class name, which
+    #: another script's addon could take, and a clash refuses the whole guard)
+    name = "egress_guard_accounting"
+
     def __init__(self, guard: GuardState) -> None:
         self.g = guard
 

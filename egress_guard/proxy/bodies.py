@@ -40,6 +40,10 @@ log = logging.getLogger("egress_guard")
 class Bodies:
     """mitmproxy addon: the deferred model check of held bodies, and their budget."""
 
+    #: unique among mitmproxy addons (its default is the lower-cased class name, which
+    #: another script's addon could take, and a clash refuses the whole guard)
+    name = "egress_guard_bodies"
+
     def __init__(self, guard: GuardState) -> None:
         self.g = guard
 

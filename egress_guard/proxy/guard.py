@@ -59,6 +59,10 @@ class GuardSettings:
     requires, and the mitmproxy patches it installs. First in the guard's addons: its
     ``configure`` runs before the policy is loaded, as it did in the one-class guard."""
 
+    #: unique among mitmproxy addons (its default is the lower-cased class name, which
+    #: another script's addon could take, and a clash refuses the whole guard)
+    name = "egress_guard_settings"
+
     def __init__(self, guard: GuardState, requests: Requests) -> None:
         self.g = guard
         self._requests = requests

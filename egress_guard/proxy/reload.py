@@ -41,6 +41,10 @@ RELOAD_SETTLE_S = 0.5
 class PolicyReload:
     """mitmproxy addon: the policy in force (start-up, SIGHUP, file watch)."""
 
+    #: unique among mitmproxy addons (its default is the lower-cased class name, which
+    #: another script's addon could take, and a clash refuses the whole guard)
+    name = "egress_guard_policy_reload"
+
     def __init__(self, guard: GuardState) -> None:
         self.g = guard
         self._watch_task: asyncio.Task[None] | None = None

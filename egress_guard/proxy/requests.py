@@ -47,6 +47,10 @@ from egress_guard.proxy.upstream import retire
 class Requests:
     """mitmproxy addon: decides CONNECTs and HTTP requests from their heads."""
 
+    #: unique among mitmproxy addons (its default is the lower-cased class name, which
+    #: another script's addon could take, and a clash refuses the whole guard)
+    name = "egress_guard_requests"
+
     def __init__(self, guard: GuardState) -> None:
         self.g = guard
 

@@ -39,6 +39,10 @@ log = logging.getLogger("egress_guard")
 class TunnelStart:
     """mitmproxy addon: judges an allowed tunnel's first bytes and picks its layer."""
 
+    #: unique among mitmproxy addons (its default is the lower-cased class name, which
+    #: another script's addon could take, and a clash refuses the whole guard)
+    name = "egress_guard_tunnel_start"
+
     def __init__(self, guard: GuardState) -> None:
         self.g = guard
 

@@ -25,6 +25,10 @@ log = logging.getLogger("egress_guard")
 class Upstream:
     """mitmproxy addon: refuses undecided upstream connections, pins checked ones."""
 
+    #: unique among mitmproxy addons (its default is the lower-cased class name, which
+    #: another script's addon could take, and a clash refuses the whole guard)
+    name = "egress_guard_upstream"
+
     def __init__(self, guard: GuardState) -> None:
         self.g = guard
 
