@@ -9,14 +9,13 @@ allowed (its CONNECT) and blocked (its SNI).
 
 from __future__ import annotations
 
-import socket
 import ssl
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.clients import connect, read_response, send_raw
+from support.clients import connect, read_response, send_raw, tls_through
 from support.policies import make_policy
 from support.ports import free_port
 from support.proxy import ProxyFactory, guard_ca
@@ -31,21 +30,6 @@ def _decisions(mport: int) -> dict[tuple[str, str], float]:
             if s.name == "egress_guard_decisions_total":
                 out[(s.labels["destination"], s.labels["decision"])] = s.value
     return out
-
-
-def _tls(sock: socket.socket, sni: str) -> bool:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    try:
-        tls = ctx.wrap_socket(sock, server_hostname=sni)
-        tls.sendall(f"GET /x HTTP/1.1\r\nHost: {sni}\r\n\r\n".encode())
-        read_response(tls)  # type: ignore[arg-type]
-        return True
-    except (OSError, ValueError, ssl.SSLError):
-        return False
-    finally:
-        sock.close()
 
 
 def test_plain_http_host_mismatch_in_audit_mode_is_recorded_would_block(
@@ -97,7 +81,7 @@ def test_sni_refusal_close_record_and_metrics_say_block_only(
     p = proxy(make_policy(tls_upstream.port), "--metrics", f"127.0.0.1:{mport}")
     sock, resp = connect(p.port, f"api.test:{tls_upstream.port}")
     assert resp.status == 200
-    assert not _tls(sock, "other.test")  # SNI names another host: refused
+    assert not tls_through(sock, "other.test", "/x")  # SNI names another host: refused
     closes = p.wait_audit(lambda r: True, event="close")
     assert [c["decision"] for c in closes] == ["block"]
     assert tls_upstream.seen.snis == []
@@ -113,7 +97,7 @@ def test_sni_mismatch_audit_mode_lets_through_is_recorded_and_counted_would_bloc
     p = proxy(make_policy(tls_upstream.port, mode="audit"), "--metrics", f"127.0.0.1:{mport}")
     sock, resp = connect(p.port, f"api.test:{tls_upstream.port}")
     assert resp.status == 200
-    assert _tls(sock, "other.test")  # audit mode: through
+    assert tls_through(sock, "other.test", "/x")  # audit mode: through
     closes = p.wait_audit(lambda r: True, event="close")
     assert [c["decision"] for c in closes] == ["would_block"]
     counts = _decisions(mport)

@@ -13,8 +13,6 @@ them (a denied name must never reach one), real clients.
 
 from __future__ import annotations
 
-import socket
-import ssl
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import h2.events
 import httpx
 import pytest
 from support.adv_wire import client_hello
-from support.clients import connect, read_response, send_raw
+from support.clients import connect, read_response, send_raw, tls_through
 from support.policies import make_policy
 from support.proxy import ProxyFactory, ProxyProcess, guard_ca
 from support.upstream import Upstream
@@ -39,22 +37,6 @@ DENIED_NAMES = [
     P("x.denied.test.", id="trailing-dot"),
     P("deep.x.denied.test", id="deeper"),
 ]
-
-
-def _tls_through(sock: socket.socket, sni: str) -> bool:
-    """A TLS handshake through the tunnel with ``sni``; True when it completed."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    try:
-        tls = ctx.wrap_socket(sock, server_hostname=sni)
-        tls.sendall(f"GET /reached HTTP/1.1\r\nHost: {sni}\r\n\r\n".encode())
-        read_response(tls)  # type: ignore[arg-type]
-        return True
-    except (OSError, ValueError, ssl.SSLError):
-        return False
-    finally:
-        sock.close()
 
 
 def _deny_records(p: ProxyProcess, count: int = 1) -> list[dict[str, object]]:
@@ -75,7 +57,7 @@ def test_sni_naming_a_denied_host_is_refused_in_audit_mode(
 ) -> None:
     sock, resp = connect(audit_guard.port, f"{target}:{tls_upstream.port}")
     assert resp.status == 200  # audit mode lets the unlisted target through ...
-    assert not _tls_through(sock, sni)  # ... but not to a denied name
+    assert not tls_through(sock, sni)  # ... but not to a denied name
     recs = _deny_records(audit_guard)
     assert (
         recs
@@ -91,7 +73,7 @@ def test_sni_denied_in_enforce_mode_is_denylisted_not_only_a_mismatch(
     p = proxy(make_policy(tls_upstream.port))
     sock, resp = connect(p.port, f"api.test:{tls_upstream.port}")
     assert resp.status == 200
-    assert not _tls_through(sock, "x.denied.test")
+    assert not tls_through(sock, "x.denied.test")
     assert _deny_records(p)
     assert tls_upstream.seen.snis == []
 

@@ -150,3 +150,20 @@ def openssl_s_client(
         "-ign_eof",
     ]
     return subprocess.run(cmd, input=send, capture_output=True, timeout=20)
+
+
+def tls_through(sock: socket.socket, sni: str, path: str = "/reached") -> bool:
+    """A TLS handshake through an open tunnel with ``sni`` (any certificate accepted), then
+    one GET; True when both completed, False when the guard (or anyone) cut it off."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        tls = ctx.wrap_socket(sock, server_hostname=sni)
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {sni}\r\n\r\n".encode())
+        read_response(tls)  # type: ignore[arg-type]
+        return True
+    except (OSError, ValueError, ssl.SSLError):
+        return False
+    finally:
+        sock.close()
