@@ -119,6 +119,20 @@ def canonical_ip(ip: IPAddress) -> IPAddress:
     return ip
 
 
+def socket_ip(text: str) -> IPAddress:
+    """The address a socket API reports (a listener, a getaddrinfo answer, a peer), as the
+    engine compares addresses: without its ``%zone`` and IPv4-mapped IPv6 as IPv4.
+    Raises ValueError for text that is no address."""
+    return canonical_ip(ipaddress.ip_address(text.partition("%")[0]))
+
+
+def join_hostport(host: str, port: object | None) -> str:
+    """``host:port`` as a URL writes it: an IPv6 address in brackets; the host alone
+    when ``port`` is None."""
+    h = f"[{host}]" if ":" in host else host
+    return h if port is None else f"{h}:{port}"
+
+
 def _ip_host(ip: IPAddress) -> Host:
     ip = canonical_ip(ip)
     if isinstance(ip, ipaddress.IPv4Address):

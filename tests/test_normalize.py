@@ -17,10 +17,12 @@ from egress_guard.normalize import (
     Host,
     NormalizationError,
     _normalize_host_full,
+    join_hostport,
     normalize_host,
     normalize_port,
     parse_authority,
     parse_target,
+    socket_ip,
 )
 
 A = pytest.param
@@ -462,3 +464,34 @@ def _assert_same_as_full_path(raw: str) -> None:
     if isinstance(got, Host):
         assert isinstance(want, Host)
         assert (got.kind, got.value, got.ip) == (want.kind, want.value, want.ip)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("::ffff:10.0.0.1", "10.0.0.1"),  # a dual-stack socket's IPv4 peer is the IPv4 address
+        ("fe80::1%eth0", "fe80::1"),  # the zone names an interface, not another address
+        ("::1", "::1"),
+    ],
+)
+def test_socket_ip_is_the_address_the_engine_compares(text: str, expected: str) -> None:
+    assert str(socket_ip(text)) == expected
+
+
+def test_socket_ip_refuses_a_name() -> None:
+    with pytest.raises(ValueError):
+        socket_ip("localhost")
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "expected"),
+    [
+        ("example.com", 443, "example.com:443"),
+        ("::1", 8080, "[::1]:8080"),
+        ("10.0.0.1", None, "10.0.0.1"),
+        ("2001:db8::1", None, "[2001:db8::1]"),
+    ],
+)
+def test_join_hostport_brackets_ipv6(host: str, port: int | None, expected: str) -> None:
+    assert join_hostport(host, port) == expected

@@ -11,7 +11,6 @@ the blocks audit mode must never lift (see NEVER_AUDITED).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -26,9 +25,11 @@ from egress_guard.normalize import (
     IPAddress,
     NormalizationError,
     canonical_ip,
+    join_hostport,
     normalize_host,
     normalize_port,
     parse_authority,
+    socket_ip,
 )
 from egress_guard.policy.loader import EffectivePolicy
 from egress_guard.policy.model import CatalogEntry, Destination
@@ -186,7 +187,7 @@ class Engine:
     def check_client(self, client_ip: str) -> Decision | None:
         """None when the client may use the proxy; a block otherwise."""
         try:
-            ip = canonical_ip(ipaddress.ip_address(client_ip.partition("%")[0]))
+            ip = socket_ip(client_ip)
         except ValueError:
             return _block(
                 "client_not_allowed", "", None, detail=f"bad client address {client_ip!r}"
@@ -332,7 +333,7 @@ class Engine:
                     host.value,
                     port,
                     dest,
-                    detail=f"{_ip_port(ip, port)} is egress-guard's own listening address",
+                    detail=f"{join_hostport(str(ip), port)} is egress-guard's own listening address",
                 )
         return None
 
@@ -673,10 +674,10 @@ class Engine:
         names = self.catalog_entries(host, port)
         if names:
             uses = ", ".join(f"'- use: {n}'" for n in names)
-            hint = f"catalog entry covers {hostport(host, port)}: add {uses} to destinations in {self.policy.source}"
+            hint = f"catalog entry covers {join_hostport(host.value, port)}: add {uses} to destinations in {self.policy.source}"
         else:
             hint = (
-                f"no catalog entry covers {hostport(host, port)}; to allow it add a destination "
+                f"no catalog entry covers {join_hostport(host.value, port)}; to allow it add a destination "
                 f"with hosts: [{host.value}] and ports: [{port}] to {self.policy.source}"
             )
         return Decision(
@@ -734,19 +735,9 @@ def _models_hint(dest: Destination) -> str:
 def _canonical_endpoint(host: str, port: int) -> tuple[str, int]:
     """A listening address as check_self compares it: canonical IP text, no zone id."""
     try:
-        return str(canonical_ip(ipaddress.ip_address(host.partition("%")[0]))), int(port)
+        return str(socket_ip(host)), int(port)
     except ValueError:
         return host, int(port)
-
-
-def _ip_port(ip: IPAddress, port: int) -> str:
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-
-
-def hostport(host: Host, port: int | None) -> str:
-    """``host:port`` with brackets around IPv6, as it would be written in a URL."""
-    h = f"[{host.value}]" if host.kind == "ipv6" else host.value
-    return h if port is None else f"{h}:{port}"
 
 
 def printable(raw: object) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
-from egress_guard.normalize import NormalizationError, normalize_host
+from egress_guard.normalize import NormalizationError, join_hostport, normalize_host
 from egress_guard.opencode.config import OpenCodeConfig, dotted
 from egress_guard.opencode.jsonc import Path, Placeholder, has_substitution
 
@@ -60,11 +60,6 @@ _SCHEME_AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)$", r
 # -- URLs ---------------------------------------------------------------------------------
 
 
-def hostport(host: str, port: int) -> str:
-    """``host:port`` as a URL writes it: an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """Where a URL setting sends OpenCode: canonical host, port, and the path prefix."""
@@ -94,7 +89,7 @@ class Endpoint:
         )
 
     def authority(self) -> str:
-        return hostport(self.host, self.port)
+        return join_hostport(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from publicsuffixlist import PublicSuffixList
 
 from egress_guard.engine import Engine, Match
-from egress_guard.normalize import NormalizationError, normalize_host
+from egress_guard.normalize import NormalizationError, join_hostport, normalize_host
 from egress_guard.opencode import contacts as oc
 from egress_guard.opencode import jsonc
 from egress_guard.opencode.config import OpenCodeConfig
@@ -511,7 +511,7 @@ class _Doctor:
         self.add(
             "error",
             "provider",
-            f"provider {p.id} ({', '.join(p.refs)}) calls {oc.hostport(host, port)}, which "
+            f"provider {p.id} ({', '.join(p.refs)}) calls {join_hostport(host, port)}, which "
             f"{self.inp.policy_label} does not allow ({decision.reason})",
             fix,
             source,
@@ -526,7 +526,7 @@ class _Doctor:
                 self.add(
                     "warning",
                     "mcp",
-                    f"remote MCP server {server.name} at {oc.hostport(ep.host, ep.port)} is not "
+                    f"remote MCP server {server.name} at {join_hostport(ep.host, ep.port)} is not "
                     f"allowed by {self.inp.policy_label}: its tools will fail",
                     f"add a destination for {ep.host} port {ep.port}, or set "
                     f'"mcp": {{"{server.name}": {{"enabled": false}}}}',

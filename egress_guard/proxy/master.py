@@ -26,6 +26,7 @@ from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfi
 from mitmproxy.master import Master
 from mitmproxy.utils import asyncio_utils
 
+from egress_guard.normalize import join_hostport
 from egress_guard.proxy.guard import guard_addons
 from egress_guard.proxy.patches import splice
 from egress_guard.proxy.state import GuardState
@@ -265,9 +266,9 @@ async def serve(args: argparse.Namespace, sinks: list[Sink]) -> int:
         server = start_http_server(
             metrics, mhost, mport, health=lambda: all(s.healthy for s in sinks)
         )
-        log.info("egress-guard metrics on http://%s/metrics", _hostport(mhost, server.port))
+        log.info("egress-guard metrics on http://%s/metrics", join_hostport(mhost, server.port))
     host, port = args.listen
-    log.info("egress-guard listening on %s", _hostport(host, port))
+    log.info("egress-guard listening on %s", join_hostport(host, port))
     _tune_gc()
     try:
         await master.run()
@@ -296,7 +297,3 @@ async def drain_then_stop(master: Master, timeout: float) -> None:
                 )
     finally:
         master.shutdown()
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

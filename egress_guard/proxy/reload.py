@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
@@ -24,7 +23,7 @@ from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from egress_guard.engine import Engine
-from egress_guard.normalize import canonical_ip
+from egress_guard.normalize import socket_ip
 from egress_guard.policy import EffectivePolicy, PolicyError, load_policy, load_preset
 from egress_guard.policy.loader import read_regular_file
 from egress_guard.proxy.state import GuardState
@@ -235,7 +234,7 @@ class PolicyReload:
         out: set[tuple[str, int]] = set()
         for addr in ps.listen_addrs():
             host, port = str(addr[0]), int(addr[1])
-            ip = canonical_ip(ipaddress.ip_address(host.partition("%")[0]))
+            ip = socket_ip(host)
             if ip.is_unspecified:
                 for local in _local_addresses():
                     out.add((local, port))
@@ -270,7 +269,7 @@ def _local_addresses() -> set[str]:
     out = {"127.0.0.1", "::1", "0.0.0.0", "::"}
     with contextlib.suppress(OSError):
         for info in socket.getaddrinfo(socket.gethostname(), None):
-            out.add(str(canonical_ip(ipaddress.ip_address(str(info[4][0]).partition("%")[0]))))
+            out.add(str(socket_ip(str(info[4][0]))))
     return out
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import time
 
 from mitmproxy import ctx, http
@@ -29,10 +28,10 @@ from egress_guard.normalize import (
     Host,
     IPAddress,
     NormalizationError,
-    canonical_ip,
     normalize_host,
     normalize_port,
     parse_authority,
+    socket_ip,
 )
 from egress_guard.proxy import resolver
 from egress_guard.proxy.state import Approval, Blocked, ConnState, GuardState
@@ -135,7 +134,7 @@ async def _addresses(eng: Engine, host: Host, port: int) -> tuple[IPAddress, ...
         raise _dns_failed(host, port, f"DNS lookup failed: {e or 'timeout'}") from None
     out: list[IPAddress] = []
     for info in infos:
-        ip = canonical_ip(ipaddress.ip_address(str(info[4][0]).partition("%")[0]))
+        ip = socket_ip(str(info[4][0]))
         if ip not in out:
             out.append(ip)
     if not out:

@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from egress_guard.normalize import join_hostport
 from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
 
 __all__ = [
@@ -492,8 +493,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{join_hostport(self.host, self.port)}"
 
     def stop(self) -> None:
         """Stop serving and close the listening socket. Idempotent."""

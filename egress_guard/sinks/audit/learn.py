@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 
 from egress_guard.engine import Decision, Engine, HostIndex, Match, special_class
-from egress_guard.normalize import Host, NormalizationError, canonical_ip, normalize_host
+from egress_guard.normalize import (
+    Host,
+    NormalizationError,
+    canonical_ip,
+    join_hostport,
+    normalize_host,
+)
 from egress_guard.policy import (
     CatalogEntry,
     EffectivePolicy,
@@ -27,7 +33,7 @@ from egress_guard.policy.writer import (
     destination_lines,
     network_lines,
 )
-from egress_guard.sinks.audit.read import Record, as_int, hostport
+from egress_guard.sinks.audit.read import Record, as_int
 
 #: The records a destination may be learned from, by decision: traffic the policy let
 #: through, and attempts refused only because no allow rule listed the host, its port or
@@ -95,7 +101,7 @@ class _Target:
 
     @property
     def label(self) -> str:
-        return hostport(self.host.value, self.port)
+        return join_hostport(self.host.value, self.port)
 
     def describe(self) -> str:
         n = sum(self.counts.values())
@@ -154,10 +160,10 @@ def _targets(records: Iterable[Record], src: Engine | None, src_name: str | None
         try:
             h = normalize_host(host)
         except NormalizationError:
-            seen.leave_out(hostport(host, port), f"{record_kind}; invalid host", rec.where)
+            seen.leave_out(join_hostport(host, port), f"{record_kind}; invalid host", rec.where)
             continue
         key = (h.value, port)
-        label = hostport(h.value, port)
+        label = join_hostport(h.value, port)
         if reason in TAINTING:
             tainted.setdefault(key, reason)
         if reason not in LEARNABLE.get(decision, ()):

@@ -110,10 +110,5 @@ def iter_records(paths: Sequence[str], stats: ReadStats | None = None) -> Iterat
             stats.unreadable += 1
 
 
-def hostport(host: str, port: object) -> str:
-    h = f"[{host}]" if ":" in host else host
-    return h if port is None else f"{h}:{port}"
-
-
 def as_int(v: object) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) else 0

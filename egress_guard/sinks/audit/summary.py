@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from egress_guard.sinks.audit.read import Record, as_int, hostport
+from egress_guard.normalize import join_hostport
+from egress_guard.sinks.audit.read import Record, as_int
 
 DECISIONS = ("allow", "block", "would_block")
 
@@ -137,7 +138,7 @@ def render_summary(s: Mapping[str, Any]) -> str:
     if s["blocked_hosts"]:
         rows = [
             [
-                hostport(b["host"], b["port"]),
+                join_hostport(b["host"], b["port"]),
                 b["block"],
                 b["would_block"],
                 ",".join(f"{r}={n}" for r, n in sorted(b["reasons"].items())),
