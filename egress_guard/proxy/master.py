@@ -32,7 +32,8 @@ from egress_guard.proxy.settings import RunSettings
 from egress_guard.proxy.state import GuardState
 from egress_guard.sinks.events import Sink
 from egress_guard.sinks.logsafe import SafeFormatter, escape
-from egress_guard.sinks.metrics import Metrics, start_http_server
+from egress_guard.sinks.metrics import Metrics
+from egress_guard.sinks.metrics_http import start_http_server
 
 log = logging.getLogger("egress_guard")
 
