@@ -2,7 +2,8 @@
 
 ``config``     reads opencode.json / opencode.jsonc (JSONC, ``{env:}``/``{file:}`` left
                unresolved) and works out what the configuration makes OpenCode contact.
-``policygen``  ``egress-guard policy from-opencode``: that list as a version-1 policy.
+``policygen``  ``egress-guard policy from-opencode``: that list as a version-1 policy
+               (``policygen_draft`` writes the file).
 ``doctor``     ``egress-guard doctor``: settings and environment that defeat the guard
                (with ``doctor_env``, ``doctor_values`` and ``doctor_report``).
 """
