@@ -122,18 +122,18 @@ class _AuditCollector(Collector):
         errors = CounterMetricFamily(
             "egress_guard_audit_write_errors",
             "Failed audit log writes (each retry counts); traffic is refused meanwhile.",
+            value=float(self._audit.write_errors),
         )
-        errors.add_metric([], float(self._audit.write_errors))
         dropped = CounterMetricFamily(
             "egress_guard_audit_events_dropped",
             "Audit events that could not be queued (recorded later as a 'dropped' line).",
+            value=float(self._audit.events_dropped),
         )
-        dropped.add_metric([], float(self._audit.events_dropped))
         healthy = GaugeMetricFamily(
             "egress_guard_audit_healthy",
             "1 when the audit log is being written, 0 when new connections are refused.",
+            value=1.0 if self._audit.healthy else 0.0,
         )
-        healthy.add_metric([], 1.0 if self._audit.healthy else 0.0)
         return [errors, dropped, healthy]
 
 
@@ -154,25 +154,25 @@ class _HeldBodiesCollector(Collector):
         held = GaugeMetricFamily(
             "egress_guard_held_body_bytes",
             "Request bytes (declared lengths) of model-call bodies held whole right now.",
+            value=float(self._bodies.held),
         )
-        held.add_metric([], float(self._bodies.held))
         limit = GaugeMetricFamily(
             "egress_guard_held_body_limit_bytes",
             "--max-held-bodies: what all held model-call bodies together may take.",
+            value=float(self._bodies.limit),
         )
-        limit.add_metric([], float(self._bodies.limit))
         refused = CounterMetricFamily(
             "egress_guard_held_body_refusals",
             "Model calls refused (503 buffer_budget) because their body would pass the "
             "held-body budget or its client's share.",
+            value=float(self._bodies.refused),
         )
-        refused.add_metric([], float(self._bodies.refused))
         evicted = CounterMetricFamily(
             "egress_guard_held_body_evictions",
             "Held model-call bodies evicted (their connection closed, 503 buffer_budget "
             "recorded) because they stalled while another body needed the room.",
+            value=float(self._bodies.evicted),
         )
-        evicted.add_metric([], float(self._bodies.evicted))
         return [held, limit, refused, evicted]
 
 
