@@ -30,6 +30,8 @@ FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
     "policy": {"mitmproxy", "prometheus_client"},
     "engine": {"mitmproxy", "prometheus_client", "logging"},
     "sinks": {"mitmproxy"},
+    # the proxy takes its settings as a RunSettings value, not a command line
+    "proxy": {"argparse"},
 }
 
 

@@ -17,7 +17,8 @@ from support.prereq import missing
 
 from egress_guard.engine import Decision
 from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
-from egress_guard.sinks.metrics import DURATION_BUCKETS, Metrics, MetricsServer, start_http_server
+from egress_guard.sinks.metrics import DURATION_BUCKETS, Metrics
+from egress_guard.sinks.metrics_http import MetricsServer, start_http_server
 
 CONTRACT = {
     "egress_guard_decisions",

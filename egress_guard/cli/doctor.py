@@ -1,5 +1,6 @@
 """``egress-guard doctor``: check opencode.json and the environment for settings that
-defeat the guard. The checks are ``egress_guard.opencode.doctor``; this is the wiring."""
+defeat the guard. The checks are ``egress_guard.opencode.doctor`` and its ``doctor_*``
+modules; this is the wiring."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ from typing import Any
 
 from egress_guard.cli.exits import EXIT_ERROR, EXIT_FAIL, EXIT_OK
 from egress_guard.cli.shared import fail, policy_or_minimal
-from egress_guard.opencode import doctor as doc
 from egress_guard.opencode.config import OpenCodeConfig, load_config
+from egress_guard.opencode.doctor import diagnose
+from egress_guard.opencode.doctor_report import DEFAULT_PROXY_URL, DoctorInput, render_text
+from egress_guard.opencode.doctor_values import discover, parse_proxy_url
 from egress_guard.opencode.jsonc import ConfigError
 from egress_guard.policy import load_catalog
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    if doc.parse_proxy_url(args.proxy_url) is None:
+    if parse_proxy_url(args.proxy_url) is None:
         return fail("doctor", f"--proxy-url {args.proxy_url!r} is not a proxy URL")
     env = dict(os.environ)
     discovered: list[str] | None = None
@@ -28,14 +31,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if args.config:
             cfg: OpenCodeConfig | None = load_config(args.config)
         else:
-            docs, places = doc.discover(env, Path.cwd())
+            docs, places = discover(env, Path.cwd())
             discovered = [d.file for d in docs]
             cfg = OpenCodeConfig.merged(docs) if docs else None
     except ConfigError as e:
         print(e.render(), file=sys.stderr)
         return EXIT_ERROR
-    findings = doc.diagnose(
-        doc.DoctorInput(
+    findings = diagnose(
+        DoctorInput(
             cfg=cfg,
             env=env,
             policy=policy_or_minimal(args.policy),
@@ -52,7 +55,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([f.as_dict() for f in findings], indent=2))
     else:
-        for line in doc.render_text(findings):
+        for line in render_text(findings):
             print(line)
     return EXIT_FAIL if any(f.severity == "error" for f in findings) else EXIT_OK
 
@@ -73,9 +76,9 @@ def add_doctor_parser(sub: Any) -> None:
     )
     d.add_argument(
         "--proxy-url",
-        default=doc.DEFAULT_PROXY_URL,
+        default=DEFAULT_PROXY_URL,
         metavar="URL",
-        help=f"the guard's address as clients use it (default {doc.DEFAULT_PROXY_URL})",
+        help=f"the guard's address as clients use it (default {DEFAULT_PROXY_URL})",
     )
     d.add_argument(
         "--inspect", action="store_true", help="the guard runs with --inspect (TLS interception)"

@@ -23,6 +23,7 @@ from egress_guard.proxy.bodybudget import (
     DEFAULT_MAX_HELD_BODIES,
     HELD_BODY_GRACE,
 )
+from egress_guard.proxy.settings import RunSettings
 from egress_guard.proxy.upstream_trust import UpstreamCAError, upstream_ca_bundle
 from egress_guard.sinks.audit import (
     DEFAULT_BACKUPS,
@@ -278,6 +279,25 @@ def make_sinks(args: argparse.Namespace) -> list[Sink]:
     return sinks
 
 
+def run_settings(args: argparse.Namespace, upstream_ca_bundle: str | None) -> RunSettings:
+    """The proxy's settings from ``run``'s flags: the proxy layer never sees argparse."""
+    return RunSettings(
+        listen=args.listen,
+        confdir=args.confdir,
+        idle_timeout=args.idle_timeout,
+        drain_timeout=args.drain_timeout,
+        max_model_body=args.max_model_body,
+        max_held_bodies=args.max_held_bodies,
+        held_body_min_rate=args.held_body_min_rate,
+        policy=args.policy,
+        mode=args.mode,
+        inspect=bool(args.inspect),
+        upstream_proxy=args.upstream_proxy,
+        upstream_ca_bundle=upstream_ca_bundle,
+        metrics=args.metrics,
+    )
+
+
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The event loop the proxy runs on; None means asyncio's own.
 
@@ -306,12 +326,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     factory = loop_factory(args.event_loop)
     Path(os.path.expanduser(args.confdir)).mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        args.upstream_ca_bundle = upstream_ca_bundle(
-            args.confdir, args.upstream_ca, args.upstream_ca_only
-        )
+        bundle = upstream_ca_bundle(args.confdir, args.upstream_ca, args.upstream_ca_only)
     except UpstreamCAError as e:
         print(f"egress-guard: {e}", file=sys.stderr)
         return EXIT_ERROR
+    settings = run_settings(args, bundle)
     sinks = make_sinks(args)
     audit = [s for s in sinks if isinstance(s, AuditLog)]
     if any(not s.healthy for s in audit):
@@ -327,7 +346,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     complete = False
     try:
         log.debug("egress-guard: event loop %s", "asyncio" if factory is None else "uvloop")
-        rc = asyncio.run(serve(args, sinks), loop_factory=factory)
+        rc = asyncio.run(serve(settings, sinks), loop_factory=factory)
     finally:
         # Graceful stop: the guard has queued the close records of what was still open
         # (its done hook); every queued audit record reaches the file before we exit.

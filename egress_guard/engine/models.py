@@ -14,6 +14,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Literal, NamedTuple
 from urllib.parse import parse_qsl
 
@@ -168,11 +169,7 @@ def _body_models(data: dict[str, object], *, top_model: bool) -> tuple[NamedMode
     out: list[NamedModel] = []
     for key, value in data.items():
         folded = _fold(key)
-        if folded in _READ_KEYS and key != folded:
-            raise ModelUnknown(
-                f"key {_show(key)} can be read as {folded!r} (servers such as Go's "
-                "encoding/json match keys case-insensitively)"
-            )
+        _refuse_misspelt(key, folded, _READ_KEYS)
         if key == "model":
             if not top_model:  # LiteLLM's Gemini routes take a body model over the path's
                 out.extend(_model_list(value, key, single=True))
@@ -207,6 +204,20 @@ def _body_models(data: dict[str, object], *, top_model: bool) -> tuple[NamedMode
     return tuple(out)
 
 
+def _refuse_misspelt(
+    key: str, folded: str, read_keys: AbstractSet[str], where: str | None = None
+) -> None:
+    """Refuse a key that folds to one the guard reads without being spelled that way:
+    servers such as Go's encoding/json match keys case-insensitively and would read it
+    as that key, naming a model the guard never saw."""
+    if folded in read_keys and key != folded:
+        inside = f" in {_show(where)}" if where is not None else ""
+        raise ModelUnknown(
+            f"key {_show(key)}{inside} can be read as {folded!r} (servers such as Go's "
+            "encoding/json match keys case-insensitively)"
+        )
+
+
 def _model_list(value: object, field: str, *, single: bool = False) -> list[NamedModel]:
     """Models named by a fallback-style field: a string (when ``single``), or a list of
     strings or of objects with a ``model`` string (LiteLLM, OpenRouter's Anthropic
@@ -237,11 +248,7 @@ def _object_models(obj: dict[str, object], where: str) -> list[NamedModel]:
     out: list[NamedModel] = []
     for key, value in obj.items():
         folded = _fold(key)
-        if folded in _TOOL_KEYS and key != folded:
-            raise ModelUnknown(
-                f"key {_show(key)} in {_show(where)} can be read as {folded!r} (servers "
-                "such as Go's encoding/json match keys case-insensitively)"
-            )
+        _refuse_misspelt(key, folded, _TOOL_KEYS, where)
         if key == "model":
             if not isinstance(value, str) or not value:
                 raise ModelUnknown(f"{_show(where + '.model')} is not a model name")

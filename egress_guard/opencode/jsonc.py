@@ -171,23 +171,30 @@ class _Parser:
             self.lines[member] = self.line(key_pos)
             out.pop(key, None)  # last one wins, and keeps its own position in the order
             out[key] = self.value(member, depth + 1)
-            value_end = self.i
-            self.skip()
-            c = self.peek()
-            if c == ",":
-                self.i += 1
-                self.skip()
-                if self.peek() == "}":  # trailing comma
-                    self.i += 1
-                    return out
-                continue
-            if c == "}":
-                self.i += 1
+            if self.closes("}", "object", "property value", start):
                 return out
-            if not c:
-                raise self.error("unterminated object", start)
-            # point at the value that lacks its comma, not at the next line's key
-            raise self.error("expected ',' or '}' after this property value", value_end)
+
+    def closes(self, close: str, kind: str, item: str, start: int) -> bool:
+        """After an object's member or an array's item: True when the container closes
+        here (a trailing comma allowed), False when another one follows. Objects and
+        arrays share it so that both accept and refuse the same separators."""
+        value_end = self.i
+        self.skip()
+        c = self.peek()
+        if c == ",":
+            self.i += 1
+            self.skip()
+            if self.peek() == close:  # trailing comma
+                self.i += 1
+                return True
+            return False
+        if c == close:
+            self.i += 1
+            return True
+        if not c:
+            raise self.error(f"unterminated {kind}", start)
+        # point at the value that lacks its comma, not at the next line's key
+        raise self.error(f"expected ',' or '{close}' after this {item}", value_end)
 
     def arr(self, path: Path, depth: int) -> list[object]:
         start = self.i
@@ -201,22 +208,8 @@ class _Parser:
             item: Path = (*path, len(out))
             self.lines[item] = self.line(self.i)
             out.append(self.value(item, depth + 1))
-            value_end = self.i
-            self.skip()
-            c = self.peek()
-            if c == ",":
-                self.i += 1
-                self.skip()
-                if self.peek() == "]":
-                    self.i += 1
-                    return out
-                continue
-            if c == "]":
-                self.i += 1
+            if self.closes("]", "array", "array item", start):
                 return out
-            if not c:
-                raise self.error("unterminated array", start)
-            raise self.error("expected ',' or ']' after this array item", value_end)
 
     def string(self) -> str:
         start = self.i

@@ -8,6 +8,7 @@ canonicalised here (see patterns.py) so nothing later has to re-validate them.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -26,25 +27,25 @@ NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _METHOD_RE = re.compile(r"^[A-Z]{1,20}$")
 
 
-def _pattern(raw: str) -> str:
+def _parsed(parse: Callable[[str], object], raw: str) -> str:
+    """The canonical text of ``raw``, for the field validators below: one place that
+    turns a PatternError into the plain ValueError they have always raised."""
     try:
-        return str(parse_pattern(raw))
+        return str(parse(raw))
     except PatternError as e:
         raise ValueError(str(e)) from e
+
+
+def _pattern(raw: str) -> str:
+    return _parsed(parse_pattern, raw)
 
 
 def _deny_pattern(raw: str) -> str:
-    try:
-        return str(parse_pattern(raw, deny=True))
-    except PatternError as e:
-        raise ValueError(str(e)) from e
+    return _parsed(lambda r: parse_pattern(r, deny=True), raw)
 
 
 def _cidr(raw: str) -> str:
-    try:
-        return str(parse_network(raw))
-    except PatternError as e:
-        raise ValueError(str(e)) from e
+    return _parsed(parse_network, raw)
 
 
 def _method(raw: str) -> str:

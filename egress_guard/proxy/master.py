@@ -8,7 +8,6 @@ the reference machine that is about 1.45x the tunnel rate of a full mitmdump.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import gc
@@ -29,10 +28,12 @@ from mitmproxy.utils import asyncio_utils
 from egress_guard.normalize import join_hostport
 from egress_guard.proxy.guard import guard_addons
 from egress_guard.proxy.patches import splice
+from egress_guard.proxy.settings import RunSettings
 from egress_guard.proxy.state import GuardState
 from egress_guard.sinks.events import Sink
 from egress_guard.sinks.logsafe import SafeFormatter, escape
-from egress_guard.sinks.metrics import Metrics, start_http_server
+from egress_guard.sinks.metrics import Metrics
+from egress_guard.sinks.metrics_http import start_http_server
 
 log = logging.getLogger("egress_guard")
 
@@ -182,7 +183,7 @@ def _embedded_master(opts: options.Options) -> Master:
     return master
 
 
-def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, GuardState]:
+def build_master(settings: RunSettings, sinks: list[Sink]) -> tuple[Master, GuardState]:
     """Must run inside an event loop (mitmproxy's Master takes the running loop)."""
     splice.install()
     opts = options.Options()
@@ -206,43 +207,42 @@ def build_master(args: argparse.Namespace, sinks: list[Sink]) -> tuple[Master, G
         upstream_auth.UpstreamAuth(),
         check,
     )
-    host, port = args.listen
+    host, port = settings.listen
     mode = ["regular"]
-    if args.upstream_proxy:
-        mode = [f"upstream:{args.upstream_proxy}"]
+    if settings.upstream_proxy:
+        mode = [f"upstream:{settings.upstream_proxy}"]
     updates: dict[str, Any] = {
         "listen_host": host,
         "listen_port": port,
         "mode": mode,
         "connection_strategy": "lazy",
-        "confdir": args.confdir,
-        "egress_guard_policy": os.path.abspath(args.policy) if args.policy else "",
-        "egress_guard_mode": args.mode or "",
-        "egress_guard_inspect": bool(args.inspect),
-        "egress_guard_max_model_body": args.max_model_body,
-        "egress_guard_max_held_bodies": args.max_held_bodies,
-        "egress_guard_held_body_min_rate": args.held_body_min_rate,
+        "confdir": settings.confdir,
+        "egress_guard_policy": os.path.abspath(settings.policy) if settings.policy else "",
+        "egress_guard_mode": settings.mode or "",
+        "egress_guard_inspect": settings.inspect,
+        "egress_guard_max_model_body": settings.max_model_body,
+        "egress_guard_max_held_bodies": settings.max_held_bodies,
+        "egress_guard_held_body_min_rate": settings.held_body_min_rate,
         # HTTP/2 and HTTP/3 towards the client only matter when intercepting.
-        "http2": bool(args.inspect),
+        "http2": settings.inspect,
         "http3": False,
         # No raw-TCP fallback: inside an intercepted tunnel, bytes that do not look like
         # HTTP must be parsed as HTTP (and refused), never relayed unchecked. Tunnels that
         # are not intercepted are relayed by the guard's own counting layer.
         "rawtcp": False,
-        "tcp_timeout": args.idle_timeout,
+        "tcp_timeout": settings.idle_timeout,
     }
     # --upstream-ca adds to the public roots, --upstream-ca-only replaces them: either
     # way a bundle written by run.py (egress_guard/proxy/upstream_trust.py)
-    bundle = getattr(args, "upstream_ca_bundle", None)
-    if bundle:
-        updates["ssl_verify_upstream_trusted_ca"] = os.path.abspath(bundle)
+    if settings.upstream_ca_bundle:
+        updates["ssl_verify_upstream_trusted_ca"] = os.path.abspath(settings.upstream_ca_bundle)
     master.options.update(**updates)
     return master, guard
 
 
-async def serve(args: argparse.Namespace, sinks: list[Sink]) -> int:
+async def serve(settings: RunSettings, sinks: list[Sink]) -> int:
     try:
-        master, _guard = build_master(args, sinks)
+        master, _guard = build_master(settings, sinks)
     except exceptions.OptionsError as e:
         # a policy error's render: several lines on purpose, nothing raw in them
         print(f"egress-guard: {escape(str(e), keep_newlines=True)}", file=sys.stderr)
@@ -254,20 +254,20 @@ async def serve(args: argparse.Namespace, sinks: list[Sink]) -> int:
         if draining:  # a second signal: stop now
             master.shutdown()
         else:
-            draining.append(loop.create_task(drain_then_stop(master, args.drain_timeout)))
+            draining.append(loop.create_task(drain_then_stop(master, settings.drain_timeout)))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(sig, on_signal)  # fails off the main thread
     server = None
-    if args.metrics is not None:
+    if settings.metrics is not None:
         metrics = next(s for s in sinks if isinstance(s, Metrics))
-        mhost, mport = args.metrics
+        mhost, mport = settings.metrics
         server = start_http_server(
             metrics, mhost, mport, health=lambda: all(s.healthy for s in sinks)
         )
         log.info("egress-guard metrics on http://%s/metrics", join_hostport(mhost, server.port))
-    host, port = args.listen
+    host, port = settings.listen
     log.info("egress-guard listening on %s", join_hostport(host, port))
     _tune_gc()
     try:

@@ -1,4 +1,4 @@
-"""Prometheus metrics: a sink for proxy events, and a small HTTP server for scraping.
+"""Prometheus metrics: a sink for proxy events (the HTTP server is ``metrics_http``).
 
 The series are the contract in DESIGN.md section 7, and nothing else::
 
@@ -24,23 +24,16 @@ for ordinary input; ``healthy`` is always True (losing a metric must not stop tr
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
 import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterable
 from math import isfinite
 from typing import Any, Final, Protocol
-from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from egress_guard.normalize import join_hostport
 from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
 
 __all__ = [
@@ -48,8 +41,6 @@ __all__ = [
     "DURATION_BUCKETS",
     "UNLISTED",
     "Metrics",
-    "MetricsServer",
-    "start_http_server",
 ]
 
 log = logging.getLogger(__name__)
@@ -131,18 +122,18 @@ class _AuditCollector(Collector):
         errors = CounterMetricFamily(
             "egress_guard_audit_write_errors",
             "Failed audit log writes (each retry counts); traffic is refused meanwhile.",
+            value=float(self._audit.write_errors),
         )
-        errors.add_metric([], float(self._audit.write_errors))
         dropped = CounterMetricFamily(
             "egress_guard_audit_events_dropped",
             "Audit events that could not be queued (recorded later as a 'dropped' line).",
+            value=float(self._audit.events_dropped),
         )
-        dropped.add_metric([], float(self._audit.events_dropped))
         healthy = GaugeMetricFamily(
             "egress_guard_audit_healthy",
             "1 when the audit log is being written, 0 when new connections are refused.",
+            value=1.0 if self._audit.healthy else 0.0,
         )
-        healthy.add_metric([], 1.0 if self._audit.healthy else 0.0)
         return [errors, dropped, healthy]
 
 
@@ -163,25 +154,25 @@ class _HeldBodiesCollector(Collector):
         held = GaugeMetricFamily(
             "egress_guard_held_body_bytes",
             "Request bytes (declared lengths) of model-call bodies held whole right now.",
+            value=float(self._bodies.held),
         )
-        held.add_metric([], float(self._bodies.held))
         limit = GaugeMetricFamily(
             "egress_guard_held_body_limit_bytes",
             "--max-held-bodies: what all held model-call bodies together may take.",
+            value=float(self._bodies.limit),
         )
-        limit.add_metric([], float(self._bodies.limit))
         refused = CounterMetricFamily(
             "egress_guard_held_body_refusals",
             "Model calls refused (503 buffer_budget) because their body would pass the "
             "held-body budget or its client's share.",
+            value=float(self._bodies.refused),
         )
-        refused.add_metric([], float(self._bodies.refused))
         evicted = CounterMetricFamily(
             "egress_guard_held_body_evictions",
             "Held model-call bodies evicted (their connection closed, 503 buffer_budget "
             "recorded) because they stalled while another body needed the room.",
+            value=float(self._bodies.evicted),
         )
-        evicted.add_metric([], float(self._bodies.evicted))
         return [held, limit, refused, evicted]
 
 
@@ -194,7 +185,7 @@ class Metrics:
       destination names (until the first call every destination is ``unlisted``);
     * ``connection_opened(destination)`` / ``connection_closed(destination)`` around each
       allowed upstream connection, for the active-connections gauge;
-    * ``render()`` (or ``start_http_server``) to expose the text format.
+    * ``render()`` (or ``metrics_http.start_http_server``) to expose the text format.
 
     Thread-safe: sink methods run on the proxy's event loop, scrapes on server threads.
     """
@@ -404,132 +395,3 @@ def _non_negative(value: float) -> float:
     if not isfinite(value) or value < 0:
         return 0.0
     return float(value)
-
-
-# -- HTTP server -------------------------------------------------------------------------
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    server_version = "egress-guard"
-    sys_version = ""
-    # HTTP/1.0: one request per connection, so no idle keep-alive thread outlives stop()
-    protocol_version = "HTTP/1.0"
-    #: seconds a client may take to send its request (bounds idle server threads)
-    timeout = 10
-
-    def do_GET(self) -> None:
-        self._respond(head=False)
-
-    def do_HEAD(self) -> None:
-        self._respond(head=True)
-
-    def _respond(self, head: bool) -> None:
-        path = urlsplit(self.path).path
-        if path == "/metrics":
-            try:
-                body = self.server.metrics.render()
-            except Exception:
-                log.exception("metrics: render failed")
-                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"error\n", head)
-                return
-            self._send(HTTPStatus.OK, body, head, CONTENT_TYPE)
-        elif path == "/healthz":
-            try:
-                ok = bool(self.server.health())
-            except Exception:
-                log.exception("metrics: health check raised")
-                ok = False
-            if ok:
-                self._send(HTTPStatus.OK, b"ok\n", head)
-            else:
-                self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"unhealthy\n", head)
-        else:
-            self._send(HTTPStatus.NOT_FOUND, b"not found\n", head)
-
-    def _send(
-        self,
-        status: HTTPStatus,
-        body: bytes,
-        head: bool,
-        content_type: str = "text/plain; charset=utf-8",
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("metrics http: %s - %s", self.address_string(), format % args)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        family: socket.AddressFamily,
-        metrics: Metrics,
-        health: Callable[[], bool],
-    ) -> None:
-        self.address_family = family
-        self.metrics = metrics
-        self.health = health
-        super().__init__(address, _Handler)
-
-
-@dataclass
-class MetricsServer:
-    """A running metrics server. ``port`` is the bound port (useful with port 0)."""
-
-    host: str
-    port: int
-    _server: _Server
-    _thread: threading.Thread
-
-    @property
-    def url(self) -> str:
-        return f"http://{join_hostport(self.host, self.port)}"
-
-    def stop(self) -> None:
-        """Stop serving and close the listening socket. Idempotent."""
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-        self._server.server_close()
-
-
-def _family(host: str, port: int) -> socket.AddressFamily:
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        return infos[0][0]
-    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-
-
-def start_http_server(
-    metrics: Metrics, host: str, port: int, health: Callable[[], bool]
-) -> MetricsServer:
-    """Serve ``/metrics`` and ``/healthz`` on ``host:port`` from a daemon thread.
-
-    ``host`` may be an IPv4 or IPv6 literal (with or without brackets) or a name; it is
-    bound exactly as given. ``/healthz`` answers 200 when ``health()`` returns True and
-    503 otherwise (or when it raises). Anything else is 404.
-    """
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    server = _Server((host, port), _family(host, port), metrics, health)
-    bound_host, bound_port = server.server_address[:2]
-    thread = threading.Thread(
-        target=server.serve_forever,
-        kwargs={"poll_interval": 0.1},
-        name=f"egress-guard-metrics-{bound_port}",
-        daemon=True,
-    )
-    thread.start()
-    return MetricsServer(str(bound_host), int(bound_port), server, thread)

@@ -15,12 +15,11 @@ import pytest
 
 from egress_guard.cli import app as cli
 from egress_guard.opencode.config import OpenCodeConfig, load_config
-from egress_guard.opencode.doctor import (
-    DoctorInput,
-    Finding,
+from egress_guard.opencode.doctor import diagnose
+from egress_guard.opencode.doctor_report import DoctorInput, Finding
+from egress_guard.opencode.doctor_values import (
     classify_no_proxy,
     cors_problem,
-    diagnose,
     discover,
     parse_proxy_url,
     redact,

@@ -19,9 +19,9 @@ from egress_guard.engine import Engine, Match
 from egress_guard.opencode import contacts as oc
 from egress_guard.opencode.config import OpenCodeConfig, load_config
 from egress_guard.opencode.jsonc import parse_jsonc
-from egress_guard.opencode.policygen import Generated, comment_safe, generate
+from egress_guard.opencode.policygen import Generated, generate
 from egress_guard.policy import EffectivePolicy, load_catalog, load_policy_text, load_preset
-from egress_guard.policy.writer import destination_name
+from egress_guard.policy.writer import comment_safe, destination_name
 
 BIN = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "egress-guard")
 LOOP = ("localhost", "127.0.0.1", "::1")

@@ -1,0 +1,150 @@
+"""The HTTP endpoint Prometheus scrapes: ``/metrics`` and ``/healthz``, from a thread.
+
+Apart from the series themselves (``metrics``) because it is the only part that opens a
+socket: the sink is used, and tested, without it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from egress_guard.normalize import join_hostport
+from egress_guard.sinks.metrics import CONTENT_TYPE, Metrics
+
+__all__ = ["MetricsServer", "start_http_server"]
+
+log = logging.getLogger(__name__)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "egress-guard"
+    sys_version = ""
+    # HTTP/1.0: one request per connection, so no idle keep-alive thread outlives stop()
+    protocol_version = "HTTP/1.0"
+    #: seconds a client may take to send its request (bounds idle server threads)
+    timeout = 10
+
+    def do_GET(self) -> None:
+        self._respond(head=False)
+
+    def do_HEAD(self) -> None:
+        self._respond(head=True)
+
+    def _respond(self, head: bool) -> None:
+        path = urlsplit(self.path).path
+        if path == "/metrics":
+            try:
+                body = self.server.metrics.render()
+            except Exception:
+                log.exception("metrics: render failed")
+                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"error\n", head)
+                return
+            self._send(HTTPStatus.OK, body, head, CONTENT_TYPE)
+        elif path == "/healthz":
+            try:
+                ok = bool(self.server.health())
+            except Exception:
+                log.exception("metrics: health check raised")
+                ok = False
+            if ok:
+                self._send(HTTPStatus.OK, b"ok\n", head)
+            else:
+                self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"unhealthy\n", head)
+        else:
+            self._send(HTTPStatus.NOT_FOUND, b"not found\n", head)
+
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes,
+        head: bool,
+        content_type: str = "text/plain; charset=utf-8",
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("metrics http: %s - %s", self.address_string(), format % args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        family: socket.AddressFamily,
+        metrics: Metrics,
+        health: Callable[[], bool],
+    ) -> None:
+        self.address_family = family
+        self.metrics = metrics
+        self.health = health
+        super().__init__(address, _Handler)
+
+
+@dataclass
+class MetricsServer:
+    """A running metrics server. ``port`` is the bound port (useful with port 0)."""
+
+    host: str
+    port: int
+    _server: _Server
+    _thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        return f"http://{join_hostport(self.host, self.port)}"
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket. Idempotent."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+        self._server.server_close()
+
+
+def _family(host: str, port: int) -> socket.AddressFamily:
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        return infos[0][0]
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+def start_http_server(
+    metrics: Metrics, host: str, port: int, health: Callable[[], bool]
+) -> MetricsServer:
+    """Serve ``/metrics`` and ``/healthz`` on ``host:port`` from a daemon thread.
+
+    ``host`` may be an IPv4 or IPv6 literal (with or without brackets) or a name; it is
+    bound exactly as given. ``/healthz`` answers 200 when ``health()`` returns True and
+    503 otherwise (or when it raises). Anything else is 404.
+    """
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    server = _Server((host, port), _family(host, port), metrics, health)
+    bound_host, bound_port = server.server_address[:2]
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": 0.1},
+        name=f"egress-guard-metrics-{bound_port}",
+        daemon=True,
+    )
+    thread.start()
+    return MetricsServer(str(bound_host), int(bound_port), server, thread)
