@@ -21,7 +21,7 @@ from egress_guard.sinks import status as status_mod
 from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
 from egress_guard.sinks.metrics import Metrics
 from egress_guard.sinks.metrics_http import MetricsServer, start_http_server
-from egress_guard.sinks.status import RECENT, StatusBoard
+from egress_guard.sinks.status import MAX_DESTINATIONS, RECENT, StatusBoard
 
 
 def decision(
@@ -139,6 +139,15 @@ def test_blocks_are_kept_apart_from_a_burst_of_allowed_traffic() -> None:
     assert [r["host"] for r in s["recent_blocks"]] == ["evil.example"]
 
 
+def test_destination_rows_are_bounded() -> None:
+    board = StatusBoard()
+    for i in range(MAX_DESTINATIONS + 50):
+        board.decision(decision("allow", f"rule-{i}"))
+    rows = board.snapshot()["destinations"]
+    assert len(rows) == MAX_DESTINATIONS + 1
+    assert {d["name"]: d for d in rows}["(other)"]["allow"] == 50
+
+
 def test_only_what_the_audit_log_shows() -> None:
     """The page renders decisions with the audit log's own fields and redaction."""
     board = StatusBoard()
@@ -215,6 +224,15 @@ def test_status_json_is_the_snapshot(server: MetricsServer, board: StatusBoard) 
     body = r.json()
     assert body["healthy"] is True
     assert body["recent"][0]["host"] == "evil.example"
+
+
+@pytest.mark.parametrize("broken", [lambda: False, lambda: 1 / 0])
+def test_status_json_says_when_the_guard_is_unhealthy(board: StatusBoard, broken: Any) -> None:
+    srv = start_http_server(Metrics(), "127.0.0.1", 0, broken, status=board)
+    try:
+        assert httpx.get(f"{srv.url}/status.json").json()["healthy"] is False
+    finally:
+        srv.stop()
 
 
 def test_without_a_board_the_page_is_not_served() -> None:
