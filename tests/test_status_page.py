@@ -34,13 +34,13 @@ def decision(
     catalog: str | None = None,
 ) -> DecisionEvent:
     d = Decision(
-        action == "allow",
-        action,
-        reason,
-        destination,
-        host,
-        443,
-        catalog=catalog,  # type: ignore[arg-type]
+        allowed=action == "allow",
+        action=action,  # type: ignore[arg-type]
+        reason=reason,  # type: ignore[arg-type]
+        destination=destination,
+        host=host,
+        port=443,
+        catalog=catalog,
     )
     return DecisionEvent("c1", "127.0.0.1:5000", d, "enforce", "sha", method=method, path=path)
 
