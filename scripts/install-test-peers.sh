@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Real peers the integration tests talk to: curl and openssl as clients.
+# Real peers the integration tests talk to: curl and openssl as clients, and the
+# distribution's Chromium for the status page's browser test (Playwright, from the dev
+# extra, drives it; `playwright install` is never needed).
 # Installed with apt when missing (CI and fresh machines run as root).
 set -euo pipefail
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  need+=(chromium)
+fi
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "egress-guard: installing ${need[*]}" >&2

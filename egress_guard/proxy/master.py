@@ -30,10 +30,12 @@ from egress_guard.proxy.guard import guard_addons
 from egress_guard.proxy.patches import splice
 from egress_guard.proxy.settings import RunSettings
 from egress_guard.proxy.state import GuardState
+from egress_guard.sinks.audit import AuditLog
 from egress_guard.sinks.events import Sink
 from egress_guard.sinks.logsafe import SafeFormatter, escape
 from egress_guard.sinks.metrics import Metrics
 from egress_guard.sinks.metrics_http import start_http_server
+from egress_guard.sinks.status import StatusBoard
 
 log = logging.getLogger("egress_guard")
 
@@ -240,7 +242,19 @@ def build_master(settings: RunSettings, sinks: list[Sink]) -> tuple[Master, Guar
     return master, guard
 
 
+def _status_board(sinks: list[Sink]) -> StatusBoard:
+    """The status page's sink, reading the audit log's health when there is one. It goes
+    last: ``admit`` stops at the first sink that cannot record, so the page shows an
+    admitted decision only once the audit log holds it."""
+    audit = next((s for s in sinks if isinstance(s, AuditLog)), None)
+    return StatusBoard(audit=audit)
+
+
 async def serve(settings: RunSettings, sinks: list[Sink]) -> int:
+    board = None
+    if settings.metrics is not None:  # the status page is served on the metrics listener
+        board = _status_board(sinks)
+        sinks = [*sinks, board]
     try:
         master, _guard = build_master(settings, sinks)
     except exceptions.OptionsError as e:
@@ -264,9 +278,10 @@ async def serve(settings: RunSettings, sinks: list[Sink]) -> int:
         metrics = next(s for s in sinks if isinstance(s, Metrics))
         mhost, mport = settings.metrics
         server = start_http_server(
-            metrics, mhost, mport, health=lambda: all(s.healthy for s in sinks)
+            metrics, mhost, mport, health=lambda: all(s.healthy for s in sinks), status=board
         )
-        log.info("egress-guard metrics on http://%s/metrics", join_hostport(mhost, server.port))
+        base = f"http://{join_hostport(mhost, server.port)}"
+        log.info("egress-guard metrics on %s/metrics, status page on %s/", base, base)
     host, port = settings.listen
     log.info("egress-guard listening on %s", join_hostport(host, port))
     _tune_gc()

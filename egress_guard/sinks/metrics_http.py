@@ -1,4 +1,5 @@
-"""The HTTP endpoint Prometheus scrapes: ``/metrics`` and ``/healthz``, from a thread.
+"""The HTTP endpoint Prometheus scrapes: ``/metrics`` and ``/healthz``, from a thread;
+with a ``StatusBoard``, the live status page at ``/`` too (``status_page``).
 
 Apart from the series themselves (``metrics``) because it is the only part that opens a
 socket: the sink is used, and tested, without it.
@@ -18,6 +19,8 @@ from urllib.parse import urlsplit
 
 from egress_guard.normalize import join_hostport
 from egress_guard.sinks.metrics import CONTENT_TYPE, Metrics
+from egress_guard.sinks.status import StatusBoard
+from egress_guard.sinks.status_page import HEADERS, answer
 
 __all__ = ["MetricsServer", "start_http_server"]
 
@@ -59,8 +62,22 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, b"ok\n", head)
             else:
                 self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"unhealthy\n", head)
+        elif self.server.status is not None:
+            self._status_page(path, self.server.status, head)
         else:
             self._send(HTTPStatus.NOT_FOUND, b"not found\n", head)
+
+    def _status_page(self, path: str, board: StatusBoard, head: bool) -> None:
+        try:
+            page = answer(path, board, self.server.health)
+        except Exception:
+            log.exception("status page: render failed")
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"error\n", head, extra=HEADERS)
+            return
+        if page is None:
+            self._send(HTTPStatus.NOT_FOUND, b"not found\n", head, extra=HEADERS)
+        else:
+            self._send(page.status, page.body, head, page.content_type, extra=HEADERS)
 
     def _send(
         self,
@@ -68,11 +85,14 @@ class _Handler(BaseHTTPRequestHandler):
         body: bytes,
         head: bool,
         content_type: str = "text/plain; charset=utf-8",
+        extra: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in extra:
+            self.send_header(name, value)
         self.end_headers()
         if not head:
             self.wfile.write(body)
@@ -90,10 +110,12 @@ class _Server(ThreadingHTTPServer):
         family: socket.AddressFamily,
         metrics: Metrics,
         health: Callable[[], bool],
+        status: StatusBoard | None,
     ) -> None:
         self.address_family = family
         self.metrics = metrics
         self.health = health
+        self.status = status
         super().__init__(address, _Handler)
 
 
@@ -128,9 +150,14 @@ def _family(host: str, port: int) -> socket.AddressFamily:
 
 
 def start_http_server(
-    metrics: Metrics, host: str, port: int, health: Callable[[], bool]
+    metrics: Metrics,
+    host: str,
+    port: int,
+    health: Callable[[], bool],
+    status: StatusBoard | None = None,
 ) -> MetricsServer:
-    """Serve ``/metrics`` and ``/healthz`` on ``host:port`` from a daemon thread.
+    """Serve ``/metrics`` and ``/healthz`` on ``host:port`` from a daemon thread, and
+    with ``status`` the status page (``/``, its assets, ``/status.json``).
 
     ``host`` may be an IPv4 or IPv6 literal (with or without brackets) or a name; it is
     bound exactly as given. ``/healthz`` answers 200 when ``health()`` returns True and
@@ -138,7 +165,7 @@ def start_http_server(
     """
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    server = _Server((host, port), _family(host, port), metrics, health)
+    server = _Server((host, port), _family(host, port), metrics, health, status)
     bound_host, bound_port = server.server_address[:2]
     thread = threading.Thread(
         target=server.serve_forever,
