@@ -31,6 +31,8 @@ from support.adv_wire import client_hello, open_conn, read_outcome
 from support.proxy import ProxyProcess
 
 from egress_guard.engine import Decision, Engine, Match
+from egress_guard.engine.rules.addresses import decide_addresses, static_addresses
+from egress_guard.engine.rules.agreement import check_host_header, check_sni
 from egress_guard.normalize import (
     NormalizationError,
     normalize_host,
@@ -263,7 +265,7 @@ def _sni_decision(raw: bytes, extra: bytes | None = None) -> tuple[bool, str | N
     sni = hello.sni
     if sni_problem(hello) is not None:  # an SNI extension the guard cannot read: refused
         return False, sni
-    return ENGINE.check_sni(FRONT, 443, sni, "front") is None, sni
+    return check_sni(ENGINE.compiled, FRONT, 443, sni, "front") is None, sni
 
 
 def _same_name(raw: bytes) -> bool:
@@ -315,9 +317,9 @@ def test_resolve_entries_in_any_spelling_are_checked(addrs: list[str], public_fi
     eng = Engine(load_policy_text(text, "fuzz-resolve.yaml"), load_catalog())
     m = eng.decide_target("front.test", 443)
     assert isinstance(m, Match)
-    addresses = eng.static_addresses(m.host)
+    addresses = static_addresses(eng.compiled, m.host)
     assert addresses is not None and len(addresses) == len(values), (values, addresses)
-    d = eng.decide_addresses(m, addresses)
+    d = decide_addresses(eng.compiled, m, addresses)
     assert not d.allowed and d.reason == "private_address", (values, d)
 
 
@@ -334,7 +336,7 @@ _HOSTHDR = st.one_of(
 @given(_HOSTHDR, st.sampled_from([443, 8080]))
 def test_host_header_agrees_only_when_it_names_the_authority(value: str, port: int) -> None:
     _count()
-    bad = ENGINE.check_host_header(FRONT, port, [value], 443, "front")
+    bad = check_host_header(ENGINE.compiled, FRONT, port, [value], 443, "front")
     try:
         h, p = parse_authority(value, 443)
         same = h.value == FRONT.value and p == port

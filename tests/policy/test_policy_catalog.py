@@ -15,6 +15,7 @@ import pytest
 from support.prereq import missing
 
 from egress_guard.engine import Engine, HostIndex, Match
+from egress_guard.engine.rules.addresses import decide_addresses
 from egress_guard.normalize import normalize_host
 from egress_guard.policy import (
     CatalogEntry,
@@ -263,9 +264,9 @@ def test_offline_sends_nothing_off_the_machine() -> None:
     m = eng.decide_target("localhost", 11434)
     assert isinstance(m, Match)
     for addr in ("127.0.0.1", "::1"):
-        assert eng.decide_addresses(m, [ip_address(addr)]).allowed
+        assert decide_addresses(eng.compiled, m, [ip_address(addr)]).allowed
     # localhost resolving somewhere else is not "local"
-    assert eng.decide_addresses(m, [ip_address("10.0.0.1")]).reason == "private_address"
+    assert decide_addresses(eng.compiled, m, [ip_address("10.0.0.1")]).reason == "private_address"
 
 
 def test_a_policy_can_use_every_usable_entry(catalog: dict[str, CatalogEntry]) -> None:
