@@ -5,9 +5,12 @@ destination, loaded through the real policy loader (YAML text -> EffectivePolicy
 Engine). Queries are CONNECT targets: hits of each kind, IP literals inside the CIDRs,
 and misses (which build the "how to allow it" hint). Three figures per size:
 
-- *matcher*: ``Engine.decide_normalized`` on targets already normalised (DESIGN.md's
-  engine is normaliser + matcher + Decision; this is the matcher and the Decision);
-- *decide_target*: the same from raw host and port strings, normaliser included;
+- *matcher*: the name rule (``engine.rules.names.decide_name``) on targets already
+  normalised (DESIGN.md's engine is normaliser + matcher + Decision; this is the matcher
+  and the Decision);
+- *decide_target*: ``Engine.decide(Target(host, port))`` from raw host and port strings,
+  as the proxy asks for a CONNECT: normaliser, names, and for a target with a known
+  address (an IP literal) its address checks; a name answers NeedsAddresses;
 - *HostIndex.match_name*: the name index alone.
 
 ``python -m bench.matcher [--sizes 10,1000] [--seconds 1]``.
@@ -26,10 +29,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from egress_guard.engine import Engine, Match
+from egress_guard.engine import Engine, Match, Target
+from egress_guard.engine.rules.names import decide_name, decide_target
 from egress_guard.normalize import Host, normalize_host, normalize_port
 from egress_guard.policy import load_catalog, load_policy_text
 from egress_guard.proxy.master import _tune_gc
@@ -197,7 +202,7 @@ def _build_all(sizes: tuple[int, ...], seed: int = 1) -> list[_Case]:
         t1 = time.perf_counter()
         eng = Engine(policy, catalog)
         t2 = time.perf_counter()
-        allowed = sum(isinstance(eng.decide_target(h, p), Match) for h, p in queries)
+        allowed = sum(isinstance(decide_target(eng.compiled, h, p), Match) for h, p in queries)
         cases.append(
             _Case(
                 n,
@@ -213,6 +218,16 @@ def _build_all(sizes: tuple[int, ...], seed: int = 1) -> list[_Case]:
             )
         )
     return cases
+
+
+def _asking(eng: Engine):  # type: ignore[no-untyped-def]
+    """``Engine.decide`` as the proxy asks it for a CONNECT: one Target built per call."""
+    decide = eng.decide
+
+    def ask(raw_host: str, raw_port: str):  # type: ignore[no-untyped-def]
+        return decide(Target(raw_host, raw_port))
+
+    return ask
 
 
 def _median(xs: list[float]) -> float:
@@ -244,11 +259,13 @@ def _measure(cases: list[_Case], seconds: float, rounds: int) -> list[Row]:
     for r in range(rounds):
         for c in cases[r % len(cases) :] + cases[: r % len(cases)]:
             s = samples[c.n]
-            index = c.engine._allow  # the HostIndex alone: no normalisation, no Decision
-            s["matcher"].append(_rate(c.engine.decide_normalized, c.normalized, slot))
-            s["mix"].append(_rate(c.engine.decide_target, c.queries, slot))
-            s["hit"].append(_rate(c.engine.decide_target, c.hits, slot / 2))
-            s["miss"].append(_rate(c.engine.decide_target, c.misses, slot / 2))
+            index = c.engine.compiled.allow  # the HostIndex alone: no normalisation, no Decision
+            matcher = partial(decide_name, c.engine.compiled)
+            decide = _asking(c.engine)
+            s["matcher"].append(_rate(matcher, c.normalized, slot))
+            s["mix"].append(_rate(decide, c.queries, slot))
+            s["hit"].append(_rate(decide, c.hits, slot / 2))
+            s["miss"].append(_rate(decide, c.misses, slot / 2))
             s["idx"].append(_rate(lambda h, _p, ix=index: ix.match_name(h), c.names, slot / 2))
     return [
         Row(
@@ -335,7 +352,7 @@ def _make_cached(eng: Engine, limit: int):  # type: ignore[no-untyped-def]
         key = (raw_host, raw_port)
         r = cache.get(key)
         if r is None:
-            r = eng.decide_target(raw_host, raw_port)
+            r = eng.decide(Target(raw_host, raw_port))
             if len(cache) >= limit:
                 cache.clear()
             cache[key] = r
@@ -355,7 +372,7 @@ def candidates(sizes: tuple[int, ...] = (10, 10_000), seconds: float = 1.0) -> s
     for n in sizes:
         c = _build(n)
         hot = c.queries[:50]
-        now = _rate(c.engine.decide_target, c.queries, seconds)
+        now = _rate(_asking(c.engine), c.queries, seconds)
         cold = _rate(_make_cached(c.engine, 4096), c.queries, seconds)
         hot_r = _rate(_make_cached(c.engine, 4096), hot, seconds)
         out.append(
