@@ -97,8 +97,8 @@ class Engine:
         again with the addresses). Anything else: None when the facts add nothing, else
         the Decision (a refusal, or a would_block audit mode let through)."""
         t = type(facts)
-        if t is Target:
-            return self._target(facts)  # type: ignore[arg-type]
+        if t is Target:  # the hot path: one call, no further dispatch
+            return _target(self.compiled, facts)  # type: ignore[arg-type]
         c = self.compiled
         d: Decision | None
         if t is HostNames:
@@ -138,72 +138,6 @@ class Engine:
             raise TypeError(f"no rules for {t.__name__}")
         return None if d is None else apply_mode(c, d)
 
-    def _target(self, f: Target) -> Decision | Approved | NeedsAddresses:
-        """Names, deny, allow, port; then the addresses (static, resolved, or pinned);
-        then the interception an opaque tunnel's request rules need. Ordered as the
-        proxy asked before (names before DNS; a refusal's reason the most specific)."""
-        c = self.compiled
-        host = f.host
-        port = f.port
-        if type(host) is not Host or type(port) is not int:
-            try:
-                host = normalize_host(host)  # type: ignore[arg-type]
-                port = normalize_port(port)
-            except NormalizationError as e:
-                return block("invalid_host", printable(f.host), None, detail=str(e))
-        verdict = decide_name(c, host, port)
-        addrs = f.addresses
-        if type(verdict) is not Match:
-            final = apply_mode(c, verdict)  # type: ignore[arg-type]
-            if not final.allowed:
-                return final
-            # audit mode let an unlisted target through: its addresses still must pass
-            # what no mode lifts (unless a parent proxy resolves it)
-            if addrs is None and not f.reopened:
-                addrs = static_addresses(c, host)
-                if addrs is None:
-                    if not f.parent_resolves:
-                        return new(NeedsAddresses, (host, port))
-                    return new(Approved, (final, host, port, None, None))
-            if addrs is not None:
-                refused = check_unlisted_addresses(c, addrs, host, port)
-                if refused is not None:
-                    return refused
-            address = addrs[0] if addrs is not None else None
-            return new(Approved, (final, host, port, address, None))
-        match: Match = verdict
-        if f.reopened:
-            if addrs is None:  # a parent proxy resolves; decided on the name
-                decision = allowed_by_name(match)
-            else:
-                static = static_addresses(c, match.host)
-                if static is not None and addrs[0] not in static:
-                    # network.resolve now pins the name elsewhere; the open upstream
-                    # cannot move
-                    moved = apply_mode(c, repinned(match, addrs[0], static))
-                    if not moved.allowed:
-                        return moved
-                decision = apply_mode(c, decide_addresses(c, match, addrs))
-        else:
-            if addrs is None:
-                addrs = static_addresses(c, match.host)
-            if addrs is not None:
-                decision = apply_mode(c, decide_addresses(c, match, addrs))
-            elif f.parent_resolves:
-                # A parent proxy resolves names (air-gapped sites may have no DNS here):
-                # the decision is on the name; the parent must do its own address checks.
-                decision = allowed_by_name(match)
-            else:
-                return new(NeedsAddresses, (match.host, port))
-        if f.opaque_tunnel:
-            gap = check_inspection(match.destination, False, decision)
-            if gap is not None:
-                decision = apply_mode(c, gap)
-        if not decision.allowed:
-            return decision
-        address = addrs[0] if addrs is not None else None
-        return new(Approved, (decision, match.host, port, address, match.destination))
-
     def decide_target(self, raw_host: str, raw_port: str | int) -> Decision | Match:
         """Transitional: the name rule alone, for opencode/doctor.py until it asks
         ``decide(Target(...))`` (owned by another change; remove this then)."""
@@ -211,3 +145,69 @@ class Engine:
 
     def destination(self, name: str | None) -> Destination | None:
         return self.compiled.by_name.get(name) if name is not None else None
+
+
+def _target(c: Compiled, f: Target) -> Decision | Approved | NeedsAddresses:
+    """Names, deny, allow, port; then the addresses (static, resolved, or pinned);
+    then the interception an opaque tunnel's request rules need. Ordered as the
+    proxy asked before (names before DNS; a refusal's reason the most specific)."""
+    host = f.host
+    port = f.port
+    if type(host) is not Host or type(port) is not int:
+        try:
+            host = normalize_host(host)  # type: ignore[arg-type]
+            port = normalize_port(port)
+        except NormalizationError as e:
+            return block("invalid_host", printable(f.host), None, detail=str(e))
+    verdict = decide_name(c, host, port)
+    addrs = f.addresses
+    if type(verdict) is not Match:
+        final = apply_mode(c, verdict)  # type: ignore[arg-type]
+        if not final.allowed:
+            return final
+        # audit mode let an unlisted target through: its addresses still must pass
+        # what no mode lifts (unless a parent proxy resolves it)
+        if addrs is None and not f.reopened:
+            addrs = static_addresses(c, host)
+            if addrs is None:
+                if not f.parent_resolves:
+                    return new(NeedsAddresses, (host, port))
+                return new(Approved, (final, host, port, None, None))
+        if addrs is not None:
+            refused = check_unlisted_addresses(c, addrs, host, port)
+            if refused is not None:
+                return refused
+        address = addrs[0] if addrs is not None else None
+        return new(Approved, (final, host, port, address, None))
+    match: Match = verdict
+    if f.reopened:
+        if addrs is None:  # a parent proxy resolves; decided on the name
+            decision = allowed_by_name(match)
+        else:
+            static = static_addresses(c, match.host)
+            if static is not None and addrs[0] not in static:
+                # network.resolve now pins the name elsewhere; the open upstream
+                # cannot move
+                moved = apply_mode(c, repinned(match, addrs[0], static))
+                if not moved.allowed:
+                    return moved
+            decision = apply_mode(c, decide_addresses(c, match, addrs))
+    else:
+        if addrs is None:
+            addrs = static_addresses(c, match.host)
+        if addrs is not None:
+            decision = apply_mode(c, decide_addresses(c, match, addrs))
+        elif f.parent_resolves:
+            # A parent proxy resolves names (air-gapped sites may have no DNS here):
+            # the decision is on the name; the parent must do its own address checks.
+            decision = allowed_by_name(match)
+        else:
+            return new(NeedsAddresses, (match.host, port))
+    if f.opaque_tunnel:
+        gap = check_inspection(match.destination, False, decision)
+        if gap is not None:
+            decision = apply_mode(c, gap)
+    if not decision.allowed:
+        return decision
+    address = addrs[0] if addrs is not None else None
+    return new(Approved, (decision, match.host, port, address, match.destination))
