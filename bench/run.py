@@ -516,10 +516,11 @@ def report(
             "targets already "
             "normalised: the deny rules, the allow index, the port, and the Decision or "
             "Match with its hint (DESIGN.md's engine is normaliser, matcher and Decision; "
-            "this is the last two). *decide_target* is `Engine.decide(Target(host, port))` "
-            "on the raw CONNECT host and port strings, as the proxy asks: it adds the "
-            "normaliser, the mode, and an IP literal's address checks (hits/s and "
-            "misses/s are its). "
+            "this is the last two). *decide_target* takes the raw CONNECT host and port "
+            "strings, so it adds the normaliser (hits/s and misses/s are its). "
+            "*decide(Target)* is the engine's entry point as the proxy asks it for a "
+            "CONNECT (raw strings): one facts tuple, the normaliser, the names, the mode, "
+            "and the address checks of the IP literals (a name answers NeedsAddresses). "
             "*HostIndex.match_name* is the name index lookup alone. "
             f"Medians of {a.matcher_rounds} interleaved rounds, in a fresh Python process "
             "started by the bench after the proxy runs (`python -m bench.matcher`), so the "
@@ -584,6 +585,7 @@ def report(
             for what, attr, target in (
                 ("matcher decisions (canonical target → Decision)", "matcher_per_s", True),
                 ("decide_target (normaliser + matcher)", "decide_per_s", False),
+                ("decide(Target) (the entry point, IP literals' addresses)", "entry_per_s", False),
                 ("HostIndex lookup alone", "index_per_s", False),
             ):
                 v10, v10k = getattr(r10, attr), getattr(r10k, attr)
