@@ -33,6 +33,7 @@ from support.proxy import ProxyProcess
 from egress_guard.engine import Decision, Engine, Match
 from egress_guard.engine.rules.addresses import decide_addresses, static_addresses
 from egress_guard.engine.rules.agreement import check_host_header, check_sni
+from egress_guard.engine.rules.names import decide_target
 from egress_guard.normalize import (
     NormalizationError,
     normalize_host,
@@ -147,9 +148,9 @@ def spell_v6(draw: st.DrawFn, addr: str) -> str:
 def test_private_ipv6_refused_in_every_spelling(data: st.DataObject, addr: str, port: int) -> None:
     _count()
     spelling = data.draw(spell_v6(addr), label="spelling")
-    d = ENGINE.decide_target(spelling, port)
+    d = decide_target(ENGINE.compiled, spelling, port)
     assert isinstance(d, Decision) and not d.allowed, (spelling, d)
-    reference = ENGINE.decide_target(addr, port)
+    reference = decide_target(ENGINE.compiled, addr, port)
     assert isinstance(reference, Decision)
     assert (d.reason, d.host) == (reference.reason, reference.host), (spelling, d, reference)
 
@@ -159,7 +160,7 @@ def test_private_ipv6_refused_in_every_spelling(data: st.DataObject, addr: str, 
 def test_allowed_ipv6_allowed_in_every_spelling(data: st.DataObject) -> None:
     _count()
     spelling = data.draw(spell_v6("2001:db8::10"), label="spelling")
-    m = ENGINE.decide_target(spelling, 443)
+    m = decide_target(ENGINE.compiled, spelling, 443)
     assert isinstance(m, Match) and m.destination.name == "v6", (spelling, m)
 
 
@@ -315,7 +316,7 @@ def test_resolve_entries_in_any_spelling_are_checked(addrs: list[str], public_fi
         "  allow_cidrs: []\n", f"  allow_cidrs: []\n  resolve:\n    front.test: {values!r}\n"
     )
     eng = Engine(load_policy_text(text, "fuzz-resolve.yaml"), load_catalog())
-    m = eng.decide_target("front.test", 443)
+    m = decide_target(eng.compiled, "front.test", 443)
     assert isinstance(m, Match)
     addresses = static_addresses(eng.compiled, m.host)
     assert addresses is not None and len(addresses) == len(values), (values, addresses)

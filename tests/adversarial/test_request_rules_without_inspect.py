@@ -27,6 +27,7 @@ from support.proxy import ProxyFactory
 from support.upstream import Upstream
 
 from egress_guard.engine.rules.mode import apply_mode
+from egress_guard.engine.rules.names import decide_target
 from egress_guard.engine.rules.requests import check_inspection
 
 RULES = {
@@ -218,7 +219,7 @@ def test_engine_check_inspection() -> None:
 
     for mode in ("enforce", "audit"):
         eng = Engine(load_policy_text(rules_policy(443, RULES["paths"], mode=mode), "p.yaml"))
-        m = eng.decide_target("api.test", 443)
+        m = decide_target(eng.compiled, "api.test", 443)
         assert isinstance(m, Match)
         allow = Decision(True, "allow", "allowlisted", "test-api", "api.test", 443)
         assert check_inspection(m.destination, True, allow) is None
@@ -230,7 +231,7 @@ def test_engine_check_inspection() -> None:
         # a target let through for another reason keeps that reason
         other = allow._replace(action="would_block", reason="private_address")
         assert check_inspection(m.destination, False, other) is None
-        plain = eng.decide_target("localhost", 443)
+        plain = decide_target(eng.compiled, "localhost", 443)
         assert isinstance(plain, Match)
         assert check_inspection(plain.destination, False, allow) is None
 

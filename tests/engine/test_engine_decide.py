@@ -13,6 +13,7 @@ from egress_guard.engine.rules.addresses import check_self, decide_addresses, st
 from egress_guard.engine.rules.agreement import check_host_header, check_sni
 from egress_guard.engine.rules.clients import check_client
 from egress_guard.engine.rules.mode import apply_mode
+from egress_guard.engine.rules.names import decide_target
 from egress_guard.engine.rules.requests import check_request
 from egress_guard.normalize import normalize_host
 
@@ -73,7 +74,7 @@ def ips(*addrs: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
 
 def full(eng: Engine, host: str, port: int | str, addrs: Sequence[str] | None) -> Decision:
     """Stage 1 and 2 as the proxy runs them; ``addrs`` None means the static addresses."""
-    d = eng.decide_target(host, port)
+    d = decide_target(eng.compiled, host, port)
     if isinstance(d, Match):
         if addrs is None:
             static = static_addresses(eng.compiled, d.host)
@@ -143,7 +144,7 @@ TARGETS = [
 
 @pytest.mark.parametrize(("host", "port", "expect"), TARGETS)
 def test_decide_target(engine: Engine, host: str, port: int | str, expect: str) -> None:
-    d = engine.decide_target(host, port)
+    d = decide_target(engine.compiled, host, port)
     if isinstance(d, Match):
         assert d.destination.name == expect
         assert d.port == int(port)
@@ -153,33 +154,33 @@ def test_decide_target(engine: Engine, host: str, port: int | str, expect: str) 
 
 
 def test_port_not_allowed_names_the_destination(engine: Engine) -> None:
-    d = engine.decide_target("api.example.com", 80)
+    d = decide_target(engine.compiled, "api.example.com", 80)
     assert isinstance(d, Decision)
     assert d.destination == "exact" and d.label == "exact"
     assert d.hint is not None and "[443]" in d.hint and "policy.yaml:4" in d.hint
 
 
 def test_not_allowlisted_is_unlisted_with_a_hint(engine: Engine) -> None:
-    d = engine.decide_target("example.com", 443)
+    d = decide_target(engine.compiled, "example.com", 443)
     assert isinstance(d, Decision)
     assert d.destination is None and d.label == "unlisted"
     assert d.hint is not None and "hosts: [example.com]" in d.hint
 
 
 def test_hint_names_the_catalog_entry(engine: Engine) -> None:
-    d = engine.decide_target("API.anthropic.com", 443)
+    d = decide_target(engine.compiled, "API.anthropic.com", 443)
     assert isinstance(d, Decision) and d.reason == "not_allowlisted"
     assert d.hint is not None and "'- use: anthropic'" in d.hint
 
 
 def test_denylisted_hint_points_at_the_rule(engine: Engine) -> None:
-    d = engine.decide_target("bad.sub.example.com", 443)
+    d = decide_target(engine.compiled, "bad.sub.example.com", 443)
     assert isinstance(d, Decision)
     assert d.hint is not None and "policy.yaml:21" in d.hint
 
 
 def test_invalid_host_is_printable(engine: Engine) -> None:
-    d = engine.decide_target("a\x00b\r\n.com", 443)
+    d = decide_target(engine.compiled, "a\x00b\r\n.com", 443)
     assert isinstance(d, Decision) and d.reason == "invalid_host"
     assert d.host.isprintable() and "\r" not in d.host and d.port is None
 
@@ -273,7 +274,7 @@ def test_decide_addresses(
     engine: Engine, host: str, addrs: list[str], reason: str, cls: str | None
 ) -> None:
     port = 11434 if host == "127.0.0.1" else 443
-    m = engine.decide_target(host, port)
+    m = decide_target(engine.compiled, host, port)
     assert isinstance(m, Match)
     d = decide_addresses(engine.compiled, m, ips(*addrs))
     assert d.reason == reason
@@ -288,7 +289,7 @@ def test_decide_addresses(
 
 def test_no_addresses_is_dns_failed(engine: Engine, audit_engine: Engine) -> None:
     for eng in (engine, audit_engine):
-        m = eng.decide_target("api.example.com", 443)
+        m = decide_target(eng.compiled, "api.example.com", 443)
         assert isinstance(m, Match)
         d = apply_mode(eng.compiled, decide_addresses(eng.compiled, m, []))
         assert (d.allowed, d.reason) == (False, "dns_failed")
@@ -368,14 +369,14 @@ def test_never_audited_covers_the_design() -> None:
 
 
 def test_audit_invalid_host_and_bad_client_stay_blocked(audit_engine: Engine) -> None:
-    d = apply_mode(audit_engine.compiled, audit_engine.decide_target("exa mple.com", 443))  # type: ignore[arg-type]
+    d = apply_mode(audit_engine.compiled, decide_target(audit_engine.compiled, "exa mple.com", 443))  # type: ignore[arg-type]
     assert (d.allowed, d.reason) == (False, "invalid_host")
     c = check_client(audit_engine.compiled, "203.0.113.9")
     assert c is not None and not apply_mode(audit_engine.compiled, c).allowed
 
 
 def test_enforce_finalize_is_identity(engine: Engine) -> None:
-    d = engine.decide_target("example.com", 443)
+    d = decide_target(engine.compiled, "example.com", 443)
     assert isinstance(d, Decision)
     assert apply_mode(engine.compiled, d) is d
 
@@ -548,12 +549,12 @@ def test_check_self(
 def test_self_connection_whatever_the_policy_says(engine: Engine, audit_engine: Engine) -> None:
     # 127.0.0.1:8080 is allowlisted by the "local" destination, and it is the proxy
     for eng in (engine, audit_engine):
-        m = eng.decide_target("127.0.0.1", 8080)
+        m = decide_target(eng.compiled, "127.0.0.1", 8080)
         assert isinstance(m, Match) and m.destination.name == "local"
         d = apply_mode(eng.compiled, decide_addresses(eng.compiled, m, ips("127.0.0.1")))
         assert (d.allowed, d.reason) == (False, "self_connection")
         # a name that resolves to the proxy is the same loop
-        m = eng.decide_target("api.example.com", 443)
+        m = decide_target(eng.compiled, "api.example.com", 443)
         assert isinstance(m, Match)
         assert decide_addresses(eng.compiled, m, ips("93.184.216.34")).allowed
     looped = decide_addresses(
@@ -572,7 +573,7 @@ def test_check_request(make_engine: EngineFactory) -> None:
         "version: 1\ndestinations:\n  - name: llm\n    hosts: [api.example.com]\n"
         "    methods: [POST]\n    paths: ['/v1/*']\n    models: [m1]\n"
     )
-    m = eng.decide_target("api.example.com", 443)
+    m = decide_target(eng.compiled, "api.example.com", 443)
     assert isinstance(m, Match)
     ok = decide_addresses(eng.compiled, m, ips("93.184.216.34"))
     dest = m.destination

@@ -11,6 +11,7 @@ import pytest
 from egress_guard.engine import Decision, Engine, Match
 from egress_guard.engine.models import ModelUnknown, api_kind, requested_models
 from egress_guard.engine.rules.addresses import decide_addresses
+from egress_guard.engine.rules.names import decide_target
 from egress_guard.engine.rules.requests import check_model_body, check_request
 
 BODY = b'{"model": "m-body"}'
@@ -80,7 +81,7 @@ def llm_allowed(make_engine: Callable[..., Engine]) -> tuple[Engine, Match, Deci
     eng = make_engine(
         "version: 1\ndestinations:\n  - name: llm\n    hosts: [api.example.com]\n    models: [m1]\n"
     )
-    m = eng.decide_target("api.example.com", 443)
+    m = decide_target(eng.compiled, "api.example.com", 443)
     assert isinstance(m, Match)
     return eng, m, decide_addresses(eng.compiled, m, [ipaddress.ip_address("93.184.216.34")])
 

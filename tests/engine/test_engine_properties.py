@@ -19,7 +19,7 @@ from egress_guard.engine.addresses import embedded_ipv4
 from egress_guard.engine.rules.addresses import decide_addresses, static_addresses
 from egress_guard.engine.rules.agreement import check_host_header, check_sni
 from egress_guard.engine.rules.mode import apply_mode
-from egress_guard.engine.rules.names import decide_name
+from egress_guard.engine.rules.names import decide_name, decide_target
 from egress_guard.normalize import Host, NormalizationError, normalize_host, normalize_port
 from egress_guard.policy import load_catalog, load_policy_text
 from egress_guard.policy.patterns import HostPattern, parse_pattern
@@ -115,11 +115,11 @@ def _v4(net: str) -> st.SearchStrategy[ipaddress.IPv4Address]:
 
 
 def _reason(host: str, port: int) -> str:
-    d = ENGINE.decide_target(host, port)
+    d = decide_target(ENGINE.compiled, host, port)
     assert isinstance(d, Decision), f"{host!r} was matched: {d}"
     assert not d.allowed and d.action == "block"
     # audit mode lets it through as would_block, never as allow
-    a = apply_mode(AUDIT.compiled, AUDIT.decide_target(host, port))  # type: ignore[arg-type]
+    a = apply_mode(AUDIT.compiled, decide_target(AUDIT.compiled, host, port))  # type: ignore[arg-type]
     assert a.action != "allow"
     return d.reason
 
@@ -212,7 +212,7 @@ ALLOWED_NAMES = st.one_of(
 
 
 def _allowed(host: str, port: int, addrs: tuple[ipaddress.IPv4Address, ...] | None) -> str:
-    m = ENGINE.decide_target(host, port)
+    m = decide_target(ENGINE.compiled, host, port)
     assert isinstance(m, Match), f"{host!r}: {m}"
     assert m.destination.name == "api"
     if addrs is None:
@@ -305,7 +305,7 @@ def test_unnormalisable_input_is_never_allowed(raw_host: str, raw_port: str | in
     except NormalizationError:
         canonical, port = None, None
     for eng in (ENGINE, AUDIT):
-        d = eng.decide_target(raw_host, raw_port)
+        d = decide_target(eng.compiled, raw_host, raw_port)
         if canonical is None or port is None:
             assert isinstance(d, Decision)
             assert (d.allowed, d.reason) == (False, "invalid_host")
@@ -391,7 +391,7 @@ def test_host_index_matches_brute_force(
 
 def test_fixtures_are_what_they_claim() -> None:
     assert (ENGINE.policy.mode, AUDIT.policy.mode) == ("enforce", "audit")
-    d = apply_mode(AUDIT.compiled, AUDIT.decide_target("example.net", 443))  # type: ignore[arg-type]
+    d = apply_mode(AUDIT.compiled, decide_target(AUDIT.compiled, "example.net", 443))  # type: ignore[arg-type]
     assert d.action == "would_block"
 
 

@@ -21,6 +21,7 @@ from egress_guard.engine import Decision, Engine, Match
 from egress_guard.engine.rules.addresses import decide_addresses
 from egress_guard.engine.rules.clients import check_client
 from egress_guard.engine.rules.mode import apply_mode
+from egress_guard.engine.rules.names import decide_target
 from egress_guard.normalize import normalize_host
 from egress_guard.policy import PolicyError, load_catalog, load_policy_text
 
@@ -56,7 +57,7 @@ MAPPED_RULES = [
 
 
 def _denied(eng: Engine, raw_host: str, resolved: str | None = None) -> bool:
-    verdict = eng.decide_target(raw_host, 443)
+    verdict = decide_target(eng.compiled, raw_host, 443)
     if isinstance(verdict, Decision):
         return verdict.reason == "denylisted" and not apply_mode(eng.compiled, verdict).allowed
     assert isinstance(verdict, Match)
@@ -105,7 +106,7 @@ clients:
   allow_cidrs: ["::ffff:192.0.2.0/120"]
 """,
     )
-    match = eng.decide_target("api.example.com", 443)
+    match = decide_target(eng.compiled, "api.example.com", 443)
     assert isinstance(match, Match)
     assert decide_addresses(eng.compiled, match, [ipaddress.ip_address("10.1.2.3")]).allowed
     assert check_client(eng.compiled, "192.0.2.7") is None

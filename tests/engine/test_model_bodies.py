@@ -19,6 +19,7 @@ import pytest
 from egress_guard.engine import Decision, Engine, Match
 from egress_guard.engine.models import ModelUnknown, NamedModel, requested_models
 from egress_guard.engine.rules.addresses import decide_addresses
+from egress_guard.engine.rules.names import decide_target
 from egress_guard.engine.rules.requests import check_request, refuse_model
 
 CORPUS = Path(__file__).parent.parent / "testdata" / "model_bodies"
@@ -59,7 +60,7 @@ def _engine(make_engine: Callable[..., Engine]) -> tuple[Engine, Match, Decision
         "version: 1\ndestinations:\n  - name: llm\n    hosts: [api.example.com]\n"
         f"    models: [{', '.join(ALLOWED)}]\n"
     )
-    m = eng.decide_target("api.example.com", 443)
+    m = decide_target(eng.compiled, "api.example.com", 443)
     assert isinstance(m, Match)
     return eng, m, decide_addresses(eng.compiled, m, [ipaddress.ip_address("93.184.216.34")])
 

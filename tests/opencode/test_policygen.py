@@ -17,6 +17,7 @@ import pytest
 from egress_guard.cli import app as cli
 from egress_guard.engine import Engine, Match
 from egress_guard.engine.rules.addresses import decide_addresses
+from egress_guard.engine.rules.names import decide_target
 from egress_guard.opencode import contacts as oc
 from egress_guard.opencode.config import OpenCodeConfig, load_config
 from egress_guard.opencode.jsonc import parse_jsonc
@@ -57,7 +58,7 @@ def flat(text: str) -> str:
 
 def allowed(pol: EffectivePolicy, host: str, port: int, addr: str | None = None) -> bool:
     eng = Engine(pol, load_catalog())
-    m = eng.decide_target(host, port)
+    m = decide_target(eng.compiled, host, port)
     if not isinstance(m, Match):
         return False
     if addr is None:
@@ -382,7 +383,7 @@ def test_site_internal_and_plain_http_providers() -> None:
     assert allowed(pol, "10.1.2.3", 8000, "10.1.2.3")
     assert not allowed(pol, "10.1.2.4", 8000)
     # a name that resolves privately is still blocked: the comment and warning say so
-    m = Engine(pol, load_catalog()).decide_target("gpu.lan", 11434)
+    m = decide_target(Engine(pol, load_catalog()).compiled, "gpu.lan", 11434)
     assert isinstance(m, Match)
     blocked = decide_addresses(
         Engine(pol, load_catalog()).compiled, m, [ipaddress.ip_address("192.168.1.9")]
