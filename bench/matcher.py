@@ -5,9 +5,15 @@ destination, loaded through the real policy loader (YAML text -> EffectivePolicy
 Engine). Queries are CONNECT targets: hits of each kind, IP literals inside the CIDRs,
 and misses (which build the "how to allow it" hint). Three figures per size:
 
-- *matcher*: ``Engine.decide_normalized`` on targets already normalised (DESIGN.md's
-  engine is normaliser + matcher + Decision; this is the matcher and the Decision);
-- *decide_target*: the same from raw host and port strings, normaliser included;
+- *matcher*: the name rule (``engine.rules.names.decide_name``) on targets already
+  normalised (DESIGN.md's engine is normaliser + matcher + Decision; this is the matcher
+  and the Decision);
+- *decide_target*: the same from raw host and port strings, normaliser included (the
+  name rule ``engine.rules.names.decide_target``);
+- *decide(Target)*: ``Engine.decide(Target(host, port))`` from raw strings, as the
+  proxy asks for a CONNECT: one facts tuple, the normaliser, the names, the mode, and
+  for a target with a known address (the IP literals) its address checks; a name
+  answers NeedsAddresses (the proxy resolves it);
 - *HostIndex.match_name*: the name index alone.
 
 ``python -m bench.matcher [--sizes 10,1000] [--seconds 1]``.
@@ -26,10 +32,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from egress_guard.engine import Engine, Match
+from egress_guard.engine import Engine, Match, Target
+from egress_guard.engine.rules.names import decide_name, decide_target
 from egress_guard.normalize import Host, normalize_host, normalize_port
 from egress_guard.policy import load_catalog, load_policy_text
 from egress_guard.proxy.master import _tune_gc
@@ -147,6 +155,8 @@ class Row:
     misses_per_s: float
     index_per_s: float
     allowed_share: float
+    #: Engine.decide(Target(...)) on the mix (0 in results saved before it was measured)
+    entry_per_s: float = 0.0
 
 
 @dataclass
@@ -197,7 +207,7 @@ def _build_all(sizes: tuple[int, ...], seed: int = 1) -> list[_Case]:
         t1 = time.perf_counter()
         eng = Engine(policy, catalog)
         t2 = time.perf_counter()
-        allowed = sum(isinstance(eng.decide_target(h, p), Match) for h, p in queries)
+        allowed = sum(isinstance(decide_target(eng.compiled, h, p), Match) for h, p in queries)
         cases.append(
             _Case(
                 n,
@@ -213,6 +223,16 @@ def _build_all(sizes: tuple[int, ...], seed: int = 1) -> list[_Case]:
             )
         )
     return cases
+
+
+def _asking(eng: Engine):  # type: ignore[no-untyped-def]
+    """``Engine.decide`` as the proxy asks it for a CONNECT: one Target built per call."""
+    decide = eng.decide
+
+    def ask(raw_host: str, raw_port: str):  # type: ignore[no-untyped-def]
+        return decide(Target(raw_host, raw_port))
+
+    return ask
 
 
 def _median(xs: list[float]) -> float:
@@ -238,17 +258,21 @@ def run(sizes: tuple[int, ...] = SIZES, seconds: float = 1.5, rounds: int = 3) -
 
 def _measure(cases: list[_Case], seconds: float, rounds: int) -> list[Row]:
     samples: dict[int, dict[str, list[float]]] = {
-        c.n: {"matcher": [], "mix": [], "hit": [], "miss": [], "idx": []} for c in cases
+        c.n: {"matcher": [], "mix": [], "hit": [], "miss": [], "idx": [], "entry": []}
+        for c in cases
     }
     slot = seconds / rounds
     for r in range(rounds):
         for c in cases[r % len(cases) :] + cases[: r % len(cases)]:
             s = samples[c.n]
-            index = c.engine._allow  # the HostIndex alone: no normalisation, no Decision
-            s["matcher"].append(_rate(c.engine.decide_normalized, c.normalized, slot))
-            s["mix"].append(_rate(c.engine.decide_target, c.queries, slot))
-            s["hit"].append(_rate(c.engine.decide_target, c.hits, slot / 2))
-            s["miss"].append(_rate(c.engine.decide_target, c.misses, slot / 2))
+            index = c.engine.compiled.allow  # the HostIndex alone: no normalisation, no Decision
+            matcher = partial(decide_name, c.engine.compiled)
+            by_name = partial(decide_target, c.engine.compiled)
+            s["matcher"].append(_rate(matcher, c.normalized, slot))
+            s["mix"].append(_rate(by_name, c.queries, slot))
+            s["hit"].append(_rate(by_name, c.hits, slot / 2))
+            s["miss"].append(_rate(by_name, c.misses, slot / 2))
+            s["entry"].append(_rate(_asking(c.engine), c.queries, slot))
             s["idx"].append(_rate(lambda h, _p, ix=index: ix.match_name(h), c.names, slot / 2))
     return [
         Row(
@@ -261,6 +285,7 @@ def _measure(cases: list[_Case], seconds: float, rounds: int) -> list[Row]:
             _median(samples[c.n]["miss"]),
             _median(samples[c.n]["idx"]),
             c.allowed_share,
+            _median(samples[c.n]["entry"]),
         )
         for c in cases
     ]
@@ -273,15 +298,17 @@ def markdown(rows: list[Row]) -> str:
     out = [
         "| rules | policy load | Engine build | matcher decisions/s (mix) | vs 10 rules "
         "| decide_target/s (mix) | vs 10 rules | hits/s "
-        "| misses/s | HostIndex.match_name/s | vs 10 rules | allowed share |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| misses/s | HostIndex.match_name/s | vs 10 rules | allowed share "
+        "| decide(Target)/s (mix) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         out.append(
             f"| {r.rules:,} | {r.load_s:.2f} s | {r.compile_s:.2f} s "
             f"| {r.matcher_per_s:,.0f} | {r.matcher_per_s / mbase:.2f}× | {r.decide_per_s:,.0f} "
             f"| {r.decide_per_s / base:.2f}× | {r.hits_per_s:,.0f} | {r.misses_per_s:,.0f} "
-            f"| {r.index_per_s:,.0f} | {r.index_per_s / ibase:.2f}× | {r.allowed_share:.0%} |"
+            f"| {r.index_per_s:,.0f} | {r.index_per_s / ibase:.2f}× | {r.allowed_share:.0%} "
+            f"| {r.entry_per_s:,.0f} |"
         )
     return "\n".join(out)
 
@@ -335,7 +362,7 @@ def _make_cached(eng: Engine, limit: int):  # type: ignore[no-untyped-def]
         key = (raw_host, raw_port)
         r = cache.get(key)
         if r is None:
-            r = eng.decide_target(raw_host, raw_port)
+            r = eng.decide(Target(raw_host, raw_port))
             if len(cache) >= limit:
                 cache.clear()
             cache[key] = r
@@ -355,7 +382,7 @@ def candidates(sizes: tuple[int, ...] = (10, 10_000), seconds: float = 1.0) -> s
     for n in sizes:
         c = _build(n)
         hot = c.queries[:50]
-        now = _rate(c.engine.decide_target, c.queries, seconds)
+        now = _rate(_asking(c.engine), c.queries, seconds)
         cold = _rate(_make_cached(c.engine, 4096), c.queries, seconds)
         hot_r = _rate(_make_cached(c.engine, 4096), hot, seconds)
         out.append(

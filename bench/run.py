@@ -512,11 +512,15 @@ def report(
             "\nRules: exact : `*.` : `**.` : CIDR = 4 : 2 : 2 : 2, ten per destination, "
             "loaded from YAML by the real loader. Query mix: 30% exact hits, 20% "
             "`*.` hits, 20% `**.` hits, 15% IP literals inside a CIDR, 15% misses. "
-            "*matcher decisions* are `Engine.decide_normalized` on targets already "
+            "*matcher decisions* are the name rule (`engine.rules.names.decide_name`) on "
+            "targets already "
             "normalised: the deny rules, the allow index, the port, and the Decision or "
             "Match with its hint (DESIGN.md's engine is normaliser, matcher and Decision; "
             "this is the last two). *decide_target* takes the raw CONNECT host and port "
             "strings, so it adds the normaliser (hits/s and misses/s are its). "
+            "*decide(Target)* is the engine's entry point as the proxy asks it for a "
+            "CONNECT (raw strings): one facts tuple, the normaliser, the names, the mode, "
+            "and the address checks of the IP literals (a name answers NeedsAddresses). "
             "*HostIndex.match_name* is the name index lookup alone. "
             f"Medians of {a.matcher_rounds} interleaved rounds, in a fresh Python process "
             "started by the bench after the proxy runs (`python -m bench.matcher`), so the "
@@ -581,6 +585,7 @@ def report(
             for what, attr, target in (
                 ("matcher decisions (canonical target → Decision)", "matcher_per_s", True),
                 ("decide_target (normaliser + matcher)", "decide_per_s", False),
+                ("decide(Target) (the entry point, IP literals' addresses)", "entry_per_s", False),
                 ("HostIndex lookup alone", "index_per_s", False),
             ):
                 v10, v10k = getattr(r10, attr), getattr(r10k, attr)

@@ -15,6 +15,7 @@ from support.rotated import rotated_set
 
 from egress_guard.cli import app as cli
 from egress_guard.engine import Decision, Engine, Match
+from egress_guard.engine.rules.names import decide_target
 from egress_guard.policy import load_catalog, load_policy_text
 from egress_guard.sinks.audit import AuditLog
 from egress_guard.sinks.audit.read import order_files
@@ -360,14 +361,14 @@ def test_learn_policy(runs: Runs) -> None:
         ("github.com", 443),
         ("example.org", 8443),
     ]:
-        assert isinstance(engine.decide_target(host, port), Match), (host, port)
+        assert isinstance(decide_target(engine.compiled, host, port), Match), (host, port)
     for host, port in [
         ("example.org", 443),
         ("evil.example", 443),
         ("api.openai.com", 443),
         ("db.corp.example", 443),
     ]:
-        d = engine.decide_target(host, port)
+        d = decide_target(engine.compiled, host, port)
         assert isinstance(d, Decision) and not d.allowed, (host, port)
 
 

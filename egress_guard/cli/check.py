@@ -13,40 +13,45 @@ from typing import Any
 
 from egress_guard.cli.exits import EXIT_FAIL, EXIT_OK
 from egress_guard.cli.shared import inspection_warning, policy_or_minimal
-from egress_guard.engine import Decision, Engine, Match
+from egress_guard.engine import Approved, Decision, Engine, Target
 from egress_guard.normalize import NormalizationError, normalize_host, parse_target
 from egress_guard.policy import Destination, load_catalog
 
 
 def _check_one(engine: Engine, target: str, resolve: bool) -> dict[str, object]:
+    note = None
+    dest: Destination | None = None
     try:
         host, port = parse_target(target)
     except NormalizationError as e:
-        d: Decision | Match = Decision(
-            False, "block", "invalid_host", None, target, None, None, str(e)
-        )
+        d = Decision(False, "block", "invalid_host", None, target, None, None, str(e))
     else:
-        d = engine.decide_normalized(host, port)
-    note = None
-    dest: Destination | None = None
-    if isinstance(d, Match):
-        dest = d.destination
-        addrs = engine.static_addresses(d.host)
-        if addrs is None and resolve:
-            try:
-                infos = socket.getaddrinfo(d.host.value, d.port, type=socket.SOCK_STREAM)
-                addrs = tuple(
-                    ip for ip in (normalize_host(str(i[4][0])).ip for i in infos) if ip is not None
-                )
-            except OSError as e:
-                note = f"DNS lookup failed: {e}"
-                addrs = ()
-        if addrs is None:
-            note = "addresses not checked (run with --resolve to look the name up)"
-            d = Decision(True, "allow", "allowlisted", d.destination.name, d.host.value, d.port)
+        # decided on the name as a parent proxy would, then (--resolve) on the addresses
+        # DNS gives a name the policy lists
+        facts = Target(host, port, parent_resolves=True)
+        verdict = engine.decide(facts)
+        if type(verdict) is Approved and verdict.address is None and verdict.destination:
+            if resolve:
+                try:
+                    infos = socket.getaddrinfo(host.value, port, type=socket.SOCK_STREAM)
+                    addrs = tuple(
+                        ip
+                        for ip in (normalize_host(str(i[4][0])).ip for i in infos)
+                        if ip is not None
+                    )
+                except OSError as e:
+                    note = f"DNS lookup failed: {e}"
+                    addrs = ()
+                verdict = engine.decide(facts._replace(addresses=addrs))
+            else:
+                note = "addresses not checked (run with --resolve to look the name up)"
+        if type(verdict) is Approved:
+            d, dest = verdict.decision, verdict.destination
         else:
-            d = engine.decide_addresses(d, addrs)
-    d = engine.finalize(d)
+            d = verdict  # type: ignore[assignment]
+            # a refusal after the name matched (its addresses) keeps the destination
+            named = d.reason != "port_not_allowed"
+            dest = engine.destination(d.destination) if named else None
     return {
         "target": target,
         "host": d.host,

@@ -8,7 +8,7 @@ under egress_guard/engine/ (tests/proxy/test_no_decisions_in_proxy.py keeps it s
 
 from __future__ import annotations
 
-from egress_guard.engine.decide import Decision, Match
+from egress_guard.engine.types import Decision, Match
 
 #: what the client is told when the audit sink cannot record its traffic (also inside
 #: an inspected API call, in the provider's format)

@@ -14,7 +14,7 @@ import time
 from mitmproxy import ctx, http
 from mitmproxy.connection import Client
 
-from egress_guard.engine import Decision
+from egress_guard.engine import Decision, ModelUnread, Request
 from egress_guard.engine.models import ModelUnknown, requested_models
 from egress_guard.engine.verdicts import buffer_budget
 from egress_guard.proxy.bodybudget import HELD_BODY_GRACE, Held
@@ -84,14 +84,13 @@ class Bodies:
                 content_type=req.headers.get_all("content-type"),
             )
         except ModelUnknown as e:
-            bad: Decision | None = eng.refuse_model(dest, decision, str(e))
+            bad = eng.decide(ModelUnread(dest, decision, str(e)))
         else:
-            bad = eng.check_request(dest, req.method, req.path, models, decision)
+            bad = eng.decide(Request(dest, req.method, req.path, models, decision))
         if bad is not None:
-            final = eng.finalize(bad)
-            if not final.allowed:
-                raise Blocked(final)
-            decision = final
+            if not bad.allowed:
+                raise Blocked(bad)
+            decision = bad
         opens = flow.metadata.pop(OPENS_KEY, False)
         await self.g.admit(
             flow.client_conn.id, state, decision, method=req.method, path=req.path, opens=opens

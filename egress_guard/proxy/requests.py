@@ -12,9 +12,9 @@ from __future__ import annotations
 from mitmproxy import ctx, http
 from mitmproxy.connection import Client
 
-from egress_guard.engine import Decision, Engine
-from egress_guard.engine.decide import printable
+from egress_guard.engine import BodyShape, Decision, Engine, Request
 from egress_guard.engine.models import api_kind
+from egress_guard.engine.types import printable
 from egress_guard.engine.verdicts import malformed_request
 from egress_guard.policy.model import Destination
 from egress_guard.proxy.accounting import count_http, head_size
@@ -38,7 +38,6 @@ from egress_guard.proxy.target import (
     gate,
     raw_target,
     redecide_tunnel,
-    require_inspection,
     rule_path,
 )
 from egress_guard.proxy.upstream import retire
@@ -92,8 +91,7 @@ class Requests:
         req = flow.request
         gate(g, eng, state, req.headers, req.host)
         host, port = raw_target(req)
-        approval = await authorize(g, eng, host, port)
-        require_inspection(eng, approval)
+        approval = await authorize(g, eng, host, port, tunnel=True)
         # recorded (written) before anything opens; refused (no close record) if not
         await g.admit(flow.client_conn.id, state, approval.decision, method="CONNECT", opens=True)
         state.tunnel = (approval.host, approval.port)
@@ -182,29 +180,28 @@ class Requests:
         alike. Returns the decision to record, or None when the model is in the body: then
         the body is kept whole and the ``request`` hook (bodies.py) decides and records."""
         req = flow.request
-        bad = eng.check_request(
-            dest, req.method, req.path, None, decision, upgrade=req.headers.get("upgrade")
-        )
+        upgrade = req.headers.get("upgrade")
+        bad = eng.decide(Request(dest, req.method, req.path, None, decision, upgrade))
         if bad is not None:
-            final = eng.finalize(bad)
-            if not final.allowed:
-                raise Blocked(final)
-            decision = final  # audit mode: recorded as would_block
+            if not bad.allowed:
+                raise Blocked(bad)
+            decision = bad  # audit mode: recorded as would_block
         if dest.models is not None and api_kind(rule_path(req.path)) is not None:
-            unheld = eng.check_model_body(
-                dest,
-                decision,
-                req.method,
-                req.headers.get("content-length"),
-                "transfer-encoding" in req.headers,
-                ctx.options.egress_guard_max_model_body,
-                http1=not (req.is_http2 or req.is_http3),
+            unheld = eng.decide(
+                BodyShape(
+                    dest,
+                    decision,
+                    req.method,
+                    req.headers.get("content-length"),
+                    "transfer-encoding" in req.headers,
+                    ctx.options.egress_guard_max_model_body,
+                    not (req.is_http2 or req.is_http3),
+                )
             )
             if unheld is not None:
-                final = eng.finalize(unheld)
-                if not final.allowed:
-                    raise Blocked(final)
-                return final  # audit mode: would_block, and the body streams unbuffered
+                if not unheld.allowed:
+                    raise Blocked(unheld)
+                return unheld  # audit mode: would_block, and the body streams unbuffered
             hold_body(self.g, flow, decision)
             flow.metadata[MODEL_CHECK_KEY] = dest.name
             flow.metadata[DECISION_KEY] = decision

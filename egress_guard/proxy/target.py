@@ -14,22 +14,22 @@ import time
 
 from mitmproxy import ctx, http
 
-from egress_guard.engine import Decision, Engine, Match
-from egress_guard.engine.decide import printable
-from egress_guard.engine.paths import AmbiguousPath, canonical_path
-from egress_guard.engine.verdicts import (
-    allowed_by_name,
-    dns_failed,
-    invalid_host,
-    proxy_auth_required,
-    repinned,
+from egress_guard.engine import (
+    Approved,
+    Client,
+    Decision,
+    Engine,
+    HostNames,
+    NeedsAddresses,
+    Target,
 )
+from egress_guard.engine.paths import AmbiguousPath, canonical_path
+from egress_guard.engine.types import printable
+from egress_guard.engine.verdicts import dns_failed, invalid_host
 from egress_guard.normalize import (
     Host,
     IPAddress,
     NormalizationError,
-    normalize_host,
-    normalize_port,
     parse_authority,
     socket_ip,
 )
@@ -39,11 +39,9 @@ from egress_guard.proxy.state import Approval, Blocked, ConnState, GuardState
 
 def gate(g: GuardState, eng: Engine, state: ConnState, headers: http.Headers, host: str) -> None:
     """Client ACL, proxy auth, sink health: refuse before looking at the target."""
-    d = eng.check_client(state.client)
+    d = eng.decide(Client(state.client, _authorized(g.users, headers), host))
     if d is not None:
-        raise Blocked(d._replace(host=host))
-    if eng.policy.clients.auth is not None and not _authorized(g.users, headers):
-        raise Blocked(proxy_auth_required(host))
+        raise Blocked(d)
     g.check_sinks(host)
 
 
@@ -69,65 +67,52 @@ def _check_password(expected: str, given: str) -> bool:
     return hmac.compare_digest(expected.encode(), given.encode())
 
 
-def raw_target(req: http.Request) -> tuple[str, str | int]:
+def raw_target(req: http.Request) -> tuple[str | Host, str | int]:
     """The target as the client wrote it, parsed strictly by our normaliser.
 
     mitmproxy has already split the authority, leniently (``[name]`` loses its
     brackets, full-width digits and ``0443`` become 443); the raw text is what the strict
-    rules of DESIGN section 4 apply to.
+    rules of DESIGN section 4 apply to. Returns the normalised Host and port (the engine
+    does not normalise them again), or mitmproxy's host and port when there is no raw
+    authority (the engine normalises those).
     """
     raw = req.authority
     if not raw:
         return req.host, req.port
     default = None if req.method == "CONNECT" else (443 if req.scheme == "https" else 80)
     try:
-        host, port = parse_authority(raw, default)
+        return parse_authority(raw, default)
     except NormalizationError as e:
         raise Blocked(invalid_host(printable(raw), str(e))) from None
-    return host.value, port
 
 
-async def authorize(g: GuardState, eng: Engine, raw_host: str, raw_port: str | int) -> Approval:
-    """Decide a target end to end (names, DNS, addresses). Raises Blocked."""
-    approval = await _decide_target(g, eng, raw_host, raw_port)
+async def authorize(
+    g: GuardState, eng: Engine, host: str | Host, port: str | int, *, tunnel: bool = False
+) -> Approval:
+    """Decide a target end to end (names, DNS, addresses; for a CONNECT ``tunnel``, the
+    interception its destination's request rules need). Raises Blocked.
+
+    The engine decides; the proxy only looks the name up when the engine needs its
+    addresses (DNS is I/O, which the engine has none of)."""
+    facts = Target(
+        host,
+        port,
+        parent_resolves=g.parent is not None,
+        opaque_tunnel=tunnel and not ctx.options.egress_guard_inspect,
+    )
+    verdict = eng.decide(facts)
+    if type(verdict) is NeedsAddresses:
+        addrs = await _resolve(verdict.host, verdict.port)
+        verdict = eng.decide(facts._replace(host=verdict.host, port=verdict.port, addresses=addrs))
+    if type(verdict) is not Approved:
+        raise Blocked(verdict)  # type: ignore[arg-type]
+    ok: Approved = verdict
+    approval = Approval(ok.decision, ok.host, ok.port, ok.address, ok.destination, time.monotonic())
     approval.policy_sha256 = eng.policy.sha256
     return approval
 
 
-async def _decide_target(
-    g: GuardState, eng: Engine, raw_host: str, raw_port: str | int
-) -> Approval:
-    verdict = eng.decide_target(raw_host, raw_port)
-    if isinstance(verdict, Decision):
-        final = eng.finalize(verdict)
-        if not final.allowed:
-            raise Blocked(final)
-        # audit mode: let it through, but it still needs checked, pinned addresses
-        host, port = normalize_host(raw_host), normalize_port(raw_port)
-        if g.parent is not None and eng.static_addresses(host) is None:
-            return Approval(final, host, port, None, None, time.monotonic())
-        addrs = await _addresses(eng, host, port)
-        refused = eng.check_unlisted_addresses(addrs, host, port)
-        if refused is not None:
-            raise Blocked(refused)
-        return Approval(final, host, port, addrs[0], None, time.monotonic())
-    match: Match = verdict
-    if g.parent is not None and eng.static_addresses(match.host) is None:
-        # A parent proxy resolves names (air-gapped sites may have no DNS here): the
-        # decision is on the name; the parent must do its own address checks.
-        d = allowed_by_name(match)
-        return Approval(d, match.host, match.port, None, match.destination, time.monotonic())
-    addrs = await _addresses(eng, match.host, match.port)
-    final = eng.finalize(eng.decide_addresses(match, addrs))
-    if not final.allowed:
-        raise Blocked(final)
-    return Approval(final, match.host, match.port, addrs[0], match.destination, time.monotonic())
-
-
-async def _addresses(eng: Engine, host: Host, port: int) -> tuple[IPAddress, ...]:
-    static = eng.static_addresses(host)
-    if static is not None:
-        return static
+async def _resolve(host: Host, port: int) -> tuple[IPAddress, ...]:
     try:
         infos = await resolver.lookup(host.value, port)
     except (OSError, TimeoutError) as e:
@@ -147,54 +132,25 @@ def _dns_failed(host: Host, port: int, detail: str) -> Blocked:
     return Blocked(dns_failed(host.value, port, detail))
 
 
-def require_inspection(eng: Engine, approval: Approval) -> None:
-    """A tunnel to a destination with request rules opens only when it is intercepted
-    (raises Blocked). Audit mode lets it through as would_block: recorded, never
-    silent, but its request rules go unchecked."""
-    gap = eng.check_inspection(
-        approval.destination, bool(ctx.options.egress_guard_inspect), approval.decision
-    )
-    if gap is None:
-        return
-    final = eng.finalize(gap)
-    if not final.allowed:
-        raise Blocked(final)
-    approval.decision = final
-
-
 def redecide_tunnel(eng: Engine, state: ConnState, approval: Approval) -> Decision:
     """The policy changed while an intercepted tunnel was open: decide its target
     again, so its requests get the new rules (a renamed destination included) and a
     target or pinned address the new policy refuses gets no more requests. A
     destination that gained request rules needs interception now (inspection_required
     without it). Raises Blocked; returns the new tunnel decision."""
-    verdict = eng.decide_target(approval.host.value, approval.port)
-    if isinstance(verdict, Decision):
-        final = eng.finalize(verdict)
-        if final.allowed and approval.address is not None:
-            # audit mode: the pinned address must still pass what no mode lifts
-            refused = eng.check_unlisted_addresses(
-                (approval.address,), approval.host, approval.port
-            )
-            final = refused if refused is not None else final
-    elif approval.address is None:  # a parent proxy resolves; decided on the name
-        final = allowed_by_name(verdict)
-    else:
-        static = eng.static_addresses(verdict.host)
-        if static is not None and approval.address not in static:
-            # network.resolve now pins the name elsewhere; the open upstream cannot move
-            moved = eng.finalize(repinned(verdict, approval.address, static))
-            if not moved.allowed:
-                raise Blocked(moved)
-        final = eng.finalize(eng.decide_addresses(verdict, (approval.address,)))
-    if not isinstance(verdict, Decision):
-        gap = eng.check_inspection(
-            verdict.destination, bool(ctx.options.egress_guard_inspect), final
+    pinned = (approval.address,) if approval.address is not None else None
+    verdict = eng.decide(
+        Target(
+            approval.host,
+            approval.port,
+            pinned,
+            opaque_tunnel=not ctx.options.egress_guard_inspect,
+            reopened=True,
         )
-        if gap is not None:
-            final = eng.finalize(gap)
-    if not final.allowed:
-        raise Blocked(final)
+    )
+    if type(verdict) is not Approved:
+        raise Blocked(verdict)  # type: ignore[arg-type]
+    final: Decision = verdict.decision
     state.tunnel_decision = final
     approval.policy_sha256 = eng.policy.sha256
     return final
@@ -220,13 +176,10 @@ def check_host_header(
     elif values is None:
         values = req.headers.get_all("host")
     default = 443 if req.scheme == "https" else 80
-    bad = eng.check_host_header(host, port, values, default, dest, also=also)
-    if bad is None:
-        return None
-    final = eng.finalize(bad)
-    if not final.allowed:
-        raise Blocked(final)
-    return final
+    bad = eng.decide(HostNames(host, port, values, default, dest, also))
+    if bad is not None and not bad.allowed:
+        raise Blocked(bad)
+    return bad
 
 
 def audited(decision: Decision, mismatch: Decision | None) -> Decision:

@@ -18,7 +18,7 @@ from mitmproxy.proxy.layers.tcp import TCPLayer
 from mitmproxy.proxy.layers.tls import ClientTLSLayer, parse_client_hello
 from mitmproxy.tls import ClientHelloData
 
-from egress_guard.engine import Decision, Reason
+from egress_guard.engine import Decision, Reason, ServerName, UnreadableName
 from egress_guard.engine.verdicts import internal_error
 from egress_guard.proxy.patches import splice
 from egress_guard.proxy.state import Blocked, ConnState, GuardState
@@ -176,10 +176,10 @@ class TunnelStart:
         assert state.tunnel is not None
         host, port = state.tunnel
         dest = state.tunnel_decision.destination if state.tunnel_decision else None
-        eng = self.g.current_engine()
-        return self._tunnel_verdict(
-            conn_id, state, eng.unreadable_name(reason, host, port, dest, detail)
-        )
+        unreadable = UnreadableName(reason, host, port, dest, detail)
+        bad = self.g.current_engine().decide(unreadable)
+        assert bad is not None  # an unreadable name is always a block (maybe let through)
+        return self._tunnel_verdict(conn_id, state, bad)
 
     def _sni_ok(self, conn_id: str, state: ConnState, sni: str | None) -> bool:
         """Check the SNI against the CONNECT target and the deny rules; record and mark
@@ -187,7 +187,7 @@ class TunnelStart:
         assert state.tunnel is not None
         host, port = state.tunnel
         dest = state.tunnel_decision.destination if state.tunnel_decision else None
-        bad = self.g.current_engine().check_sni(host, port, sni, dest)
+        bad = self.g.current_engine().decide(ServerName(host, port, sni, dest))
         return bad is None or self._tunnel_verdict(conn_id, state, bad)
 
     def _tunnel_verdict(self, conn_id: str, state: ConnState, bad: Decision) -> bool:
@@ -197,7 +197,7 @@ class TunnelStart:
         the connection: ``block`` when refused (see GuardState.close_records),
         ``would_block`` when audit mode let it through."""
         assert state.tunnel is not None
-        final = self.g.recordable(self.g.current_engine().finalize(bad))
+        final = self.g.recordable(bad)
         self.g.record(conn_id, state, final)
         if not final.allowed:
             state.blocked = final.reason

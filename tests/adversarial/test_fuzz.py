@@ -31,6 +31,9 @@ from support.adv_wire import client_hello, open_conn, read_outcome
 from support.proxy import ProxyProcess
 
 from egress_guard.engine import Decision, Engine, Match
+from egress_guard.engine.rules.addresses import decide_addresses, static_addresses
+from egress_guard.engine.rules.agreement import check_host_header, check_sni
+from egress_guard.engine.rules.names import decide_target
 from egress_guard.normalize import (
     NormalizationError,
     normalize_host,
@@ -145,9 +148,9 @@ def spell_v6(draw: st.DrawFn, addr: str) -> str:
 def test_private_ipv6_refused_in_every_spelling(data: st.DataObject, addr: str, port: int) -> None:
     _count()
     spelling = data.draw(spell_v6(addr), label="spelling")
-    d = ENGINE.decide_target(spelling, port)
+    d = decide_target(ENGINE.compiled, spelling, port)
     assert isinstance(d, Decision) and not d.allowed, (spelling, d)
-    reference = ENGINE.decide_target(addr, port)
+    reference = decide_target(ENGINE.compiled, addr, port)
     assert isinstance(reference, Decision)
     assert (d.reason, d.host) == (reference.reason, reference.host), (spelling, d, reference)
 
@@ -157,7 +160,7 @@ def test_private_ipv6_refused_in_every_spelling(data: st.DataObject, addr: str, 
 def test_allowed_ipv6_allowed_in_every_spelling(data: st.DataObject) -> None:
     _count()
     spelling = data.draw(spell_v6("2001:db8::10"), label="spelling")
-    m = ENGINE.decide_target(spelling, 443)
+    m = decide_target(ENGINE.compiled, spelling, 443)
     assert isinstance(m, Match) and m.destination.name == "v6", (spelling, m)
 
 
@@ -263,7 +266,7 @@ def _sni_decision(raw: bytes, extra: bytes | None = None) -> tuple[bool, str | N
     sni = hello.sni
     if sni_problem(hello) is not None:  # an SNI extension the guard cannot read: refused
         return False, sni
-    return ENGINE.check_sni(FRONT, 443, sni, "front") is None, sni
+    return check_sni(ENGINE.compiled, FRONT, 443, sni, "front") is None, sni
 
 
 def _same_name(raw: bytes) -> bool:
@@ -313,11 +316,11 @@ def test_resolve_entries_in_any_spelling_are_checked(addrs: list[str], public_fi
         "  allow_cidrs: []\n", f"  allow_cidrs: []\n  resolve:\n    front.test: {values!r}\n"
     )
     eng = Engine(load_policy_text(text, "fuzz-resolve.yaml"), load_catalog())
-    m = eng.decide_target("front.test", 443)
+    m = decide_target(eng.compiled, "front.test", 443)
     assert isinstance(m, Match)
-    addresses = eng.static_addresses(m.host)
+    addresses = static_addresses(eng.compiled, m.host)
     assert addresses is not None and len(addresses) == len(values), (values, addresses)
-    d = eng.decide_addresses(m, addresses)
+    d = decide_addresses(eng.compiled, m, addresses)
     assert not d.allowed and d.reason == "private_address", (values, d)
 
 
@@ -334,7 +337,7 @@ _HOSTHDR = st.one_of(
 @given(_HOSTHDR, st.sampled_from([443, 8080]))
 def test_host_header_agrees_only_when_it_names_the_authority(value: str, port: int) -> None:
     _count()
-    bad = ENGINE.check_host_header(FRONT, port, [value], 443, "front")
+    bad = check_host_header(ENGINE.compiled, FRONT, port, [value], 443, "front")
     try:
         h, p = parse_authority(value, 443)
         same = h.value == FRONT.value and p == port

@@ -26,6 +26,10 @@ from support.policies import make_policy
 from support.proxy import ProxyFactory
 from support.upstream import Upstream
 
+from egress_guard.engine.rules.mode import apply_mode
+from egress_guard.engine.rules.names import decide_target
+from egress_guard.engine.rules.requests import check_inspection
+
 RULES = {
     "models": "    models: [good-model]\n",
     "paths": '    paths: ["/v1/*"]\n',
@@ -215,21 +219,21 @@ def test_engine_check_inspection() -> None:
 
     for mode in ("enforce", "audit"):
         eng = Engine(load_policy_text(rules_policy(443, RULES["paths"], mode=mode), "p.yaml"))
-        m = eng.decide_target("api.test", 443)
+        m = decide_target(eng.compiled, "api.test", 443)
         assert isinstance(m, Match)
         allow = Decision(True, "allow", "allowlisted", "test-api", "api.test", 443)
-        assert eng.check_inspection(m.destination, True, allow) is None
-        gap = eng.check_inspection(m.destination, False, allow)
+        assert check_inspection(m.destination, True, allow) is None
+        gap = check_inspection(m.destination, False, allow)
         assert gap is not None and (gap.allowed, gap.reason) == (False, "inspection_required")
         assert gap.destination == "test-api" and "--inspect" in (gap.hint or "")
-        final = eng.finalize(gap)
+        final = apply_mode(eng.compiled, gap)
         assert final.action == ("would_block" if mode == "audit" else "block")
         # a target let through for another reason keeps that reason
         other = allow._replace(action="would_block", reason="private_address")
-        assert eng.check_inspection(m.destination, False, other) is None
-        plain = eng.decide_target("localhost", 443)
+        assert check_inspection(m.destination, False, other) is None
+        plain = decide_target(eng.compiled, "localhost", 443)
         assert isinstance(plain, Match)
-        assert eng.check_inspection(plain.destination, False, allow) is None
+        assert check_inspection(plain.destination, False, allow) is None
 
 
 def test_validate_and_check_warn(tmp_path: Path) -> None:

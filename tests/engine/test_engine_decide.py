@@ -9,6 +9,12 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from egress_guard.engine import NEVER_AUDITED, Decision, Engine, Match
+from egress_guard.engine.rules.addresses import check_self, decide_addresses, static_addresses
+from egress_guard.engine.rules.agreement import check_host_header, check_sni
+from egress_guard.engine.rules.clients import check_client
+from egress_guard.engine.rules.mode import apply_mode
+from egress_guard.engine.rules.names import decide_target
+from egress_guard.engine.rules.requests import check_request
 from egress_guard.normalize import normalize_host
 
 EngineFactory = Callable[..., Engine]
@@ -68,15 +74,15 @@ def ips(*addrs: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
 
 def full(eng: Engine, host: str, port: int | str, addrs: Sequence[str] | None) -> Decision:
     """Stage 1 and 2 as the proxy runs them; ``addrs`` None means the static addresses."""
-    d = eng.decide_target(host, port)
+    d = decide_target(eng.compiled, host, port)
     if isinstance(d, Match):
         if addrs is None:
-            static = eng.static_addresses(d.host)
+            static = static_addresses(eng.compiled, d.host)
             assert static is not None
-            d = eng.decide_addresses(d, static)
+            d = decide_addresses(eng.compiled, d, static)
         else:
-            d = eng.decide_addresses(d, ips(*addrs))
-    return eng.finalize(d)
+            d = decide_addresses(eng.compiled, d, ips(*addrs))
+    return apply_mode(eng.compiled, d)
 
 
 # -- stage 1: the target by name ----------------------------------------------------------
@@ -138,7 +144,7 @@ TARGETS = [
 
 @pytest.mark.parametrize(("host", "port", "expect"), TARGETS)
 def test_decide_target(engine: Engine, host: str, port: int | str, expect: str) -> None:
-    d = engine.decide_target(host, port)
+    d = decide_target(engine.compiled, host, port)
     if isinstance(d, Match):
         assert d.destination.name == expect
         assert d.port == int(port)
@@ -148,33 +154,33 @@ def test_decide_target(engine: Engine, host: str, port: int | str, expect: str) 
 
 
 def test_port_not_allowed_names_the_destination(engine: Engine) -> None:
-    d = engine.decide_target("api.example.com", 80)
+    d = decide_target(engine.compiled, "api.example.com", 80)
     assert isinstance(d, Decision)
     assert d.destination == "exact" and d.label == "exact"
     assert d.hint is not None and "[443]" in d.hint and "policy.yaml:4" in d.hint
 
 
 def test_not_allowlisted_is_unlisted_with_a_hint(engine: Engine) -> None:
-    d = engine.decide_target("example.com", 443)
+    d = decide_target(engine.compiled, "example.com", 443)
     assert isinstance(d, Decision)
     assert d.destination is None and d.label == "unlisted"
     assert d.hint is not None and "hosts: [example.com]" in d.hint
 
 
 def test_hint_names_the_catalog_entry(engine: Engine) -> None:
-    d = engine.decide_target("API.anthropic.com", 443)
+    d = decide_target(engine.compiled, "API.anthropic.com", 443)
     assert isinstance(d, Decision) and d.reason == "not_allowlisted"
     assert d.hint is not None and "'- use: anthropic'" in d.hint
 
 
 def test_denylisted_hint_points_at_the_rule(engine: Engine) -> None:
-    d = engine.decide_target("bad.sub.example.com", 443)
+    d = decide_target(engine.compiled, "bad.sub.example.com", 443)
     assert isinstance(d, Decision)
     assert d.hint is not None and "policy.yaml:21" in d.hint
 
 
 def test_invalid_host_is_printable(engine: Engine) -> None:
-    d = engine.decide_target("a\x00b\r\n.com", 443)
+    d = decide_target(engine.compiled, "a\x00b\r\n.com", 443)
     assert isinstance(d, Decision) and d.reason == "invalid_host"
     assert d.host.isprintable() and "\r" not in d.host and d.port is None
 
@@ -268,9 +274,9 @@ def test_decide_addresses(
     engine: Engine, host: str, addrs: list[str], reason: str, cls: str | None
 ) -> None:
     port = 11434 if host == "127.0.0.1" else 443
-    m = engine.decide_target(host, port)
+    m = decide_target(engine.compiled, host, port)
     assert isinstance(m, Match)
-    d = engine.decide_addresses(m, ips(*addrs))
+    d = decide_addresses(engine.compiled, m, ips(*addrs))
     assert d.reason == reason
     assert d.allowed is (reason == "allowlisted")
     assert d.action == ("allow" if d.allowed else "block")
@@ -283,18 +289,18 @@ def test_decide_addresses(
 
 def test_no_addresses_is_dns_failed(engine: Engine, audit_engine: Engine) -> None:
     for eng in (engine, audit_engine):
-        m = eng.decide_target("api.example.com", 443)
+        m = decide_target(eng.compiled, "api.example.com", 443)
         assert isinstance(m, Match)
-        d = eng.finalize(eng.decide_addresses(m, []))
+        d = apply_mode(eng.compiled, decide_addresses(eng.compiled, m, []))
         assert (d.allowed, d.reason) == (False, "dns_failed")
 
 
 def test_static_addresses(engine: Engine) -> None:
-    assert engine.static_addresses(normalize_host("static.example.com")) == tuple(
+    assert static_addresses(engine.compiled, normalize_host("static.example.com")) == tuple(
         ips("1.1.1.1", "10.9.9.9")
     )
-    assert engine.static_addresses(normalize_host("0x01010101")) == tuple(ips("1.1.1.1"))
-    assert engine.static_addresses(normalize_host("api.example.com")) is None
+    assert static_addresses(engine.compiled, normalize_host("0x01010101")) == tuple(ips("1.1.1.1"))
+    assert static_addresses(engine.compiled, normalize_host("api.example.com")) is None
 
 
 def test_static_override_is_checked_like_dns(engine: Engine) -> None:
@@ -351,7 +357,7 @@ def test_audit_mode_keeps_allows(audit_engine: Engine) -> None:
 @pytest.mark.parametrize("reason", sorted(NEVER_AUDITED))
 def test_never_audited_reasons_stay_blocked(audit_engine: Engine, reason: str) -> None:
     d = Decision(False, "block", reason, None, "example.com", 443)  # type: ignore[arg-type]
-    assert audit_engine.finalize(d) == d
+    assert apply_mode(audit_engine.compiled, d) == d
 
 
 def test_never_audited_covers_the_design() -> None:
@@ -363,16 +369,16 @@ def test_never_audited_covers_the_design() -> None:
 
 
 def test_audit_invalid_host_and_bad_client_stay_blocked(audit_engine: Engine) -> None:
-    d = audit_engine.finalize(audit_engine.decide_target("exa mple.com", 443))  # type: ignore[arg-type]
+    d = apply_mode(audit_engine.compiled, decide_target(audit_engine.compiled, "exa mple.com", 443))  # type: ignore[arg-type]
     assert (d.allowed, d.reason) == (False, "invalid_host")
-    c = audit_engine.check_client("203.0.113.9")
-    assert c is not None and not audit_engine.finalize(c).allowed
+    c = check_client(audit_engine.compiled, "203.0.113.9")
+    assert c is not None and not apply_mode(audit_engine.compiled, c).allowed
 
 
 def test_enforce_finalize_is_identity(engine: Engine) -> None:
-    d = engine.decide_target("example.com", 443)
+    d = decide_target(engine.compiled, "example.com", 443)
     assert isinstance(d, Decision)
-    assert engine.finalize(d) is d
+    assert apply_mode(engine.compiled, d) is d
 
 
 # -- stage 3: SNI and Host must name the CONNECT target -------------------------------------
@@ -396,7 +402,7 @@ API = normalize_host("api.example.com")
     ],
 )
 def test_check_sni(engine: Engine, sni: str | None, ok: bool) -> None:
-    d = engine.check_sni(API, 443, sni, "exact")
+    d = check_sni(engine.compiled, API, 443, sni, "exact")
     if ok:
         assert d is None
     else:
@@ -411,8 +417,8 @@ def test_check_sni(engine: Engine, sni: str | None, ok: bool) -> None:
 
 def test_check_sni_ip_authority(engine: Engine) -> None:
     authority = normalize_host("1.1.1.1")
-    assert engine.check_sni(authority, 443, "0x01010101", "literal") is None
-    assert engine.check_sni(authority, 443, "one.one.one.one", "literal") is not None
+    assert check_sni(engine.compiled, authority, 443, "0x01010101", "literal") is None
+    assert check_sni(engine.compiled, authority, 443, "one.one.one.one", "literal") is not None
 
 
 @pytest.mark.parametrize(
@@ -443,7 +449,7 @@ def test_check_sni_ip_authority(engine: Engine) -> None:
 def test_check_host_header(
     engine: Engine, headers: list[str], port: int, ok: bool, detail: str | None
 ) -> None:
-    d = engine.check_host_header(API, port, headers, 443, "exact")
+    d = check_host_header(engine.compiled, API, port, headers, 443, "exact")
     if ok:
         assert d is None
     else:
@@ -453,14 +459,16 @@ def test_check_host_header(
 
 
 def test_check_host_header_plain_http_default_port(engine: Engine) -> None:
-    assert engine.check_host_header(API, 80, ["api.example.com"], 80, None) is None
-    assert engine.check_host_header(API, 80, ["api.example.com:443"], 80, None) is not None
+    assert check_host_header(engine.compiled, API, 80, ["api.example.com"], 80, None) is None
+    assert (
+        check_host_header(engine.compiled, API, 80, ["api.example.com:443"], 80, None) is not None
+    )
 
 
 def test_check_host_header_ipv6(engine: Engine) -> None:
     v6 = normalize_host("2606:4700::1111")
-    assert engine.check_host_header(v6, 443, ["[2606:4700::1111]:443"], 443, None) is None
-    assert engine.check_host_header(v6, 443, ["2606:4700::1111"], 443, None) is not None
+    assert check_host_header(engine.compiled, v6, 443, ["[2606:4700::1111]:443"], 443, None) is None
+    assert check_host_header(engine.compiled, v6, 443, ["2606:4700::1111"], 443, None) is not None
 
 
 # -- stage 0: clients -----------------------------------------------------------------------
@@ -483,7 +491,7 @@ def test_check_host_header_ipv6(engine: Engine) -> None:
     ],
 )
 def test_check_client(engine: Engine, client: str, ok: bool) -> None:
-    d = engine.check_client(client)
+    d = check_client(engine.compiled, client)
     if ok:
         assert d is None
     else:
@@ -493,9 +501,9 @@ def test_check_client(engine: Engine, client: str, ok: bool) -> None:
 
 def test_default_clients_are_loopback_only(make_engine: EngineFactory) -> None:
     eng = make_engine("version: 1\n")
-    assert eng.check_client("127.0.0.1") is None
-    assert eng.check_client("::1") is None
-    assert eng.check_client("10.0.0.1") is not None
+    assert check_client(eng.compiled, "127.0.0.1") is None
+    assert check_client(eng.compiled, "::1") is None
+    assert check_client(eng.compiled, "10.0.0.1") is not None
 
 
 # -- never the proxy itself -------------------------------------------------------------------
@@ -530,7 +538,7 @@ def test_check_self(
 ) -> None:
     eng = make_engine(POLICY, self_endpoints=endpoints)
     host = normalize_host("api.example.com")
-    d = eng.check_self(ips(addr), host, port, "exact")
+    d = check_self(eng.compiled, ips(addr), host, port, "exact")
     if looped:
         assert d is not None
         assert (d.allowed, d.reason, d.destination) == (False, "self_connection", "exact")
@@ -541,15 +549,16 @@ def test_check_self(
 def test_self_connection_whatever_the_policy_says(engine: Engine, audit_engine: Engine) -> None:
     # 127.0.0.1:8080 is allowlisted by the "local" destination, and it is the proxy
     for eng in (engine, audit_engine):
-        m = eng.decide_target("127.0.0.1", 8080)
+        m = decide_target(eng.compiled, "127.0.0.1", 8080)
         assert isinstance(m, Match) and m.destination.name == "local"
-        d = eng.finalize(eng.decide_addresses(m, ips("127.0.0.1")))
+        d = apply_mode(eng.compiled, decide_addresses(eng.compiled, m, ips("127.0.0.1")))
         assert (d.allowed, d.reason) == (False, "self_connection")
         # a name that resolves to the proxy is the same loop
-        m = eng.decide_target("api.example.com", 443)
+        m = decide_target(eng.compiled, "api.example.com", 443)
         assert isinstance(m, Match)
-        assert eng.decide_addresses(m, ips("93.184.216.34")).allowed
-    looped = engine.decide_addresses(
+        assert decide_addresses(eng.compiled, m, ips("93.184.216.34")).allowed
+    looped = decide_addresses(
+        engine.compiled,
         Match(normalize_host("127.0.0.1"), 8080, engine.policy.destinations[5], 5),
         ips("0.0.0.0"),
     )
@@ -564,12 +573,12 @@ def test_check_request(make_engine: EngineFactory) -> None:
         "version: 1\ndestinations:\n  - name: llm\n    hosts: [api.example.com]\n"
         "    methods: [POST]\n    paths: ['/v1/*']\n    models: [m1]\n"
     )
-    m = eng.decide_target("api.example.com", 443)
+    m = decide_target(eng.compiled, "api.example.com", 443)
     assert isinstance(m, Match)
-    ok = eng.decide_addresses(m, ips("93.184.216.34"))
+    ok = decide_addresses(eng.compiled, m, ips("93.184.216.34"))
     dest = m.destination
-    assert eng.check_request(dest, "POST", "/v1/messages?x=1", "m1", ok) is None
-    assert eng.check_request(dest, "POST", "/v1/messages", None, ok) is None
+    assert check_request(dest, "POST", "/v1/messages?x=1", "m1", ok) is None
+    assert check_request(dest, "POST", "/v1/messages", None, ok) is None
     cases = [
         ("GET", "/v1/messages", "m1", "method_not_allowed"),
         ("POST", "/v2/messages", "m1", "path_not_allowed"),
@@ -579,5 +588,5 @@ def test_check_request(make_engine: EngineFactory) -> None:
         ("POST", "/v1/chat%2Fcompletions", "m1", "path_not_allowed"),
     ]
     for method, path, model, reason in cases:
-        d = eng.check_request(dest, method, path, model, ok)
+        d = check_request(dest, method, path, model, ok)
         assert d is not None and (d.allowed, d.action, d.reason) == (False, "block", reason)

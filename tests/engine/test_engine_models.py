@@ -10,6 +10,9 @@ import pytest
 
 from egress_guard.engine import Decision, Engine, Match
 from egress_guard.engine.models import ModelUnknown, api_kind, requested_models
+from egress_guard.engine.rules.addresses import decide_addresses
+from egress_guard.engine.rules.names import decide_target
+from egress_guard.engine.rules.requests import check_model_body, check_request
 
 BODY = b'{"model": "m-body"}'
 
@@ -78,9 +81,9 @@ def llm_allowed(make_engine: Callable[..., Engine]) -> tuple[Engine, Match, Deci
     eng = make_engine(
         "version: 1\ndestinations:\n  - name: llm\n    hosts: [api.example.com]\n    models: [m1]\n"
     )
-    m = eng.decide_target("api.example.com", 443)
+    m = decide_target(eng.compiled, "api.example.com", 443)
     assert isinstance(m, Match)
-    return eng, m, eng.decide_addresses(m, [ipaddress.ip_address("93.184.216.34")])
+    return eng, m, decide_addresses(eng.compiled, m, [ipaddress.ip_address("93.184.216.34")])
 
 
 @pytest.mark.parametrize(
@@ -98,8 +101,8 @@ def llm_allowed(make_engine: Callable[..., Engine]) -> tuple[Engine, Match, Deci
 def test_requests_with_a_body_to_unknown_paths_are_refused_when_models_are_listed(
     make_engine: Callable[..., Engine], method: str, path: str, refused: bool
 ) -> None:
-    eng, m, ok = llm_allowed(make_engine)
-    d = eng.check_request(m.destination, method, path, None, ok)
+    _eng, m, ok = llm_allowed(make_engine)
+    d = check_request(m.destination, method, path, None, ok)
     if refused:
         assert isinstance(d, Decision) and d.reason == "model_not_allowed" and not d.allowed
     else:
@@ -127,8 +130,8 @@ def test_model_body_must_declare_a_length_within_the_limit(
     chunked: bool,
     detail: str | None,
 ) -> None:
-    eng, m, ok = llm_allowed(make_engine)
-    d = eng.check_model_body(m.destination, ok, method, length, chunked, 1000)
+    _eng, m, ok = llm_allowed(make_engine)
+    d = check_model_body(m.destination, ok, method, length, chunked, 1000)
     if detail is None:
         assert d is None
     else:

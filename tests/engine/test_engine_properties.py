@@ -16,6 +16,10 @@ from hypothesis import strategies as st
 
 from egress_guard.engine import Decision, Engine, HostIndex, Match
 from egress_guard.engine.addresses import embedded_ipv4
+from egress_guard.engine.rules.addresses import decide_addresses, static_addresses
+from egress_guard.engine.rules.agreement import check_host_header, check_sni
+from egress_guard.engine.rules.mode import apply_mode
+from egress_guard.engine.rules.names import decide_name, decide_target
 from egress_guard.normalize import Host, NormalizationError, normalize_host, normalize_port
 from egress_guard.policy import load_catalog, load_policy_text
 from egress_guard.policy.patterns import HostPattern, parse_pattern
@@ -111,11 +115,11 @@ def _v4(net: str) -> st.SearchStrategy[ipaddress.IPv4Address]:
 
 
 def _reason(host: str, port: int) -> str:
-    d = ENGINE.decide_target(host, port)
+    d = decide_target(ENGINE.compiled, host, port)
     assert isinstance(d, Decision), f"{host!r} was matched: {d}"
     assert not d.allowed and d.action == "block"
     # audit mode lets it through as would_block, never as allow
-    a = AUDIT.finalize(AUDIT.decide_target(host, port))  # type: ignore[arg-type]
+    a = apply_mode(AUDIT.compiled, decide_target(AUDIT.compiled, host, port))  # type: ignore[arg-type]
     assert a.action != "allow"
     return d.reason
 
@@ -208,13 +212,13 @@ ALLOWED_NAMES = st.one_of(
 
 
 def _allowed(host: str, port: int, addrs: tuple[ipaddress.IPv4Address, ...] | None) -> str:
-    m = ENGINE.decide_target(host, port)
+    m = decide_target(ENGINE.compiled, host, port)
     assert isinstance(m, Match), f"{host!r}: {m}"
     assert m.destination.name == "api"
     if addrs is None:
-        addrs = ENGINE.static_addresses(m.host)  # type: ignore[assignment]
+        addrs = static_addresses(ENGINE.compiled, m.host)  # type: ignore[assignment]
         assert addrs is not None
-    d = ENGINE.decide_addresses(m, addrs)
+    d = decide_addresses(ENGINE.compiled, m, addrs)
     assert (d.allowed, d.action, d.reason, d.destination) == (True, "allow", "allowlisted", "api")
     return m.host.value
 
@@ -229,8 +233,10 @@ def test_allowlisted_name_allowed_in_every_spelling(
     assert canonical == normalize_host(name).value
     # SNI and Host spelled differently from the CONNECT target still agree
     target = normalize_host(name)
-    assert ENGINE.check_sni(target, port, spelling, "api") is None
-    assert ENGINE.check_host_header(target, port, [f"{spelling}:{port}"], 443, "api") is None
+    assert check_sni(ENGINE.compiled, target, port, spelling, "api") is None
+    assert (
+        check_host_header(ENGINE.compiled, target, port, [f"{spelling}:{port}"], 443, "api") is None
+    )
 
 
 @PROPS
@@ -299,11 +305,11 @@ def test_unnormalisable_input_is_never_allowed(raw_host: str, raw_port: str | in
     except NormalizationError:
         canonical, port = None, None
     for eng in (ENGINE, AUDIT):
-        d = eng.decide_target(raw_host, raw_port)
+        d = decide_target(eng.compiled, raw_host, raw_port)
         if canonical is None or port is None:
             assert isinstance(d, Decision)
             assert (d.allowed, d.reason) == (False, "invalid_host")
-            assert not eng.finalize(d).allowed
+            assert not apply_mode(eng.compiled, d).allowed
         elif isinstance(d, Match):
             assert _allowlisted(canonical) and port in (443, 8443)
             assert d.host.value == canonical
@@ -385,7 +391,7 @@ def test_host_index_matches_brute_force(
 
 def test_fixtures_are_what_they_claim() -> None:
     assert (ENGINE.policy.mode, AUDIT.policy.mode) == ("enforce", "audit")
-    d = AUDIT.finalize(AUDIT.decide_target("example.net", 443))  # type: ignore[arg-type]
+    d = apply_mode(AUDIT.compiled, decide_target(AUDIT.compiled, "example.net", 443))  # type: ignore[arg-type]
     assert d.action == "would_block"
 
 
@@ -449,7 +455,7 @@ def test_engine_decides_as_the_policy_reads(
         port = data.draw(st.sampled_from([443, 8443]), label="port")
         host = normalize_host(raw)
 
-        got = engine.decide_normalized(host, port)
+        got = decide_name(engine.compiled, host, port)
         if any(_denied_by(pats, host) and (ps is None or port in ps) for pats, ps in deny):
             assert isinstance(got, Decision) and got.reason == "denylisted", (raw, port, got)
             continue

@@ -18,6 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from egress_guard.engine import Decision, Engine, Match
+from egress_guard.engine.rules.addresses import decide_addresses
+from egress_guard.engine.rules.clients import check_client
+from egress_guard.engine.rules.mode import apply_mode
+from egress_guard.engine.rules.names import decide_target
 from egress_guard.normalize import normalize_host
 from egress_guard.policy import PolicyError, load_catalog, load_policy_text
 
@@ -53,13 +57,13 @@ MAPPED_RULES = [
 
 
 def _denied(eng: Engine, raw_host: str, resolved: str | None = None) -> bool:
-    verdict = eng.decide_target(raw_host, 443)
+    verdict = decide_target(eng.compiled, raw_host, 443)
     if isinstance(verdict, Decision):
-        return verdict.reason == "denylisted" and not eng.finalize(verdict).allowed
+        return verdict.reason == "denylisted" and not apply_mode(eng.compiled, verdict).allowed
     assert isinstance(verdict, Match)
     assert resolved is not None
-    d = eng.decide_addresses(verdict, [ipaddress.ip_address(resolved)])
-    return d.reason == "denylisted" and not eng.finalize(d).allowed
+    d = decide_addresses(eng.compiled, verdict, [ipaddress.ip_address(resolved)])
+    return d.reason == "denylisted" and not apply_mode(eng.compiled, d).allowed
 
 
 @pytest.mark.parametrize("rule", MAPPED_RULES)
@@ -102,17 +106,17 @@ clients:
   allow_cidrs: ["::ffff:192.0.2.0/120"]
 """,
     )
-    match = eng.decide_target("api.example.com", 443)
+    match = decide_target(eng.compiled, "api.example.com", 443)
     assert isinstance(match, Match)
-    assert eng.decide_addresses(match, [ipaddress.ip_address("10.1.2.3")]).allowed
-    assert eng.check_client("192.0.2.7") is None
-    assert eng.check_client("::ffff:192.0.2.7") is None
-    assert eng.check_client("192.0.3.7") is not None
+    assert decide_addresses(eng.compiled, match, [ipaddress.ip_address("10.1.2.3")]).allowed
+    assert check_client(eng.compiled, "192.0.2.7") is None
+    assert check_client(eng.compiled, "::ffff:192.0.2.7") is None
+    assert check_client(eng.compiled, "192.0.3.7") is not None
 
 
 def test_client_acl_around_the_mapped_range_covers_ipv4_clients() -> None:
     eng = engine('"203.0.113.9"', 'clients:\n  allow_cidrs: ["::/80"]\n')
-    assert eng.check_client("198.51.100.1") is None
+    assert check_client(eng.compiled, "198.51.100.1") is None
 
 
 @pytest.mark.parametrize("net", ["::/1", "::/80", "::fffe:0:0/95"])

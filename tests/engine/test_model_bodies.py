@@ -18,6 +18,9 @@ import pytest
 
 from egress_guard.engine import Decision, Engine, Match
 from egress_guard.engine.models import ModelUnknown, NamedModel, requested_models
+from egress_guard.engine.rules.addresses import decide_addresses
+from egress_guard.engine.rules.names import decide_target
+from egress_guard.engine.rules.requests import check_request, refuse_model
 
 CORPUS = Path(__file__).parent.parent / "testdata" / "model_bodies"
 CASES: dict[str, dict[str, object]] = json.loads((CORPUS / "cases.json").read_text())
@@ -57,23 +60,23 @@ def _engine(make_engine: Callable[..., Engine]) -> tuple[Engine, Match, Decision
         "version: 1\ndestinations:\n  - name: llm\n    hosts: [api.example.com]\n"
         f"    models: [{', '.join(ALLOWED)}]\n"
     )
-    m = eng.decide_target("api.example.com", 443)
+    m = decide_target(eng.compiled, "api.example.com", 443)
     assert isinstance(m, Match)
-    return eng, m, eng.decide_addresses(m, [ipaddress.ip_address("93.184.216.34")])
+    return eng, m, decide_addresses(eng.compiled, m, [ipaddress.ip_address("93.184.216.34")])
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_engine_verdict(make_engine: Callable[..., Engine], name: str) -> None:
     """Reader and engine together, as the addon runs them: every named model must be
     allowed; a refusal names the model and the field that named it."""
-    eng, m, ok = _engine(make_engine)
+    _eng, m, ok = _engine(make_engine)
     case = CASES[name]
     try:
         named = requested_models(str(case["path"]), (CORPUS / name).read_bytes())
     except ModelUnknown as e:
-        d: Decision | None = eng.refuse_model(m.destination, ok, str(e))
+        d: Decision | None = refuse_model(m.destination, ok, str(e))
     else:
-        d = eng.check_request(m.destination, "POST", str(case["path"]), named, ok)
+        d = check_request(m.destination, "POST", str(case["path"]), named, ok)
     if expected_verdict(case):
         assert d is None
     else:
@@ -84,11 +87,11 @@ def test_engine_verdict(make_engine: Callable[..., Engine], name: str) -> None:
 def test_refusal_names_the_field_that_named_the_model(
     make_engine: Callable[..., Engine],
 ) -> None:
-    eng, m, ok = _engine(make_engine)
+    _eng, m, ok = _engine(make_engine)
     named = (NamedModel("good-model", "model"), NamedModel("gpt-evil", "fallbacks[1].model"))
-    d = eng.check_request(m.destination, "POST", "/v1/chat/completions", named, ok)
+    d = check_request(m.destination, "POST", "/v1/chat/completions", named, ok)
     assert d is not None and d.detail == "model 'gpt-evil' (named in fallbacks[1].model)"
-    d = eng.check_request(m.destination, "POST", "/v1/chat/completions", "gpt-evil", ok)
+    d = check_request(m.destination, "POST", "/v1/chat/completions", "gpt-evil", ok)
     assert d is not None and d.detail == "model 'gpt-evil'"
 
 

@@ -16,6 +16,8 @@ import pytest
 
 from egress_guard.cli import app as cli
 from egress_guard.engine import Engine, Match
+from egress_guard.engine.rules.addresses import decide_addresses
+from egress_guard.engine.rules.names import decide_target
 from egress_guard.opencode import contacts as oc
 from egress_guard.opencode.config import OpenCodeConfig, load_config
 from egress_guard.opencode.jsonc import parse_jsonc
@@ -56,12 +58,12 @@ def flat(text: str) -> str:
 
 def allowed(pol: EffectivePolicy, host: str, port: int, addr: str | None = None) -> bool:
     eng = Engine(pol, load_catalog())
-    m = eng.decide_target(host, port)
+    m = decide_target(eng.compiled, host, port)
     if not isinstance(m, Match):
         return False
     if addr is None:
         return True
-    return eng.decide_addresses(m, [ipaddress.ip_address(addr)]).allowed
+    return decide_addresses(eng.compiled, m, [ipaddress.ip_address(addr)]).allowed
 
 
 # -- the five configurations --------------------------------------------------------------
@@ -381,9 +383,11 @@ def test_site_internal_and_plain_http_providers() -> None:
     assert allowed(pol, "10.1.2.3", 8000, "10.1.2.3")
     assert not allowed(pol, "10.1.2.4", 8000)
     # a name that resolves privately is still blocked: the comment and warning say so
-    m = Engine(pol, load_catalog()).decide_target("gpu.lan", 11434)
+    m = decide_target(Engine(pol, load_catalog()).compiled, "gpu.lan", 11434)
     assert isinstance(m, Match)
-    blocked = Engine(pol, load_catalog()).decide_addresses(m, [ipaddress.ip_address("192.168.1.9")])
+    blocked = decide_addresses(
+        Engine(pol, load_catalog()).compiled, m, [ipaddress.ip_address("192.168.1.9")]
+    )
     assert blocked.reason == "private_address"
     assert any("gpu.lan looks site-internal" in w for w in g.warnings)
     assert any("llm.example.com" in w and "in clear" in w for w in g.warnings)

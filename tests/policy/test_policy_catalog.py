@@ -15,6 +15,8 @@ import pytest
 from support.prereq import missing
 
 from egress_guard.engine import Engine, HostIndex, Match
+from egress_guard.engine.rules.addresses import decide_addresses
+from egress_guard.engine.rules.names import decide_target
 from egress_guard.normalize import normalize_host
 from egress_guard.policy import (
     CatalogEntry,
@@ -226,7 +228,7 @@ def test_preset_loads(name: str) -> None:
 
 
 def _decide(name: str, host: str, port: int) -> object:
-    return Engine(load_preset(name), load_catalog()).decide_target(host, port)
+    return decide_target(Engine(load_preset(name), load_catalog()).compiled, host, port)
 
 
 @pytest.mark.parametrize(
@@ -260,12 +262,12 @@ def test_offline_sends_nothing_off_the_machine() -> None:
         for pattern in dest.hosts:
             h = normalize_host(pattern)
             assert h.value == "localhost" or (h.ip is not None and h.ip.is_loopback), pattern
-    m = eng.decide_target("localhost", 11434)
+    m = decide_target(eng.compiled, "localhost", 11434)
     assert isinstance(m, Match)
     for addr in ("127.0.0.1", "::1"):
-        assert eng.decide_addresses(m, [ip_address(addr)]).allowed
+        assert decide_addresses(eng.compiled, m, [ip_address(addr)]).allowed
     # localhost resolving somewhere else is not "local"
-    assert eng.decide_addresses(m, [ip_address("10.0.0.1")]).reason == "private_address"
+    assert decide_addresses(eng.compiled, m, [ip_address("10.0.0.1")]).reason == "private_address"
 
 
 def test_a_policy_can_use_every_usable_entry(catalog: dict[str, CatalogEntry]) -> None:

@@ -24,7 +24,7 @@ def _policy(port: int) -> str:
 def test_engine_fault_in_target_decision_blocks(
     proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
 ) -> None:
-    p = proxy(_policy(tls_upstream.port), launcher=FAULTY, env={"EG_FAULT": "decide_target"})
+    p = proxy(_policy(tls_upstream.port), launcher=FAULTY, env={"EG_FAULT": "decide_name"})
     sock, resp = connect(p.port, f"fault.test:{tls_upstream.port}")
     sock.close()
     assert resp.status == 403
@@ -51,7 +51,7 @@ def test_fault_in_audit_mode_still_blocks(proxy: ProxyFactory, tls_upstream: Ups
         "--mode",
         "audit",
         launcher=FAULTY,
-        env={"EG_FAULT": "decide_target"},
+        env={"EG_FAULT": "decide_name"},
     )
     sock, resp = connect(p.port, f"fault.test:{tls_upstream.port}")
     sock.close()

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 
-from egress_guard.engine import Decision, Engine, HostIndex, Match, special_class
+from egress_guard.engine import Approved, Decision, Engine, HostIndex, Target, special_class
 from egress_guard.normalize import (
     Host,
     NormalizationError,
@@ -81,12 +81,11 @@ def _special_pattern(raw: str) -> bool:
 
 
 def _source_allows(src: Engine, host: Host, port: int) -> bool:
-    """Whether the source policy itself allows host:port outright (in enforce terms)."""
-    verdict = src.decide_normalized(host, port)
-    if not isinstance(verdict, Match):
-        return False
-    addrs = src.static_addresses(verdict.host)
-    return addrs is None or src.decide_addresses(verdict, addrs).allowed
+    """Whether the source policy itself allows host:port outright (in enforce terms: an
+    ``allow``, not a would_block). A name is decided on the name (its addresses are
+    checked when it is used), as a parent proxy would."""
+    verdict = src.decide(Target(host, port, parent_resolves=True))
+    return type(verdict) is Approved and verdict.decision.action == "allow"
 
 
 @dataclass
@@ -323,15 +322,13 @@ def _render(
 
 
 def _refused(eng: Engine, t: _Target) -> Decision | None:
-    """The learned policy's own verdict on a learned target: None when it allows it."""
-    verdict = eng.decide_normalized(t.host, t.port)
-    if isinstance(verdict, Decision):
-        return verdict
-    addrs = eng.static_addresses(verdict.host)
-    if addrs is None:
-        return None  # a name: its addresses are checked when it is used
-    d = eng.decide_addresses(verdict, addrs)
-    return None if d.allowed else d
+    """The learned policy's own verdict on a learned target: None when it allows it (a
+    name: its addresses are checked when it is used)."""
+    verdict = eng.decide(Target(t.host, t.port, parent_resolves=True))
+    if type(verdict) is Approved:
+        d = verdict.decision
+        return None if d.action == "allow" else d
+    return verdict  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
