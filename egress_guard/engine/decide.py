@@ -36,7 +36,7 @@ from egress_guard.engine.rules.addresses import (
 from egress_guard.engine.rules.agreement import check_host_header, check_sni, unreadable_name
 from egress_guard.engine.rules.clients import check_access
 from egress_guard.engine.rules.mode import apply_mode
-from egress_guard.engine.rules.names import decide_name, decide_target
+from egress_guard.engine.rules.names import decide_name
 from egress_guard.engine.rules.requests import (
     check_inspection,
     check_model_body,
@@ -137,11 +137,6 @@ class Engine:
         else:
             raise TypeError(f"no rules for {t.__name__}")
         return None if d is None else apply_mode(c, d)
-
-    def decide_target(self, raw_host: str, raw_port: str | int) -> Decision | Match:
-        """Transitional: the name rule alone, for opencode/doctor.py until it asks
-        ``decide(Target(...))`` (owned by another change; remove this then)."""
-        return decide_target(self.compiled, raw_host, raw_port)
 
     def destination(self, name: str | None) -> Destination | None:
         return self.compiled.by_name.get(name) if name is not None else None

@@ -9,7 +9,7 @@ that any web page may drive (CORS ``*``). Warnings are risky but working setups;
 context. Exit 1 when there is an error, else 0.
 
 Nothing here touches the network: the policy is checked by name with the engine
-(``decide_target``), exactly as the proxy's first stage would.
+(``rules.names.decide_target``), exactly as the proxy's first stage would.
 
 Here: the checks of the config, which ask the engine. ``doctor_env`` checks the
 environment, ``doctor_values`` judges single values and finds the config files, and
@@ -19,6 +19,7 @@ environment, ``doctor_values`` judges single values and finds the config files, 
 from __future__ import annotations
 
 from egress_guard.engine import Engine, Match
+from egress_guard.engine.rules.names import decide_target
 from egress_guard.normalize import join_hostport
 from egress_guard.opencode import contacts as oc
 from egress_guard.opencode import doctor_env, jsonc
@@ -45,7 +46,7 @@ class _Doctor:
         self.out.append(Finding(severity, check, message, fix, source))
 
     def allowed(self, host: str, port: int) -> bool:
-        return isinstance(self.engine.decide_target(host, port), Match)
+        return isinstance(decide_target(self.engine.compiled, host, port), Match)
 
     def where(self, *path: str) -> str | None:
         if self.inp.cfg is None or self.cfg.line_of(path) is None:
@@ -263,7 +264,7 @@ class _Doctor:
                 return
             target = (entry.hosts[0], entry.ports[0])
         host, port = target
-        decision = self.engine.decide_target(host, port)
+        decision = decide_target(self.engine.compiled, host, port)
         if isinstance(decision, Match):
             return
         entry = self.entry(p.catalog)
