@@ -16,6 +16,7 @@ from egress_guard.cli.check import add_check_parser
 from egress_guard.cli.doctor import add_doctor_parser
 from egress_guard.cli.policy import add_policy_parser
 from egress_guard.cli.run import add_run_parser
+from egress_guard.cli.tail import add_tail_parser
 from egress_guard.cli.validate import add_validate_parser
 
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_ca_parser(sub)
     add_audit_parser(sub)
+    add_tail_parser(sub)
     add_policy_parser(sub)
     add_doctor_parser(sub)
     return p
