@@ -102,6 +102,7 @@ def test_explain_nothing_matched_nearest_rule_and_catalog(policy: Path) -> None:
     assert rc == 1 and ex["reason"] == "not_allowlisted"
     assert ex["matched"] == [] and ex["catalog"] == []
     assert ex["nearest"][0].startswith(f"destination 'github' ({policy}:5)")  # type: ignore[index]
+    assert len(ex["nearest"]) == 1, ex["nearest"]  # type: ignore[arg-type]  # no far ones
     rc, ex = explain(policy, "models.opencode.ai")
     (c,) = ex["catalog"]  # type: ignore[misc]
     where = re.search(r"\((\S+catalog\.yaml:\d+)\)", c)

@@ -37,6 +37,8 @@ from egress_guard.sinks.logsafe import escape
 
 #: how many near rules are named when nothing matched
 NEAREST = 3
+#: how close (0..1) a rule's host must come to be named as a near rule
+NEAR_ENOUGH = 0.6
 
 
 def verdict(engine: Engine, host: Host, port: int) -> tuple[Decision, str | None]:
@@ -121,7 +123,7 @@ def _nearest(pol: EffectivePolicy, host: Host) -> list[str]:
             )
         )
     scored.sort(key=lambda s: -s[0])
-    return [text for score, text in scored[:NEAREST] if score >= 0.5]
+    return [text for score, text in scored[:NEAREST] if score >= NEAR_ENOUGH]
 
 
 def _catalog_lines(
