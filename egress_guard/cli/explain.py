@@ -23,7 +23,7 @@ import difflib
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from egress_guard.cli.exits import EXIT_ERROR, EXIT_FAIL, EXIT_OK
 from egress_guard.cli.shared import policy_or_minimal
@@ -41,20 +41,39 @@ NEAREST = 3
 NEAR_ENOUGH = 0.6
 
 
-def verdict(engine: Engine, host: Host, port: int) -> tuple[Decision, str | None]:
-    """The engine's decision for ``host:port`` as ``check`` makes it, and a note when
-    the addresses could not be checked (no DNS here: only IP literals and
-    ``network.resolve`` entries are). The one place this module calls the engine."""
+class Verdict(NamedTuple):
+    decision: Decision
+    #: why the addresses were not checked, if they were not
+    note: str | None
+    #: usable catalog entries that cover the target (``- use:`` would allow it)
+    catalog: list[str]
+
+
+def verdict(engine: Engine, host: Host, port: int) -> Verdict:
+    """The engine's decision for ``host:port`` as ``check`` makes it, and the catalog
+    entries covering the target. No DNS here: only IP literals and ``network.resolve``
+    entries have their addresses checked. The one place this module calls the engine
+    (its entry point is being reworked: porting ``explain`` is porting this)."""
     d = engine.decide_normalized(host, port)
     note = None
     if isinstance(d, Match):
         addrs = engine.static_addresses(d.host)
         if addrs is None:
-            note = "addresses not checked (explain does not use DNS; a private address would still be refused)"
-            d = Decision(True, "allow", "allowlisted", d.destination.name, d.host.value, d.port)
+            note = (
+                "addresses not checked (explain does not use DNS; a private address "
+                "would still be refused)"
+            )
+            d = Decision(
+                allowed=True,
+                action="allow",
+                reason="allowlisted",
+                destination=d.destination.name,
+                host=d.host.value,
+                port=d.port,
+            )
         else:
             d = engine.decide_addresses(d, addrs)
-    return engine.finalize(d), note
+    return Verdict(engine.finalize(d), note, engine.catalog_entries(host, port))
 
 
 @dataclass
@@ -127,11 +146,11 @@ def _nearest(pol: EffectivePolicy, host: Host) -> list[str]:
 
 
 def _catalog_lines(
-    engine: Engine, catalog: dict[str, CatalogEntry], lines: dict[str, int], host: Host, port: int
+    names: list[str], catalog: dict[str, CatalogEntry], lines: dict[str, int]
 ) -> list[str]:
     out = []
     where = policies_dir() / "catalog.yaml"
-    for name in engine.catalog_entries(host, port):
+    for name in names:
         entry = catalog[name]
         line = lines.get(name)
         out.append(
@@ -152,7 +171,7 @@ def explain_one(
         host, port = parse_target(target)
     except NormalizationError as e:
         return Explanation(target, "invalid", "invalid_host", target, None, detail=str(e))
-    d, note = verdict(engine, host, port)
+    d, note, covering = verdict(engine, host, port)
     ex = Explanation(
         target,
         {"allow": "allowed", "block": "blocked"}.get(d.action, d.action),
@@ -163,7 +182,7 @@ def explain_one(
         detail=d.detail,
         note=note,
     )
-    dest = engine.destination(d.destination)
+    dest = next((x for x in pol.destinations if x.name == d.destination), None)
     if d.reason == "denylisted":
         for i, rule in enumerate(pol.deny):
             hit = _covering(list(rule.hosts), host, deny=True)
@@ -184,7 +203,7 @@ def explain_one(
                 "or to HTTPS with `run --inspect`"
             )
     else:
-        ex.catalog = _catalog_lines(engine, catalog, catalog_lines, host, port)
+        ex.catalog = _catalog_lines(covering, catalog, catalog_lines)
         ex.nearest = _nearest(pol, host)
     return ex
 

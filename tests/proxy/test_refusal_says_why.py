@@ -61,7 +61,15 @@ def test_denied_and_unresolvable_say_their_reason(proxy: ProxyFactory) -> None:
 
 
 def _decision(host: str, hint: str | None = "add it") -> Decision:
-    return Decision(False, "block", "invalid_host", None, host, 443, hint)
+    return Decision(
+        allowed=False,
+        action="block",
+        reason="invalid_host",
+        destination=None,
+        host=host,
+        port=443,
+        hint=hint,
+    )
 
 
 def test_reason_phrase_is_printable_ascii_and_bounded() -> None:
