@@ -14,8 +14,10 @@ from egress_guard.cli.audit import add_audit_parser
 from egress_guard.cli.ca import add_ca_parser
 from egress_guard.cli.check import add_check_parser
 from egress_guard.cli.doctor import add_doctor_parser
+from egress_guard.cli.explain import add_explain_parser
 from egress_guard.cli.policy import add_policy_parser
 from egress_guard.cli.run import add_run_parser
+from egress_guard.cli.tail import add_tail_parser
 from egress_guard.cli.validate import add_validate_parser
 
 
@@ -28,9 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_validate_parser(sub)
     add_check_parser(sub)
+    add_explain_parser(sub)
     add_run_parser(sub)
     add_ca_parser(sub)
     add_audit_parser(sub)
+    add_tail_parser(sub)
     add_policy_parser(sub)
     add_doctor_parser(sub)
     return p

@@ -32,6 +32,7 @@ from egress_guard.sinks.audit import (
     FSYNC_POLICIES,
     AuditLog,
 )
+from egress_guard.sinks.console import Console
 from egress_guard.sinks.events import Sink
 from egress_guard.sinks.logsafe import SafeFormatter, escape
 from egress_guard.sinks.metrics import Metrics
@@ -228,7 +229,8 @@ def add_run_parser(sub: Any) -> None:
         "--verbose",
         "-v",
         action="store_true",
-        help="log mitmproxy's own messages and egress-guard's debug messages",
+        help="also a line on stderr for each allowed decision (blocks always get one); "
+        "log mitmproxy's own messages and egress-guard's debug messages",
     )
     r.set_defaults(func=cmd_run)
 
@@ -276,6 +278,9 @@ def make_sinks(args: argparse.Namespace) -> list[Sink]:
             if isinstance(sink, AuditLog):
                 metrics.track_audit(sink)
         sinks.append(metrics)
+    # one human line per block on stderr (per decision with --verbose), after the audit
+    # log: a request the audit log could not record is refused, and shown as refused
+    sinks.append(Console(allows=bool(getattr(args, "verbose", False))))
     return sinks
 
 

@@ -17,12 +17,10 @@ from egress_guard.engine.models import api_kind
 from egress_guard.engine.verdicts import internal_error
 from egress_guard.proxy.patches import early_answer
 from egress_guard.proxy.responses import block_response, provider_block_response
-from egress_guard.proxy.state import UNRECORDED_STATUS, Blocked, ConnState, GuardState
+from egress_guard.proxy.state import Blocked, ConnState, GuardState
 from egress_guard.sinks import redact
 
 log = logging.getLogger("egress_guard")
-
-_REASON_PHRASES = {UNRECORDED_STATUS: "Service Unavailable"}
 
 Step = Callable[[http.HTTPFlow, ConnState], Awaitable[None]]
 
@@ -60,12 +58,10 @@ def deny_flow(
         sources = g.policy_files()
         if state.tunnel is not None and not connect:
             # inside an inspected API tunnel: answer in the provider's error format
-            flow.response = provider_block_response(d, api_kind(flow.request.path), sources)
+            kind = api_kind(flow.request.path)
+            flow.response = provider_block_response(d, kind, sources, status)
         else:
-            flow.response = block_response(d, sources)
-        if status is not None:
-            flow.response.status_code = status
-            flow.response.reason = _REASON_PHRASES.get(status, "")
+            flow.response = block_response(d, sources, status)
         if not connect:
             # no "100 Continue" for a body that is refused already
             flow.request.headers.pop("expect", None)

@@ -9,6 +9,13 @@ What a client is told is for the client: it names the destination, the allowed m
 and the catalog entry to use, but never a filesystem path (the policy file's, or a
 shipped preset's: the hint's ``file:line`` stays in the audit log and the operator's
 logs) and no secret (``redact.text``: queries, path parameters, userinfo).
+
+Clients show a refusal in different places, so the why (host, port, reason, hint) is in
+each of them: the status line's reason phrase (``Forbidden: egress-guard blocked
+llm.test:443 (not_allowlisted): ...``: what urllib, requests and OpenCode print, OpenCode
+verbatim), the body's ``error`` (what a client that prints the body shows), and the
+provider error message inside an inspected API call. A reason phrase is a header line:
+it is built from printable ASCII only, and bounded.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import json
 import os
 import re
 from collections.abc import Iterable
-from typing import Any
+from http import HTTPStatus
+from typing import Any, Final
 
 from mitmproxy import http
 
@@ -81,6 +89,38 @@ _STATUS = {
 RETRY_AFTER_S = 5
 
 
+#: the longest reason phrase sent (a status line a client can always hold)
+MAX_PHRASE: Final = 400
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def _target(d: Decision) -> str:
+    host = redact.host(d.host) or "?"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address: the port stays readable
+    return host if d.port is None else f"{host}:{d.port}"
+
+
+def why(d: Decision, sources: Iterable[str] = ()) -> str:
+    """The refusal in one sentence for the client's user (and the agent): host and
+    port, reason code, and the hint (``public_text``: no file paths, no secrets).
+    ``egress-guard blocked llm.test:443 (not_allowlisted): no catalog entry covers ...``"""
+    text = f"egress-guard blocked {_target(d)} ({d.reason})"
+    hint = public_text(d.hint, tuple(sources))
+    return f"{text}: {hint}" if hint else text
+
+
+def reason_phrase(status: int, d: Decision, sources: Iterable[str] = ()) -> str:
+    """The status line's reason phrase: the standard one, then ``why``, as printable
+    ASCII (anything else, a client's own bytes included, becomes ``?``), bounded."""
+    try:
+        standard = HTTPStatus(status).phrase
+    except ValueError:
+        standard = "Blocked"
+    phrase = _UNPRINTABLE.sub("?", f"{standard}: {why(d, sources)}")
+    return phrase if len(phrase) <= MAX_PHRASE else phrase[: MAX_PHRASE - 3] + "..."
+
+
 def _headers(d: Decision) -> dict[str, str]:
     headers = {
         "Content-Type": "application/json",
@@ -92,13 +132,16 @@ def _headers(d: Decision) -> dict[str, str]:
     return headers
 
 
-def block_response(d: Decision, sources: Iterable[str] = ()) -> http.Response:
+def block_response(
+    d: Decision, sources: Iterable[str] = (), status: int | None = None
+) -> http.Response:
     """The 403 (or 407/502/400/503) for a refused CONNECT or plain-HTTP request.
-    ``sources``: the policy's file names, which the client is not told (``public_text``)."""
-    status = _STATUS.get(d.reason, 403)
+    ``sources``: the policy's file names, which the client is not told (``public_text``).
+    ``status``: instead of the reason's own."""
+    status = status or _STATUS.get(d.reason, 403)
     sources = tuple(sources)
     body: dict[str, Any] = {
-        "error": "blocked by egress-guard",
+        "error": why(d, sources),
         "host": redact.host(d.host),
         "port": d.port,
         "reason": d.reason,
@@ -109,18 +152,23 @@ def block_response(d: Decision, sources: Iterable[str] = ()) -> http.Response:
     headers = {**_headers(d), "Connection": "close"}
     if status == 407:
         headers["Proxy-Authenticate"] = 'Basic realm="egress-guard"'
-    return http.Response.make(status, json.dumps(body).encode() + b"\n", headers)
+    resp = http.Response.make(status, json.dumps(body).encode() + b"\n", headers)
+    resp.reason = reason_phrase(status, d, sources)
+    return resp
 
 
 def provider_block_response(
-    d: Decision, kind: ApiKind | None, sources: Iterable[str] = ()
+    d: Decision, kind: ApiKind | None, sources: Iterable[str] = (), status: int | None = None
 ) -> http.Response:
     """403 (503 ``buffer_budget``) in the error shape of the provider API the request
-    was made to (``sources`` as for block_response)."""
-    status = 503 if d.reason == "buffer_budget" else 403
-    message = f"egress-guard: {d.reason.replace('_', ' ')}"
-    if d.hint:
-        message += f" ({public_text(d.hint, sources)})"
+    was made to (``sources`` as for block_response; ``status`` instead of the reason's
+    own)."""
+    status = status or (503 if d.reason == "buffer_budget" else 403)
+    sources = tuple(sources)
+    message = f"egress-guard: {d.reason.replace('_', ' ')} at {_target(d)}"
+    hint = public_text(d.hint, sources)
+    if hint:
+        message += f" ({hint})"
     body: dict[str, Any]
     if kind == "anthropic":
         kind_name = "overloaded_error" if status == 503 else "permission_error"
@@ -137,4 +185,6 @@ def provider_block_response(
                 "code": d.reason,
             }
         }
-    return http.Response.make(status, json.dumps(body).encode() + b"\n", _headers(d))
+    resp = http.Response.make(status, json.dumps(body).encode() + b"\n", _headers(d))
+    resp.reason = reason_phrase(status, d, sources)
+    return resp

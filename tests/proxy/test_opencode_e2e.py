@@ -207,7 +207,35 @@ def test_opencode_through_guard_inspect_mode_model_allowlist(
     refused = run_opencode(tmp_path, p, opencode_config(mock_llm.port, "other-model"), bundle)
     errors = [e for e in refused if e.get("type") == "error"]
     assert errors, refused
-    assert "model not allowed" in json.dumps(errors[0])
+    shown = errors[0]["error"]["data"]["message"]
+    assert shown.startswith(f"egress-guard: model not allowed at {MOCK_HOST}:{mock_llm.port}"), (
+        shown
+    )
     assert not any(call[2] == "other-model" for call in mock_llm.calls)
     recs = p.wait_audit(lambda r: r["reason"] == "model_not_allowed")
     assert recs and recs[0]["destination"]
+
+
+def test_opencode_shows_why_its_provider_is_blocked(
+    proxy: ProxyFactory, mock_llm: MockLLM, ca_file: Path, tmp_path: Path
+) -> None:
+    """What OpenCode's user (and the agent) sees when the provider's tunnel is refused:
+    the host, the reason and the hint, not only "Forbidden" (OpenCode prints a
+    non-standard reason phrase as it is: responses.reason_phrase)."""
+    config = opencode_config(mock_llm.port)
+    policy = yaml.safe_load(generated_policy(tmp_path, config))
+    policy["destinations"] = [
+        d for d in policy["destinations"] if MOCK_HOST not in d.get("hosts", [])
+    ]
+    p = proxy(yaml.safe_dump(policy, sort_keys=False))
+    events = run_opencode(tmp_path, p, config, ca_file)
+    errors = [e for e in events if e.get("type") == "error"]
+    assert errors, events
+    shown = errors[0]["error"]["data"]["message"]
+    target = f"{MOCK_HOST}:{mock_llm.port}"
+    assert shown.startswith(f"Forbidden: egress-guard blocked {target} (not_allowlisted): "), shown
+    assert f"add a destination with hosts: [{MOCK_HOST}]" in shown, shown
+    assert str(p.policy_path) not in json.dumps(errors), "the client is told no file path"
+    assert not mock_llm.calls
+    rec = p.wait_audit(lambda r: r["host"] == MOCK_HOST)[0]
+    assert rec["decision"] == "block" and rec["reason"] == "not_allowlisted"
