@@ -27,7 +27,8 @@ from typing import Any, NamedTuple
 
 from egress_guard.cli.exits import EXIT_ERROR, EXIT_FAIL, EXIT_OK
 from egress_guard.cli.shared import policy_or_minimal
-from egress_guard.engine import Decision, Engine, HostIndex, Match
+from egress_guard.engine import Approved, Decision, Engine, HostIndex, Target
+from egress_guard.engine.rules.names import catalog_entries
 from egress_guard.normalize import Host, NormalizationError, join_hostport, parse_target
 from egress_guard.policy import EffectivePolicy, PolicyError, load_catalog, policies_dir
 from egress_guard.policy.model import CatalogEntry
@@ -51,29 +52,21 @@ class Verdict(NamedTuple):
 
 def verdict(engine: Engine, host: Host, port: int) -> Verdict:
     """The engine's decision for ``host:port`` as ``check`` makes it, and the catalog
-    entries covering the target. No DNS here: only IP literals and ``network.resolve``
-    entries have their addresses checked. The one place this module calls the engine
-    (its entry point is being reworked: porting ``explain`` is porting this)."""
-    d = engine.decide_normalized(host, port)
+    entries covering the target. No DNS here: decided on the name as a parent proxy
+    would, so only IP literals and ``network.resolve`` entries have their addresses
+    checked. The one place this module calls the engine."""
+    answer = engine.decide(Target(host, port, parent_resolves=True))
     note = None
-    if isinstance(d, Match):
-        addrs = engine.static_addresses(d.host)
-        if addrs is None:
+    if type(answer) is Approved:
+        if answer.address is None and answer.destination is not None:
             note = (
                 "addresses not checked (explain does not use DNS; a private address "
                 "would still be refused)"
             )
-            d = Decision(
-                allowed=True,
-                action="allow",
-                reason="allowlisted",
-                destination=d.destination.name,
-                host=d.host.value,
-                port=d.port,
-            )
-        else:
-            d = engine.decide_addresses(d, addrs)
-    return Verdict(engine.finalize(d), note, engine.catalog_entries(host, port))
+        d = answer.decision
+    else:
+        d = answer  # type: ignore[assignment]
+    return Verdict(d, note, catalog_entries(engine.compiled, host, port))
 
 
 @dataclass
