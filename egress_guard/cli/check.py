@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import sys
 from typing import Any
 
 from egress_guard.cli.exits import EXIT_ERROR, EXIT_FAIL, EXIT_OK
@@ -91,7 +92,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             for key in ("detail", "hint", "warning"):
                 if r[key] and (r["decision"] != "allow" or key != "hint"):
                     print(f"            {key}: {escape(str(r[key]))}")
-    if any(r["reason"] == "invalid_host" for r in results):
+    unusable = [r for r in results if r["reason"] == "invalid_host"]
+    for r in unusable:  # why the exit is 2, on stderr: stdout stays one answer per target
+        target, why = escape(repr(r["target"])), escape(str(r["detail"]))
+        print(f"egress-guard check: {target} is not a target: {why}", file=sys.stderr)
+    if unusable:
         return EXIT_ERROR
     return EXIT_FAIL if any(r["decision"] == "block" for r in results) else EXIT_OK
 
