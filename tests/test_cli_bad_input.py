@@ -52,7 +52,9 @@ def busy() -> Iterator[int]:
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory: pytest.TempPathFactory, busy: int) -> dict[str, Case]:
     d = tmp_path_factory.mktemp("bad")
-    (d / "broken.yaml").write_text("version: 1\ndestinations:\n  - name: a\n    hostz: [x]\n")
+    (d / "broken.yaml").write_text(
+        "version: 1\ndestinations:\n  - name: a\n    hosts: [a.test]\n    portz: [443]\n"
+    )
     (d / "not-audit.log").write_text('{"name": "a config, not an audit log"}\nhello\n')
     (d / "audit.log").write_text(_audit_record() + "\n")
     (d / "opencode.json").write_text("{bad")
@@ -65,8 +67,8 @@ def cases(tmp_path_factory: pytest.TempPathFactory, busy: int) -> dict[str, Case
         "validate": Case(["validate", missing], "cannot read policy"),
         "check": Case(["check", "host:99999"], "outside 1-65535"),
         "check-policy": Case(["check", "--policy", missing, "a.test"], "cannot read policy"),
-        "explain": Case(["explain", "--policy", str(d / "broken.yaml"), "a.test"], "hosts"),
-        "run-policy": Case(["run", "--policy", str(d / "broken.yaml"), *listen, *conf], "hosts"),
+        "explain": Case(["explain", "--policy", str(d / "broken.yaml"), "a.test"], "portz"),
+        "run-policy": Case(["run", "--policy", str(d / "broken.yaml"), *listen, *conf], "portz"),
         "run-listen": Case(
             ["run", "--listen", f"127.0.0.1:{busy}", *conf], f"127.0.0.1:{busy}: cannot listen"
         ),
