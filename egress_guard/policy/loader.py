@@ -75,6 +75,26 @@ def policies_dir() -> FsPath:
     return FsPath(str(resources.files("egress_guard._policies")))
 
 
+@lru_cache(maxsize=64)
+def shipped_preset(origin: str) -> str | None:
+    """The shipped preset ``origin`` is in (a path, or a ``file:line`` origin such as
+    ``EffectivePolicy.origins`` holds), or None. Hints use it never to tell anyone to edit
+    a file in ``policies/``: an upgrade replaces those, and every other user of the
+    preset would change too."""
+    path = origin.split(" (included from ", 1)[0]
+    head, sep, tail = path.rpartition(":")
+    if sep and (tail.isdigit() or tail == "None"):
+        path = head
+    p = FsPath(path)
+    if p.suffix not in (".yaml", ".yml") or p.stem == "catalog":
+        return None
+    try:
+        shipped = p.resolve().parent == policies_dir().resolve()
+    except OSError:
+        return None
+    return p.stem if shipped else None
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in policies_dir().glob("*.yaml") if p.stem != "catalog")
 
