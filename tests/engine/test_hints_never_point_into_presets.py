@@ -95,3 +95,26 @@ def test_ones_own_rules_keep_their_file_line_hints(tmp_path: Path) -> None:
     assert d.hint == f"destination 'a' ({own}:3) allows ports [443]; add 80 there if it is needed"
     d = _decide(engine, "b.example.com")
     assert d.hint == f"denied by {own}:6; deny rules win over every allow"
+
+
+def test_doctor_fixes_point_at_a_policy_of_ones_own(tmp_path: Path) -> None:
+    """``doctor``'s fixes say where to allow something: under the built-in preset, a
+    policy of one's own (that includes it); under one's own policy, that policy."""
+    from egress_guard.opencode.config import load_config
+    from egress_guard.opencode.doctor import diagnose
+    from egress_guard.opencode.doctor_report import DoctorInput
+
+    cfg = load_config(Path(__file__).parents[1] / "opencode/fixtures/doctor_bad.jsonc")
+    own = tmp_path / "own.yaml"
+    own.write_text("version: 1\ninclude: [minimal]\n")
+
+    def fixes(policy: Path) -> list[str]:
+        inp = DoctorInput(cfg=cfg, env={}, policy=load_policy(policy), catalog=load_catalog())
+        return [f.fix for f in diagnose(inp) if "- use:" in f.fix]
+
+    under_preset = fixes(MINIMAL)
+    assert under_preset, "the fixture's providers need catalog entries"
+    for fix in under_preset:
+        assert "to the policy" not in fix and "a policy of your own" in fix, fix
+        assert "include: [minimal]" in fix, fix
+    assert all("to the policy" in fix for fix in fixes(own))

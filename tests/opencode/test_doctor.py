@@ -121,7 +121,7 @@ def test_every_problem_is_found_with_its_severity(
 
     openai = find(f, "provider", "provider openai")
     assert openai.severity == "error" and "api.openai.com:443" in openai.message
-    assert openai.fix == "add `- use: openai` to the policy"
+    assert openai.fix.startswith("add `- use: openai` to a policy of your own")  # not the preset
     ollama = find(f, "provider", "provider ollama (")
     assert ollama.severity == "error" and "localhost:11434" in ollama.message
     assert find(f, "provider", "ignored by OpenCode 1.18").severity == "warning"
