@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from support.ports import free_port
 from support.procfs import tcp_ports
 
@@ -197,3 +199,8 @@ def guard_ca(p: ProxyProcess, alpn: list[str] | None = None) -> ssl.SSLContext:
     if alpn:
         ctx.set_alpn_protocols(alpn)
     return ctx
+
+
+def inspect_client(p: ProxyProcess) -> httpx.Client:
+    """An httpx client through ``p`` that trusts its interception CA."""
+    return httpx.Client(proxy=p.url, verify=guard_ca(p), trust_env=False, timeout=20)
