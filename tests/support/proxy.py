@@ -184,15 +184,25 @@ class ProxyProcess:
 ProxyFactory = Callable[..., ProxyProcess]
 
 
+#: what ``ca export`` printed, by confdir and CA file version: each export starts Python and
+#: imports mitmproxy (about a second), and a session's proxies share one confdir, so one CA
+_EXPORTED: dict[tuple[Path, int | None], bytes] = {}
+
+
 def guard_ca(p: ProxyProcess, alpn: list[str] | None = None) -> ssl.SSLContext:
     """A client TLS context that trusts ``p``'s interception CA (exported with the real
     ``egress-guard ca export``), for talking through an inspected tunnel."""
-    pem = subprocess.run(
-        [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
-        capture_output=True,
-        check=True,
-        timeout=30,
-    ).stdout
+    ca_key = p.confdir / "mitmproxy-ca.pem"
+    key = (p.confdir, ca_key.stat().st_mtime_ns if ca_key.exists() else None)
+    pem = _EXPORTED.get(key)
+    if pem is None:
+        pem = subprocess.run(
+            [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
+            capture_output=True,
+            check=True,
+            timeout=30,
+        ).stdout
+        _EXPORTED[key] = pem
     path = p.workdir / "guard-ca.pem"
     path.write_bytes(pem)
     ctx = ssl.create_default_context(cafile=str(path))
