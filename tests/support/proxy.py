@@ -189,20 +189,25 @@ ProxyFactory = Callable[..., ProxyProcess]
 _EXPORTED: dict[tuple[Path, int | None], bytes] = {}
 
 
-def guard_ca(p: ProxyProcess, alpn: list[str] | None = None) -> ssl.SSLContext:
-    """A client TLS context that trusts ``p``'s interception CA (exported with the real
-    ``egress-guard ca export``), for talking through an inspected tunnel."""
+def exported_ca(p: ProxyProcess) -> bytes:
+    """``p``'s interception CA certificate (PEM), as the real ``egress-guard ca export``
+    prints it for an operator."""
     ca_key = p.confdir / "mitmproxy-ca.pem"
     key = (p.confdir, ca_key.stat().st_mtime_ns if ca_key.exists() else None)
-    pem = _EXPORTED.get(key)
-    if pem is None:
-        pem = subprocess.run(
+    if key not in _EXPORTED:
+        _EXPORTED[key] = subprocess.run(
             [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
             capture_output=True,
             check=True,
             timeout=30,
         ).stdout
-        _EXPORTED[key] = pem
+    return _EXPORTED[key]
+
+
+def guard_ca(p: ProxyProcess, alpn: list[str] | None = None) -> ssl.SSLContext:
+    """A client TLS context that trusts ``p``'s interception CA (``exported_ca``), for
+    talking through an inspected tunnel."""
+    pem = exported_ca(p)
     path = p.workdir / "guard-ca.pem"
     path.write_bytes(pem)
     ctx = ssl.create_default_context(cafile=str(path))
