@@ -14,6 +14,8 @@ import trustme
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from support.audit_sample import write_sample
+from support.policies import inspect_policy
 from support.proxy import ProxyFactory, ProxyProcess
 from support.upstream import Upstream
 
@@ -96,3 +98,19 @@ def proxy(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyFacto
     yield start
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def inspect_guard(proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path) -> ProxyProcess:
+    """A guard that inspects api.test with method, path and model rules
+    (``support.policies.inspect_policy``), verifying the upstream with the test CA."""
+    return proxy(inspect_policy(tls_upstream.port), "--inspect", "--upstream-ca", str(ca_file))
+
+
+@pytest.fixture
+def audit_sample(tmp_path: Path) -> Path:
+    """A fresh 14-line sample audit log (``support.audit_sample.write_sample``)."""
+    p = tmp_path / "audit.log"
+    write_sample(p)
+    assert len(p.read_bytes().splitlines()) == 14
+    return p

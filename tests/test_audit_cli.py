@@ -1,7 +1,8 @@
 """``egress-guard audit verify|summary|learn`` on logs written by the real AuditLog.
 
-Tamper cases run through ``cli.main`` in-process (same parser and code, fast); the
-command itself is also run as a real subprocess of the installed ``egress-guard``.
+The commands run as real subprocesses of the installed ``egress-guard`` and through
+``cli.main`` in-process (same parser and code, fast). The tamper cases of ``verify`` are
+in ``adversarial/test_audit_tampering.py``; the sample log is ``support.audit_sample``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.audit_sample import dec, lines_of, rewrite, write_sample
 from support.rotated import rotated_set
 
 from egress_guard.cli import app as cli
@@ -19,67 +21,8 @@ from egress_guard.engine.rules.names import decide_target
 from egress_guard.policy import load_catalog, load_policy_text
 from egress_guard.sinks.audit import AuditLog
 from egress_guard.sinks.audit.read import order_files
-from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
 
 BIN = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "egress-guard")
-SHA = "cd" * 32
-
-
-def dec(
-    i: int,
-    host: str,
-    port: int | None,
-    action: str,
-    reason: str,
-    dest: str | None = None,
-) -> DecisionEvent:
-    d = Decision(action != "block", action, reason, dest, host, port)  # type: ignore[arg-type]
-    return DecisionEvent(f"c{i}", "127.0.0.1", d, "enforce", SHA, None, None, None)
-
-
-def closed(i: int, host: str, dest: str | None, up: int, down: int) -> CloseEvent:
-    return CloseEvent(
-        f"c{i}", "127.0.0.1", host, 443, dest, "allow", up, down, 0.25, "enforce", SHA
-    )
-
-
-def write_sample(path: Path) -> None:
-    """14 lines: startup, policy_loaded, then decisions and closes with known values."""
-    with AuditLog(path) as log:
-        log.policy(PolicyEvent(True, "policy.yaml", SHA, 1, "enforce"))
-        log.decision(dec(1, "api.anthropic.com", 443, "allow", "allowlisted", "anthropic"))
-        log.close(closed(1, "api.anthropic.com", "anthropic", 100, 2000))
-        log.decision(dec(2, "api.anthropic.com", 443, "allow", "allowlisted", "anthropic"))
-        log.close(closed(2, "api.anthropic.com", "anthropic", 50, 500))
-        log.decision(dec(3, "models.opencode.ai", 443, "would_block", "not_allowlisted"))
-        log.decision(dec(4, "github.com", 443, "block", "not_allowlisted"))
-        log.decision(dec(5, "example.org", 8443, "block", "not_allowlisted"))
-        log.decision(dec(6, "example.org", 8443, "block", "not_allowlisted"))
-        log.decision(dec(7, "db.corp.example", 443, "block", "private_address", "corp"))
-        log.decision(dec(8, "bad host", None, "block", "invalid_host"))
-        log.decision(dec(9, "127.0.0.1", 8080, "block", "self_connection"))
-        log.decision(dec(10, "", None, "block", "client_not_allowed"))
-
-
-@pytest.fixture
-def sample(tmp_path: Path) -> Path:
-    p = tmp_path / "audit.log"
-    write_sample(p)
-    assert len(p.read_bytes().splitlines()) == 14
-    return p
-
-
-def lines_of(p: Path) -> list[bytes]:
-    return p.read_bytes().split(b"\n")[:-1]
-
-
-def rewrite(p: Path, lines: list[bytes]) -> None:
-    p.write_bytes(b"".join(x + b"\n" for x in lines))
-
-
-def run_verify(capsys: pytest.CaptureFixture[str], *files: str) -> tuple[int, str]:
-    rc = cli.main(["audit", "verify", *files])
-    return rc, capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +75,6 @@ Runs = dict[str, tuple[int, str, str, Path]]
 # -- verify ------------------------------------------------------------------------------
 
 
-def test_verify_intact_log(sample: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["audit", "verify", "--require-start", str(sample)]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("OK: 14 lines in 1 file(s), seq 1..14, head ")
-
-
 def test_verify_edited_field_subprocess(runs: Runs) -> None:
     rc, out, _, path = runs["verify_edited"]
     assert rc == 1
@@ -156,93 +93,6 @@ def test_verify_rotated_set_in_shell_order(runs: Runs) -> None:
     assert rc == 0, out + err
     assert out.startswith(f"OK: 21 lines in {len(files)} file(s), seq 1..21"), out
     assert "rotation order" in err
-
-
-def test_verify_missing_file_is_an_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert cli.main(["audit", "verify", str(tmp_path / "nope.log")]) == 2
-
-
-@pytest.mark.parametrize("lineno", [2, 7, 13])
-def test_verify_names_the_edited_line(
-    sample: Path, capsys: pytest.CaptureFixture[str], lineno: int
-) -> None:
-    lines = lines_of(sample)
-    obj = json.loads(lines[lineno - 1])
-    obj["ts"] = "2000-01-01T00:00:00.000Z"
-    lines[lineno - 1] = json.dumps(obj, separators=(",", ":")).encode()
-    rewrite(sample, lines)
-    rc, out = run_verify(capsys, str(sample))
-    assert rc == 1
-    assert out.startswith(f"FAIL {sample}:{lineno}: edited:"), out
-
-
-def test_verify_edited_seq_field(sample: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    lines = lines_of(sample)
-    lines[5] = lines[5].replace(b'"seq":6,', b'"seq":60,')
-    rewrite(sample, lines)
-    rc, out = run_verify(capsys, str(sample))
-    assert rc == 1 and out.startswith(f"FAIL {sample}:6: edited: seq is 60, expected 6"), out
-
-
-def test_verify_names_a_deleted_line(sample: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    lines = lines_of(sample)
-    del lines[5:7]  # seq 6 and 7
-    rewrite(sample, lines)
-    rc, out = run_verify(capsys, str(sample))
-    assert rc == 1
-    assert out.startswith(f"FAIL {sample}:6: deleted: 2 line(s) missing"), out
-
-
-def test_verify_names_swapped_lines(sample: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    lines = lines_of(sample)
-    lines[8], lines[9] = lines[9], lines[8]
-    rewrite(sample, lines)
-    rc, out = run_verify(capsys, str(sample))
-    assert rc == 1
-    assert out.startswith(f"FAIL {sample}:9: reordered:"), out
-    assert f"{sample}:10" in out
-
-
-def test_verify_truncated_last_line(sample: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = sample.read_bytes()
-    sample.write_bytes(data[:-20])
-    rc, out = run_verify(capsys, str(sample))
-    assert rc == 1 and out.startswith(f"FAIL {sample}:14: truncated:"), out
-
-
-def test_verify_invalid_json_line(sample: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    lines = lines_of(sample)
-    lines[3] = lines[3][:40]
-    rewrite(sample, lines)
-    rc, out = run_verify(capsys, str(sample))
-    assert rc == 1 and out.startswith(f"FAIL {sample}:4: invalid: not valid JSON"), out
-
-
-def test_verify_inserted_line(sample: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    lines = lines_of(sample)
-    lines.insert(3, lines[2])  # a replayed copy of line 3
-    rewrite(sample, lines)
-    rc, out = run_verify(capsys, str(sample))
-    assert rc == 1 and out.startswith(f"FAIL {sample}:4: reordered:"), out
-
-
-def test_verify_rotated_set_with_a_file_missing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    p = tmp_path / "audit.log"
-    with AuditLog(p, max_bytes=1200, backups=20) as log:
-        for i in range(20):
-            log.decision(dec(i, "api.anthropic.com", 443, "allow", "allowlisted", "anthropic"))
-    files = rotated_set(str(p))
-    rc, out = run_verify(capsys, *files)
-    assert rc == 0, out
-    gone = files[2]
-    Path(gone).unlink()
-    rc, out = run_verify(capsys, *[f for f in files if f != gone])
-    assert rc == 1
-    assert out.startswith(f"FAIL {files[3]}:1: deleted:") and "rotated file missing" in out, out
 
 
 def test_order_files() -> None:
@@ -308,8 +158,8 @@ def test_summary_json(runs: Runs) -> None:
     assert len(blocked) == 7
 
 
-def test_summary_table(sample: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["audit", "summary", str(sample)]) == 0
+def test_summary_table(audit_sample: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["audit", "summary", str(audit_sample)]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
     assert rows["DESTINATION"][:7] == [

@@ -28,6 +28,17 @@ CONTRACT = {
     "egress_guard_policy_reloads",
     "egress_guard_policy_info",
 }
+#: beyond DESIGN section 7 (docs/metrics.md): blocks by reason, the build, the process
+OPERATIONS = {
+    "egress_guard_blocks",
+    "egress_guard_build_info",
+    "process_cpu_seconds",
+    "process_max_fds",
+    "process_open_fds",
+    "process_resident_memory_bytes",
+    "process_start_time_seconds",
+    "process_virtual_memory_bytes",
+}
 
 Key = tuple[str, frozenset[tuple[str, str]]]
 
@@ -205,7 +216,7 @@ def test_exactly_the_contract_series_and_no_created_samples(
     metrics.connection_opened("anthropic")
     metrics.policy(policy_ok("abc"))
     text = client.get(f"{server.url}/metrics").text
-    assert {f.name for f in text_string_to_metric_families(text)} == CONTRACT
+    assert {f.name for f in text_string_to_metric_families(text)} == CONTRACT | OPERATIONS
     assert "_created" not in text
 
 

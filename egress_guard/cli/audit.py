@@ -8,7 +8,8 @@ verify   recompute the hash chain over the files in chain order (a rotated set g
          (``--require-start`` makes that an error). Deleting lines from the very end of
          the newest file cannot be seen by any unkeyed chain: compare the printed head hash
          with one recorded elsewhere.
-summary  per destination and per blocked host: counts by decision, bytes, first/last seen.
+summary  per destination and per blocked host (--by user: per proxy user): counts by
+         decision, bytes, first/last seen.
 learn    the smallest version-1 policy allowing the host:port targets of allowed and
          plainly not-listed decisions, using catalog entries (``- use:``) where one covers
          the target; never a denied or non-public target (docs/audit-log.md).
@@ -30,7 +31,7 @@ from egress_guard.policy import PolicyError, load_catalog, load_policy
 from egress_guard.policy.writer import write_atomically
 from egress_guard.sinks.audit.learn import Source, learn
 from egress_guard.sinks.audit.read import ReadStats, Record, iter_records, order_files
-from egress_guard.sinks.audit.summary import render_summary, summarize
+from egress_guard.sinks.audit.summary import VIEWS, render_summary, summarize
 from egress_guard.sinks.audit.verify import verify
 from egress_guard.sinks.logsafe import escape
 
@@ -127,7 +128,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s, indent=2))
     else:
-        sys.stdout.write(render_summary(s))
+        sys.stdout.write(render_summary(s, by=args.by))
     return EXIT_OK
 
 
@@ -196,7 +197,13 @@ def add_audit_parser(sub: Any) -> None:
 
     s = asub.add_parser("summary", help="per destination and per blocked host counts")
     s.add_argument("files", nargs="+", metavar="FILE", help=files_help)
-    s.add_argument("--json", action="store_true", help="JSON instead of tables")
+    s.add_argument("--json", action="store_true", help="JSON instead of tables (holds every view)")
+    s.add_argument(
+        "--by",
+        choices=VIEWS,
+        default="destination",
+        help="one row per destination (and per blocked host), or per proxy user (clients.auth)",
+    )
     s.set_defaults(func=cmd_summary)
 
     lp = asub.add_parser(

@@ -2,13 +2,13 @@
 
 Inspect mode terminates TLS with a CA that mitmproxy keeps in the confdir. Clients must
 trust it; OpenCode (Bun) reads extra CAs from ``NODE_EXTRA_CA_CERTS``. Exporting creates
-the CA when the confdir has none yet, so the file can be handed out before the first run.
+the CA when the confdir has none yet, so the file can be handed out before the first run;
+its subject names egress-guard, not mitmproxy (egress_guard/proxy/castore.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,17 +17,13 @@ from egress_guard.cli.exits import EXIT_ERROR, EXIT_OK
 from egress_guard.cli.run import DEFAULT_CONFDIR
 from egress_guard.sinks.logsafe import escape
 
-CA_BASENAME = "mitmproxy"
-KEY_SIZE = 2048
-
 
 def ca_certificate_pem(confdir: str) -> bytes:
-    from mitmproxy import certs  # imported here: only this command needs it
+    """The confdir's CA certificate, made (named for egress-guard) if there is none."""
+    # imported here: it imports mitmproxy (about a second), and only this command needs it
+    from egress_guard.proxy.castore import ensure_ca
 
-    path = Path(os.path.expanduser(confdir))
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = certs.CertStore.from_store(path, CA_BASENAME, KEY_SIZE)
-    return store.default_ca.to_pem()
+    return ensure_ca(confdir).pem
 
 
 def cmd_ca_export(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from mitmproxy.master import Master
 from mitmproxy.utils import asyncio_utils
 
 from egress_guard.normalize import join_hostport
+from egress_guard.proxy.castore import InterceptionCA, ensure_ca
 from egress_guard.proxy.guard import guard_addons
 from egress_guard.proxy.patches import splice
 from egress_guard.proxy.settings import RunSettings
@@ -256,7 +257,16 @@ async def serve(settings: RunSettings, sinks: list[Sink]) -> int:
         board = _status_board(sinks)
         sinks = [*sinks, board]
     try:
-        master, _guard = build_master(settings, sinks)
+        # before mitmproxy looks at the confdir: a CA it lacks is made named for egress-guard
+        ca = ensure_ca(settings.confdir)
+    except OSError as e:
+        print(
+            f"egress-guard: the interception CA in {escape(settings.confdir)}: {escape(str(e))}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        master, guard = build_master(settings, sinks)
     except exceptions.OptionsError as e:
         # a policy error's render: several lines on purpose, nothing raw in them
         print(f"egress-guard: {escape(str(e), keep_newlines=True)}", file=sys.stderr)
@@ -292,6 +302,8 @@ async def serve(settings: RunSettings, sinks: list[Sink]) -> int:
         log.info("egress-guard metrics on %s/metrics, status page on %s/", base, base)
     host, port = settings.listen
     log.info("egress-guard listening on %s", join_hostport(host, port))
+    if settings.inspect:
+        _log_inspection(guard, ca)
     _tune_gc()
     try:
         await master.run()
@@ -299,6 +311,32 @@ async def serve(settings: RunSettings, sinks: list[Sink]) -> int:
         if server is not None:
             server.stop()
     return 0
+
+
+def _log_inspection(guard: GuardState, ca: InterceptionCA) -> None:
+    """Say at start-up what --inspect intercepts, and with which CA: the file clients
+    must trust, and its fingerprint to compare with what they were given."""
+    eng = guard.engine
+    names = [d.name for d in eng.policy.destinations if d.needs_inspection] if eng else []
+    log.info(
+        "egress-guard: --inspect: TLS tunnels (CONNECT) to %s are intercepted, to check "
+        "their methods/paths/models rules; tunnels to other destinations stay plain",
+        ", ".join(names) if names else "no destination (none has methods, paths or models)",
+    )
+    log.info(
+        "egress-guard: interception CA %s (CN=%s, SHA-256 %s%s); clients must trust it "
+        "(egress-guard ca export, then NODE_EXTRA_CA_CERTS)",
+        ca.cert_path,
+        ca.common_name,
+        ca.sha256,
+        ", made now" if ca.created else "",
+    )
+    if ca.is_mitmproxy_default:
+        log.warning(
+            "egress-guard: this CA was made by mitmproxy (CN=mitmproxy); for one named "
+            "egress-guard, move the confdir's mitmproxy-ca* files away and restart "
+            "(clients must then trust the new CA)"
+        )
 
 
 async def drain_then_stop(master: Master, timeout: float) -> None:

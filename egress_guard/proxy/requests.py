@@ -92,6 +92,7 @@ class Requests:
         gate(g, eng, state, req.headers, req.host)
         host, port = raw_target(req)
         approval = await authorize(g, eng, host, port, tunnel=True)
+        approval.user = state.user
         # recorded (written) before anything opens; refused (no close record) if not
         await g.admit(flow.client_conn.id, state, approval.decision, method="CONNECT", opens=True)
         state.tunnel = (approval.host, approval.port)
@@ -136,6 +137,7 @@ class Requests:
         check_well_formed(req)
         target_host, target_port = raw_target(req)
         approval = await authorize(g, eng, target_host, target_port)
+        approval.user = state.user
         mismatch = check_host_header(
             eng, flow, approval.host, approval.port, approval.decision.destination
         )

@@ -92,6 +92,8 @@ class Approval:
     policy_sha256: str = ""
     #: the upstream connection opened for it (plain HTTP), once connected
     server: Server | None = None
+    #: the clients.auth user it was approved for (its close record names it)
+    user: str | None = None
 
 
 @dataclass(slots=True)
@@ -105,6 +107,9 @@ class ConnState:
     #: reason this connection must not reach any upstream any more
     blocked: str | None = None
     sni: str | None = None
+    #: the clients.auth user the last proxy request proved (a tunnel's: its CONNECT's);
+    #: None without clients.auth or when the password check failed
+    user: str | None = None
     #: the tunnel's first bytes were read and judged (ClientHello and SNI, or not TLS);
     #: until then server_connect refuses the tunnel's upstream
     first_bytes_checked: bool = False
@@ -186,6 +191,7 @@ class GuardState:
             mode=eng.policy.mode if eng else "enforce",
             policy_sha256=eng.policy.sha256 if eng else "",
             sni=state.sni,
+            user=state.user,
             method=method,
             path=redact.path(path) if path else None,
             opens=opens,
@@ -270,6 +276,7 @@ class GuardState:
                 CloseEvent(
                     conn_id=client_id,
                     client=state.client,
+                    user=approval.user,
                     host=d.host,
                     port=d.port,
                     destination=d.destination,

@@ -38,26 +38,30 @@ from egress_guard.proxy.state import Approval, Blocked, ConnState, GuardState
 
 
 def gate(g: GuardState, eng: Engine, state: ConnState, headers: http.Headers, host: str) -> None:
-    """Client ACL, proxy auth, sink health: refuse before looking at the target."""
-    d = eng.decide(Client(state.client, _authorized(g.users, headers), host))
+    """Client ACL, proxy auth, sink health: refuse before looking at the target. The
+    user who proved itself (clients.auth) is kept on the connection for its records; a
+    name that did not prove itself is never recorded (it is the client's text)."""
+    state.user = _authorized(g.users, headers)
+    d = eng.decide(Client(state.client, state.user is not None, host))
     if d is not None:
         raise Blocked(d)
     g.check_sinks(host)
 
 
-def _authorized(users: dict[str, str], headers: http.Headers) -> bool:
+def _authorized(users: dict[str, str], headers: http.Headers) -> str | None:
+    """The clients.auth user whose password the request gave, or None."""
     value = headers.get("proxy-authorization", "")
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "basic" or not token:
-        return False
+        return None
     try:
         user, sep, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
     except (ValueError, UnicodeDecodeError):
-        return False
+        return None
     expected = users.get(user)
     if not sep or expected is None:
-        return False
-    return _check_password(expected, password)
+        return None
+    return user if _check_password(expected, password) else None
 
 
 def _check_password(expected: str, given: str) -> bool:

@@ -22,6 +22,8 @@ class DecisionEvent:
     mode: str
     policy_sha256: str
     sni: str | None = None
+    #: the clients.auth user that proved itself (never a name that did not)
+    user: str | None = None
     method: str | None = None
     #: request path without the query string (query values may carry API keys)
     path: str | None = None
@@ -43,6 +45,7 @@ class CloseEvent:
     mode: str
     policy_sha256: str
     error: str | None = None
+    user: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

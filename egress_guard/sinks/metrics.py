@@ -9,10 +9,17 @@ The series are the contract in DESIGN.md section 7, and nothing else::
     egress_guard_policy_reloads_total{result}               result: ok | error
     egress_guard_policy_info{sha256, version}               1 for the policy in force only
 
+and beyond it (docs/metrics.md)::
+
+    egress_guard_blocks_total{destination, decision, reason}  decision: block | would_block
+    egress_guard_build_info{version, python, mitmproxy}       1 (metrics_runtime)
+    process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
+
 Label cardinality is bounded by the policy, whatever clients send: ``destination`` is a
 rule name from the policy in force (``set_destinations``) or ``unlisted``, never a
 hostname. A name the policy does not define is recorded as ``unlisted`` even if a caller
-passes it, so a bug upstream cannot turn client input into new series.
+passes it, so a bug upstream cannot turn client input into new series. ``reason`` is
+one of the engine's reason codes (the ``Reason`` literal, a fixed list) or ``other``.
 
 The metrics live in their own ``CollectorRegistry`` (never the process-wide default one),
 and the ``*_created`` samples prometheus-client adds to counters and histograms are
@@ -28,13 +35,15 @@ import logging
 import threading
 from collections.abc import Iterable
 from math import isfinite
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from egress_guard.engine.types import Reason
 from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
+from egress_guard.sinks.metrics_runtime import register_runtime
 
 __all__ = [
     "CONTENT_TYPE",
@@ -75,6 +84,9 @@ DURATION_BUCKETS: Final[tuple[float, ...]] = (
 )
 
 _ACTIONS: Final = frozenset({"allow", "block", "would_block"})
+#: the values the ``reason`` label can take: the engine's codes, and ``other``
+REASONS: Final = frozenset(get_args(Reason))
+OTHER_REASON: Final = "other"
 
 
 class _WithoutCreated:
@@ -204,12 +216,19 @@ class Metrics:
         #: connection id -> (destination, action) of a CONNECT allowed by its target whose
         #: first bytes (the SNI) are not judged yet: counted once they are, or replaced by
         #: what they showed (one tunnel is never counted both allowed and blocked)
-        self._pending: dict[str, tuple[str | None, str]] = {}
+        self._pending: dict[str, tuple[str | None, str, str]] = {}
 
         self._decisions = Counter(
             "egress_guard_decisions",
             "Policy decisions, by destination rule and action.",
             ["destination", "decision"],
+            registry=None,
+        )
+        self._blocks = Counter(
+            "egress_guard_blocks",
+            "Refused (block) and audit-mode (would_block) decisions, by destination rule "
+            "and reason code.",
+            ["destination", "decision", "reason"],
             registry=None,
         )
         self._bytes = Counter(
@@ -251,6 +270,7 @@ class Metrics:
             _WithoutCreated(
                 (
                     self._decisions,
+                    self._blocks,
                     self._bytes,
                     self._duration,
                     self._active_gauge,
@@ -260,6 +280,7 @@ class Metrics:
                 self._lock,
             )
         )
+        register_runtime(self.registry)
         self.set_destinations(destinations)
 
     def track_audit(self, audit: AuditHealth) -> None:
@@ -324,10 +345,11 @@ class Metrics:
         if pending is not None and event.method is not None:
             self._count(*pending)  # a request inside a tunnel that was accepted
         # else: the tunnel's first bytes, judged: this decision replaces the CONNECT's
+        d = event.decision
         if event.opens and event.method == "CONNECT" and action != "block":
-            self._pending[event.conn_id] = (event.decision.destination, action)
+            self._pending[event.conn_id] = (d.destination, action, d.reason)
         else:
-            self._count(event.decision.destination, action)
+            self._count(d.destination, action, d.reason)
         if event.opens:
             self.connection_opened(event.decision.destination)
 
@@ -337,8 +359,12 @@ class Metrics:
         if pending is not None:
             self._count(*pending)
 
-    def _count(self, destination: str | None, action: str) -> None:
-        self._child(self._decisions, self.label(destination), action).inc()
+    def _count(self, destination: str | None, action: str, reason: str) -> None:
+        dest = self.label(destination)
+        self._child(self._decisions, dest, action).inc()
+        if action != "allow":
+            why = reason if reason in REASONS else OTHER_REASON
+            self._child(self._blocks, dest, action, why).inc()
 
     def close(self, event: CloseEvent) -> None:
         pending = self._pending.pop(event.conn_id, None)

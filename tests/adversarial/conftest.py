@@ -21,6 +21,7 @@ from adversarial.stats import STATS
 from support.adv_lab import Lab
 from support.adv_net import NetNS, assert_isolated, netns_available, remove_stale_namespaces
 from support.prereq import missing
+from support.proxy import ProxyProcess
 
 
 def report_dir() -> Path:
@@ -54,6 +55,16 @@ def lab(
         yield lab
     finally:
         lab.close()
+
+
+@pytest.fixture(scope="module")
+def bypass_guard(lab: Lab) -> Iterator[ProxyProcess]:
+    """The bypass corpus's guard (policy ``bypass``) in this module's lab: it must pass an
+    allowed request first (so refusals are about the spelling) and still be alive after."""
+    p = lab.proxy("bypass")
+    assert lab.allowed_roundtrip(p, "/control-before") == 200, p.log()
+    yield p
+    assert p.proc is not None and p.proc.poll() is None, "proxy died during the module"
 
 
 @pytest.fixture(scope="session", autouse=True)

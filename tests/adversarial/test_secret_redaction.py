@@ -15,12 +15,14 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
+import httpx
 import pytest
 from support.clients import RawResponse
 from support.hygiene import inspect_policy, plain_exchange, read_text, tunnel_exchange
+from support.policies import inspect_policy as model_policy
 from support.policies import make_policy
 from support.ports import free_port
-from support.proxy import ProxyFactory, ProxyProcess
+from support.proxy import ProxyFactory, ProxyProcess, inspect_client
 from support.upstream import Upstream
 
 from egress_guard.sinks import audit
@@ -189,3 +191,45 @@ def test_inspected_tunnel_secrets_never_written(
     for resp in answers:
         assert SECRET not in _guard_answer(resp)
     assert any(r.status == 403 for r in answers)
+
+
+def test_no_secrets_recorded_in_inspect_mode(
+    proxy: ProxyFactory, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    mport = free_port()
+    p = proxy(
+        model_policy(tls_upstream.port),
+        "--inspect",
+        "--upstream-ca",
+        str(ca_file),
+        "--metrics",
+        f"127.0.0.1:{mport}",
+        "--audit-log",
+        "-",
+        audit=False,
+    )
+    headers = {
+        "Authorization": "Bearer sk-SECRET1",
+        "x-api-key": "SECRET2",
+        "api-key": "SECRET6",
+        "Cookie": "session=SECRET3",
+    }
+    with inspect_client(p) as c:
+        ok = c.post(
+            f"https://api.test:{tls_upstream.port}/v1/chat/completions?key=SECRET4",
+            json={"model": "good-model", "prompt": "SECRET7"},
+            headers=headers,
+        )
+        bad = c.post(
+            f"https://api.test:{tls_upstream.port}/v1/chat/completions?key=SECRET4",
+            json={"model": "gpt-evil", "prompt": "SECRET7"},
+            headers=headers,
+        )
+    assert ok.status_code == 200 and bad.status_code == 403
+    metrics_text = httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=5).text
+    p.stop()
+    out = p.log()
+    assert "/v1/chat/completions" in out
+    for secret in ("SECRET1", "SECRET2", "SECRET3", "SECRET4", "SECRET6", "SECRET7"):
+        assert secret not in out, secret
+        assert secret not in metrics_text, secret

@@ -355,7 +355,8 @@ def service_env(service: dict[str, Any]) -> dict[str, str]:
 _IDENT = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
 _SELECTOR = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*\{([^}]*)\}")
 _MATCHER = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
-_GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+#: label lists: aggregation grouping, and vector matching (``on``, ``group_left``...)
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 #: PromQL functions, keywords and aggregations the shipped expressions may use
 PROMQL_WORDS = frozenset(
     [

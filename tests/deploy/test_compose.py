@@ -96,7 +96,12 @@ def test_guard_container_hardening_and_policy_mount() -> None:
     assert guard["read_only"] is True
     assert guard["cap_drop"] == ["ALL"]
     assert "no-new-privileges:true" in guard["security_opt"]
-    assert "command" not in guard and "entrypoint" not in guard, "the image's command line"
+    assert "entrypoint" not in guard, "the image's entrypoint"
+    # the image's command line, but --metrics (test_compose_isolation.py checks where)
+    image_cmd = Dockerfile.load().cmd
+    metrics_at = image_cmd.index("--metrics") + 1
+    assert guard["command"][:metrics_at] == image_cmd[:metrics_at]
+    assert guard["command"][metrics_at + 1 :] == image_cmd[metrics_at + 1 :]
     policy_target = flag_value(Dockerfile.load().cmd, "--policy")
     mounts = {target: (src, ro) for src, target, ro in bind_mounts(guard)}
     assert policy_target in mounts, "the policy is mounted where --policy reads it"

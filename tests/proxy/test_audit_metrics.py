@@ -239,7 +239,7 @@ def test_plain_http_model_checked_request_counts_as_open_and_refused_one_leaves_
     """The first request of a model-checked plain-HTTP connection is recorded after its
     body is read; it must still open the active-connections gauge, and a refused one must
     not leave a close record for an upstream that was never opened."""
-    from proxy.test_inspect import inspect_policy
+    from support.policies import inspect_policy
 
     mport = free_port()
     p = proxy(inspect_policy(http_upstream.port), "--metrics", f"127.0.0.1:{mport}")

@@ -24,14 +24,13 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from proxy.test_inspect import guard_ca
 from support.adv_lab import wait_for
 from support.adv_wire import client_hello
 from support.clients import connect, read_response
 from support.loops import LOOPS
 from support.policies import make_policy
 from support.procfs import proc_stats, tcp_ports
-from support.proxy import ProxyFactory
+from support.proxy import ProxyFactory, guard_ca
 from support.servers import LoopbackServer
 from support.upstream import Upstream
 

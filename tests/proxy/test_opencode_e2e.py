@@ -23,7 +23,7 @@ import trustme
 import yaml
 from support.mock_llm import ANSWER, MockLLM
 from support.prereq import missing
-from support.proxy import EGRESS_GUARD, ProxyFactory, ProxyProcess
+from support.proxy import EGRESS_GUARD, ProxyFactory, ProxyProcess, exported_ca
 
 ROOT = Path(__file__).resolve().parents[2]
 MOCK_HOST = "llm.test"
@@ -191,12 +191,7 @@ def test_opencode_through_guard_inspect_mode_model_allowlist(
         "--upstream-ca",
         str(ca_file),
     )
-    guard_ca = subprocess.run(
-        [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
-        capture_output=True,
-        check=True,
-        timeout=30,
-    ).stdout
+    guard_ca = exported_ca(p)
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(guard_ca + ca_file.read_bytes())
 

@@ -125,8 +125,8 @@ def test_tunnel_through_a_tls_connection_to_the_proxy(
 ) -> None:
     """A client may speak TLS to the proxy itself (an https:// proxy URL); its tunnel lives
     inside that TLS session and must be relayed as such, not as raw socket bytes."""
-    from proxy.test_inspect import guard_ca
     from support.clients import read_response
+    from support.proxy import guard_ca
 
     p = proxy(make_policy(digest_server.port), "--verbose")
     ctx: ssl.SSLContext = guard_ca(p)

@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 import trustme
-from proxy.test_inspect import RULES, guard_ca
+from support.policies import MODEL_RULES as RULES
 from support.policies import make_policy
-from support.proxy import ProxyFactory, ProxyProcess
+from support.proxy import ProxyFactory, ProxyProcess, guard_ca
 from support.upstream import Upstream
 
 LAUNCHER = [sys.executable, str(Path(__file__).parent.parent / "support" / "public_roots_run.py")]

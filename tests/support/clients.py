@@ -167,3 +167,50 @@ def tls_through(sock: socket.socket, sni: str, path: str = "/reached") -> bool:
         return False
     finally:
         sock.close()
+
+
+def assert_blocked_json(resp_headers: dict[str, str], body: dict[str, object], reason: str) -> None:
+    """The documented shape of a guard refusal: decision and reason in headers and body."""
+    assert resp_headers["x-egress-guard-decision"] == "block"
+    assert resp_headers["x-egress-guard-reason"] == reason
+    assert body["reason"] == reason
+    assert set(body) >= {"error", "host", "port", "reason", "hint"}
+
+
+def connect_plain(port: int, target: str) -> socket.socket:
+    """A CONNECT tunnel through the guard on ``port``, left without TLS (plain HTTP in it)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\n\r\n".encode())
+    assert read_response(sock).status == 200
+    return sock
+
+
+def post_model(sock: socket.socket, target: str, path: str, model: str) -> int:
+    """POST a JSON body naming ``model`` on ``sock``; the answer's status."""
+    body = json.dumps({"model": model}).encode()
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {target}\r\nContent-Type: application/json\r\n".encode()
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    return read_response(sock).status
+
+
+def send_all_then_read(sock: socket.socket, data: bytes) -> bytes:
+    """Send ``data``, then read until the peer closes: the whole answer, interim ones too."""
+    sock.sendall(data)
+    sock.settimeout(10)
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def refused_connect(port: int, target: str, reason: str) -> tuple[RawResponse, dict[str, Any]]:
+    """CONNECT ``target`` through the guard on ``port``: it must be refused for ``reason``
+    (``assert_blocked_json``). The answer and its JSON body, for the test's own checks."""
+    sock, resp = connect(port, target)
+    sock.close()
+    body = resp.json()
+    assert_blocked_json(resp.headers, body, reason)
+    return resp, body

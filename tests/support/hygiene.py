@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 from support.clients import RawResponse, read_response
-from support.policies import make_policy
+from support.policies import with_rules
 from support.proxy import ProxyProcess, guard_ca
 
 #: request rules that make api.test an inspected destination
@@ -17,12 +17,7 @@ INSPECTED_RULES = """\
 
 
 def inspect_policy(port: int, mode: str = "enforce") -> str:
-    text = make_policy(port, mode=mode)
-    return text.replace(
-        f"    ports: [{port}]\n  - name: private-api",
-        f"    ports: [{port}]\n{INSPECTED_RULES}  - name: private-api",
-        1,
-    )
+    return with_rules(port, INSPECTED_RULES, mode)
 
 
 def tunnel_exchange(

@@ -30,3 +30,25 @@ network:
     private.test: 127.0.0.2
     x.denied.test: 127.0.0.1
 {extra}"""
+
+
+#: request rules that make api.test an inspected destination with a model allowlist
+MODEL_RULES = """\
+    methods: [GET, POST]
+    paths: ["/v1/*", "/v1beta/*"]
+    models: [good-model, gemini-ok]
+"""
+
+
+def with_rules(port: int, rules: str, mode: str = "enforce") -> str:
+    """``make_policy`` with request rules on test-api (rules make a destination inspected)."""
+    return make_policy(port, mode=mode).replace(
+        f"    ports: [{port}]\n  - name: private-api",
+        f"    ports: [{port}]\n{rules}  - name: private-api",
+        1,
+    )
+
+
+def inspect_policy(port: int, mode: str = "enforce") -> str:
+    """api.test inspected, with method, path and model rules."""
+    return with_rules(port, MODEL_RULES, mode)

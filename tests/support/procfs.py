@@ -38,3 +38,10 @@ def proc_stats(pid: int) -> dict[str, int]:
         if line.startswith("VmRSS:"):
             rss = int(line.split()[1])
     return {"fds": fds, "rss_kb": rss}
+
+
+def pid_of(p: object) -> int:
+    """The pid of a started ``ProxyProcess`` (asserts it was started)."""
+    proc = getattr(p, "proc", None)
+    assert proc is not None
+    return int(proc.pid)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from support.ports import free_port
 from support.procfs import tcp_ports
 
@@ -182,18 +184,38 @@ class ProxyProcess:
 ProxyFactory = Callable[..., ProxyProcess]
 
 
+#: what ``ca export`` printed, by confdir and CA file version: each export starts Python and
+#: imports mitmproxy (about a second), and a session's proxies share one confdir, so one CA
+_EXPORTED: dict[tuple[Path, int | None], bytes] = {}
+
+
+def exported_ca(p: ProxyProcess) -> bytes:
+    """``p``'s interception CA certificate (PEM), as the real ``egress-guard ca export``
+    prints it for an operator."""
+    ca_key = p.confdir / "mitmproxy-ca.pem"
+    key = (p.confdir, ca_key.stat().st_mtime_ns if ca_key.exists() else None)
+    if key not in _EXPORTED:
+        _EXPORTED[key] = subprocess.run(
+            [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
+            capture_output=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    return _EXPORTED[key]
+
+
 def guard_ca(p: ProxyProcess, alpn: list[str] | None = None) -> ssl.SSLContext:
-    """A client TLS context that trusts ``p``'s interception CA (exported with the real
-    ``egress-guard ca export``), for talking through an inspected tunnel."""
-    pem = subprocess.run(
-        [EGRESS_GUARD, "ca", "export", "--confdir", str(p.confdir)],
-        capture_output=True,
-        check=True,
-        timeout=30,
-    ).stdout
+    """A client TLS context that trusts ``p``'s interception CA (``exported_ca``), for
+    talking through an inspected tunnel."""
+    pem = exported_ca(p)
     path = p.workdir / "guard-ca.pem"
     path.write_bytes(pem)
     ctx = ssl.create_default_context(cafile=str(path))
     if alpn:
         ctx.set_alpn_protocols(alpn)
     return ctx
+
+
+def inspect_client(p: ProxyProcess) -> httpx.Client:
+    """An httpx client through ``p`` that trusts its interception CA."""
+    return httpx.Client(proxy=p.url, verify=guard_ca(p), trust_env=False, timeout=20)

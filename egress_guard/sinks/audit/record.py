@@ -58,6 +58,7 @@ def record_fields(ev: DecisionEvent | CloseEvent | PolicyEvent) -> dict[str, Any
         return {
             "id": ev.conn_id,
             "client": ev.client,
+            "user": ev.user,
             "host": scrub_host(d.host),
             "port": d.port,
             "sni": scrub_host(ev.sni),
@@ -78,6 +79,7 @@ def record_fields(ev: DecisionEvent | CloseEvent | PolicyEvent) -> dict[str, Any
         return {
             "id": ev.conn_id,
             "client": ev.client,
+            "user": ev.user,
             "host": scrub_host(ev.host),
             "port": ev.port,
             "decision": ev.decision,

@@ -1,5 +1,6 @@
-"""``audit summary``: per destination and per blocked host, counts by decision, bytes,
-first/last seen; as a dict (``--json``) or as tables."""
+"""``audit summary``: per destination and per blocked host (or, ``--by user``, per
+proxy user), counts by decision, bytes, first/last seen; as a dict (``--json``, which
+holds every view) or as tables."""
 
 from __future__ import annotations
 
@@ -8,8 +9,33 @@ from typing import Any
 
 from egress_guard.normalize import join_hostport
 from egress_guard.sinks.audit.read import Record, as_int
+from egress_guard.sinks.logsafe import escape
 
 DECISIONS = ("allow", "block", "would_block")
+#: the views ``render_summary`` can print
+VIEWS = ("destination", "user")
+
+
+def _counts() -> dict[str, Any]:
+    return {
+        **dict.fromkeys(DECISIONS, 0),
+        "connections": 0,
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "first_seen": None,
+        "last_seen": None,
+    }
+
+
+def _count(entry: dict[str, Any], o: Mapping[str, Any], ev: object) -> None:
+    """One decision or close record into a row's counts."""
+    _seen(entry, o.get("ts"))
+    if ev == "close":
+        entry["connections"] += 1
+        entry["bytes_up"] += as_int(o.get("bytes_up"))
+        entry["bytes_down"] += as_int(o.get("bytes_down"))
+    elif o.get("decision") in DECISIONS:
+        entry[str(o.get("decision"))] += 1
 
 
 def _seen(entry: dict[str, Any], ts: object) -> None:
@@ -28,6 +54,7 @@ def summarize(records: Iterable[Record]) -> dict[str, Any]:
     loads = {"ok": 0, "error": 0}
     dropped = 0
     startups = 0
+    users: dict[str | None, dict[str, Any]] = {}
     for rec in records:
         o = rec.obj
         ev, ts = o.get("event"), o.get("ts")
@@ -42,26 +69,16 @@ def summarize(records: Iterable[Record]) -> dict[str, Any]:
         if ev not in ("decision", "close"):
             continue
         label = o.get("destination") or "unlisted"
-        d = dests.setdefault(
-            str(label),
-            {
-                **dict.fromkeys(DECISIONS, 0),
-                "connections": 0,
-                "bytes_up": 0,
-                "bytes_down": 0,
-                "first_seen": None,
-                "last_seen": None,
-            },
-        )
-        _seen(d, ts)
-        decision = o.get("decision")
+        _count(dests.setdefault(str(label), _counts()), o, ev)
+        user = o.get("user")
+        # records written before the field existed, and those of no proven user: None
+        key_user = user if isinstance(user, str) else None
+        u = users.setdefault(key_user, {"user": key_user, **_counts(), "destinations": set()})
+        _count(u, o, ev)
+        u["destinations"].add(str(label))
         if ev == "close":
-            d["connections"] += 1
-            d["bytes_up"] += as_int(o.get("bytes_up"))
-            d["bytes_down"] += as_int(o.get("bytes_down"))
             continue
-        if decision in DECISIONS:
-            d[decision] += 1
+        decision = o.get("decision")
         if decision in ("block", "would_block"):
             port = o.get("port")
             key = (str(o.get("host") or ""), port if isinstance(port, int) else None)
@@ -90,6 +107,11 @@ def summarize(records: Iterable[Record]) -> dict[str, Any]:
         "blocked_hosts": sorted(
             blocked.values(), key=lambda b: (-(b["block"] + b["would_block"]), b["host"])
         ),
+        # no user (None) last; each user's destinations as a sorted list
+        "users": [
+            {**u, "destinations": sorted(u["destinations"])}
+            for _, u in sorted(users.items(), key=lambda kv: (kv[0] is None, kv[0] or ""))
+        ],
     }
 
 
@@ -99,13 +121,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
 
 
-def render_summary(s: Mapping[str, Any]) -> str:
+def render_summary(s: Mapping[str, Any], by: str = "destination") -> str:
+    """Tables for people: per destination and per blocked host, or (``by="user"``) per
+    proxy user. Names from the log are escaped (a user name is the operator's, but a
+    log file is input)."""
     out = [
         f"{s['events']} events from {s['first_seen'] or '-'} to {s['last_seen'] or '-'}; "
         f"{s['startups']} start(s); policy loads: {s['policy_loads']['ok']} ok, "
         f"{s['policy_loads']['error']} failed; events lost: {s['dropped']}",
         "",
     ]
+    if by == "user":
+        return "\n".join(out + _user_table(s["users"])) + "\n"
     dest_rows = [
         [
             name,
@@ -153,3 +180,24 @@ def render_summary(s: Mapping[str, Any]) -> str:
     else:
         out.append("no blocked hosts")
     return "\n".join(out) + "\n"
+
+
+def _user_table(users: Sequence[Mapping[str, Any]]) -> list[str]:
+    rows = [
+        [
+            "-" if u["user"] is None else escape(u["user"], keep_newlines=False),
+            u["allow"],
+            u["block"],
+            u["would_block"],
+            u["connections"],
+            u["bytes_up"],
+            u["bytes_down"],
+            ",".join(escape(d) for d in u["destinations"]),
+            u["first_seen"],
+            u["last_seen"],
+        ]
+        for u in users
+    ]
+    header = ["USER", "ALLOW", "BLOCK", "WOULD_BLOCK", "CONNS", "BYTES_UP", "BYTES_DOWN"]
+    table = _table([*header, "DESTINATIONS", "FIRST_SEEN", "LAST_SEEN"], rows)
+    return [*table, "", "(- : no proven proxy user: no clients.auth, or its password check failed)"]
