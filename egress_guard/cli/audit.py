@@ -65,13 +65,14 @@ class _Seen:
 
 
 def _audit_records(files: Sequence[str], seen: _Seen) -> Iterator[Record]:
-    """The audit records of ``files``: JSON objects with the ``event`` and ``seq`` every
-    record carries. Any other JSON (a config file, another program's log) is skipped and
-    counted, so a wrong file is reported as one rather than summarised as "1 events"."""
+    """The audit records of ``files``: JSON objects with the ``event`` every record
+    carries (``seq`` is not required: records cut out of a log, or written by hand to
+    test a policy, are read too). Any other JSON (a config file, another program's log)
+    is skipped and counted, so a wrong file is reported as one rather than summarised
+    as "1 events"."""
     seen.stats = ReadStats()
     for rec in iter_records(files, seen.stats):
-        seq = rec.obj.get("seq")
-        if isinstance(rec.obj.get("event"), str) and isinstance(seq, int):
+        if isinstance(rec.obj.get("event"), str):
             seen.records += 1
             yield rec
         else:
