@@ -50,18 +50,18 @@ FILES = {
 
 #: target -> (decision, host or None for "not checked", port, reason, destination)
 MANY: dict[str, tuple[str, str | None, int | None, str, str | None]] = {
-    "https://api.anthropic.com/v1/messages": ("allowed", "api.anthropic.com", 443, "allowlisted", "anthropic"),
-    "HTTPS://API.Anthropic.COM.:443/": ("allowed", "api.anthropic.com", 443, "allowlisted", "anthropic"),
-    "http://api.anthropic.com/": ("blocked", "api.anthropic.com", 80, "port_not_allowed", "anthropic"),
-    "2130706433": ("blocked", "127.0.0.1", 443, "private_address", None),
+    "https://api.anthropic.com/v1/messages": ("allow", "api.anthropic.com", 443, "allowlisted", "anthropic"),
+    "HTTPS://API.Anthropic.COM.:443/": ("allow", "api.anthropic.com", 443, "allowlisted", "anthropic"),
+    "http://api.anthropic.com/": ("block", "api.anthropic.com", 80, "port_not_allowed", "anthropic"),
+    "2130706433": ("block", "127.0.0.1", 443, "private_address", None),
     # the built-in presets deny cloud metadata outright (so audit mode cannot lift it)
-    "[::ffff:169.254.169.254]:80": ("blocked", "169.254.169.254", 80, "denylisted", None),
-    "[::ffff:10.1.2.3]:80": ("blocked", "10.1.2.3", 80, "private_address", None),
-    "gw.example.com": ("blocked", "gw.example.com", 443, "private_address", "internal"),
-    "exa mple.com": ("blocked", "exa mple.com", None, "invalid_host", None),
-    "a\x01b.example.com": ("blocked", None, None, "invalid_host", None),
-    "https://user@api.anthropic.com/": ("blocked", None, None, "invalid_host", None),
-    "api.anthropic.com:0443": ("blocked", None, None, "invalid_host", None),
+    "[::ffff:169.254.169.254]:80": ("block", "169.254.169.254", 80, "denylisted", None),
+    "[::ffff:10.1.2.3]:80": ("block", "10.1.2.3", 80, "private_address", None),
+    "gw.example.com": ("block", "gw.example.com", 443, "private_address", "internal"),
+    "exa mple.com": ("block", "exa mple.com", None, "invalid_host", None),
+    "a\x01b.example.com": ("block", None, None, "invalid_host", None),
+    "https://user@api.anthropic.com/": ("block", None, None, "invalid_host", None),
+    "api.anthropic.com:0443": ("block", None, None, "invalid_host", None),
 }  # fmt: skip
 
 COMMANDS: dict[str, list[str]] = {
@@ -72,6 +72,8 @@ COMMANDS: dict[str, list[str]] = {
     "url": ["check", "--json", "https://api.anthropic.com/v1/messages"],
     "audit": ["check", "--policy", "{audit}", "--json", "example.com", "api.anthropic.com"],
     "human": ["check", "api.anthropic.com", "example.com"],
+    "unusable": ["check", "", "exa mple.com", "host:99999"],
+    "unusable_one": ["check", "--json", "api.anthropic.com", "host:99999"],
     "broken": ["check", "--policy", "{broken}", "--json", "api.anthropic.com"],
     "line7": ["validate", "{line7}"],
     "presets": ["validate", *map(str, PRESETS)],
@@ -130,14 +132,14 @@ def test_check_minimal_json(cli: Results) -> None:
     assert allowed["target"] == "api.anthropic.com:443"
     assert (allowed["host"], allowed["port"]) == ("api.anthropic.com", 443)
     assert (allowed["decision"], allowed["destination"], allowed["reason"]) == (
-        "allowed",
+        "allow",
         "anthropic",
         "allowlisted",
     )
     assert blocked["target"] == "example.com"
     assert (blocked["host"], blocked["port"]) == ("example.com", 443)
     assert (blocked["decision"], blocked["destination"], blocked["reason"]) == (
-        "blocked",
+        "block",
         None,
         "not_allowlisted",
     )
@@ -146,11 +148,11 @@ def test_check_minimal_json(cli: Results) -> None:
 def test_check_many_targets(cli: Results) -> None:
     """URLs, legacy IP spellings, static resolve entries and invalid targets in one run.
 
-    An invalid target is a decision (blocked, invalid_host: the proxy would refuse it),
-    not a usage error, so it exits 1 like any other block.
+    An invalid target is still reported (block, invalid_host: the proxy would refuse it),
+    and the run exits 2 as the README says: the question itself was unusable.
     """
     r = cli["many"]
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     out = json_lines(r.stdout)
     assert [o["target"] for o in out] == list(MANY)
@@ -167,7 +169,7 @@ def test_check_url_target_alone_exits_0(cli: Results) -> None:
     assert r.returncode == 0, r.stderr
     (o,) = json_lines(r.stdout)
     assert (o["decision"], o["destination"], o["host"], o["port"]) == (
-        "allowed",
+        "allow",
         "anthropic",
         "api.anthropic.com",
         443,
@@ -180,7 +182,7 @@ def test_check_audit_mode_is_would_block(cli: Results) -> None:
     out = json_lines(r.stdout)
     assert [(o["decision"], o["reason"]) for o in out] == [
         ("would_block", "not_allowlisted"),
-        ("allowed", "allowlisted"),
+        ("allow", "allowlisted"),
     ]
 
 
@@ -226,3 +228,17 @@ def test_validate_reports_every_bad_file(cli: Results) -> None:
     assert f"{cli.paths['webfetch']}:3: cannot use 'webfetch'" in r.stderr
     assert f"{cli.paths['missing']}: cannot read policy" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_check_unusable_targets_exit_2(cli: Results) -> None:
+    """Issue 19 item 8: ``''``, ``exa mple.com`` and ``host:99999`` are not questions
+    about a destination: each is still reported, and the exit code is 2 (README)."""
+    r = cli["unusable"]
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("BLOCKED")]
+    assert len(lines) == 3 and all("invalid_host" in line for line in lines), r.stdout
+    assert "outside 1-65535" in r.stdout
+    r = cli["unusable_one"]
+    assert r.returncode == 2, r.stderr  # one unusable target among allowed ones
+    assert [o["decision"] for o in json_lines(r.stdout)] == ["allow", "block"]

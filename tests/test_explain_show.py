@@ -64,7 +64,7 @@ def explain(policy: Path, target: str) -> tuple[int, dict[str, object]]:
 
 def test_explain_names_the_matching_pattern_and_its_line(policy: Path) -> None:
     rc, ex = explain(policy, "https://x.api.github.com/repos")
-    assert rc == 0 and ex["decision"] == "allowed"
+    assert rc == 0 and ex["decision"] == "allow"
     (m,) = ex["matched"]  # type: ignore[misc]
     assert m.startswith(f"destination 'github' ({policy}:5): host pattern '*.api.github.com'")
     assert "name: github" in line_at(f"{policy}:5")

@@ -22,15 +22,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from egress_guard.cli.exits import EXIT_ERROR, EXIT_FAIL, EXIT_OK
 from egress_guard.policy import PolicyError, load_catalog, load_policy
 from egress_guard.policy.writer import write_atomically
 from egress_guard.sinks.audit.learn import Source, learn
-from egress_guard.sinks.audit.read import ReadStats, iter_records, order_files
+from egress_guard.sinks.audit.read import ReadStats, Record, iter_records, order_files
 from egress_guard.sinks.audit.summary import VIEWS, render_summary, summarize
 from egress_guard.sinks.audit.verify import verify
+from egress_guard.sinks.logsafe import escape
+
+
+def _os_error(e: OSError) -> str:
+    """``FILE: reason`` in one escaped line (no errno prefix, no traceback)."""
+    name = f"{escape(str(e.filename))}: " if e.filename else ""
+    return f"{name}{e.strerror or e}"
+
 
 # -- commands ------------------------------------------------------------------------------
 
@@ -42,12 +52,52 @@ def _files(args: argparse.Namespace) -> list[str]:
     return files
 
 
+@dataclass
+class _Seen:
+    """What the readers met: audit records, and lines that are not (counted, skipped)."""
+
+    records: int = 0
+    other: int = 0
+    stats: ReadStats | None = None
+
+    def skipped(self) -> int:
+        return self.other + (self.stats.unreadable if self.stats else 0)
+
+
+def _audit_records(files: Sequence[str], seen: _Seen) -> Iterator[Record]:
+    """The audit records of ``files``: JSON objects with the ``event`` every record
+    carries (``seq`` is not required: records cut out of a log, or written by hand to
+    test a policy, are read too). Any other JSON (a config file, another program's log)
+    is skipped and counted, so a wrong file is reported as one rather than summarised
+    as "1 events"."""
+    seen.stats = ReadStats()
+    for rec in iter_records(files, seen.stats):
+        if isinstance(rec.obj.get("event"), str):
+            seen.records += 1
+            yield rec
+        else:
+            seen.other += 1
+
+
+def _not_an_audit_log(command: str, files: Sequence[str], seen: _Seen) -> bool:
+    """True (and says so) when the files hold lines but not one audit record."""
+    if seen.records or not seen.skipped():
+        return False
+    names = ", ".join(files)
+    print(
+        f"egress-guard audit {command}: {escape(names)}: not an egress-guard audit log "
+        f"({seen.skipped()} line(s), none of them an audit record)",
+        file=sys.stderr,
+    )
+    return True
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     files = _files(args)
     try:
         res = verify(files, require_start=args.require_start)
     except OSError as e:
-        print(f"egress-guard audit verify: {e}", file=sys.stderr)
+        print(f"egress-guard audit verify: {_os_error(e)}", file=sys.stderr)
         return EXIT_ERROR
     for note in res.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -65,14 +115,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    stats = ReadStats()
+    files = _files(args)
+    seen = _Seen()
     try:
-        s = summarize(iter_records(_files(args), stats))
+        s = summarize(_audit_records(files, seen))
     except OSError as e:
-        print(f"egress-guard audit summary: {e}", file=sys.stderr)
+        print(f"egress-guard audit summary: {_os_error(e)}", file=sys.stderr)
         return EXIT_ERROR
-    if stats.unreadable:
-        print(f"warning: {stats.unreadable} unreadable line(s) skipped", file=sys.stderr)
+    if _not_an_audit_log("summary", files, seen):
+        return EXIT_ERROR
+    if seen.skipped():
+        print(f"warning: {seen.skipped()} unreadable line(s) skipped", file=sys.stderr)
     if args.json:
         print(json.dumps(s, indent=2))
     else:
@@ -82,7 +135,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_learn(args: argparse.Namespace) -> int:
     files = _files(args)
-    stats = ReadStats()
+    seen = _Seen()
     source: Source | None = None
     if args.policy:
         try:
@@ -91,9 +144,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
             print(e.render(), file=sys.stderr)
             return EXIT_ERROR
     try:
-        learned = learn(iter_records(files, stats), load_catalog(), files, source)
+        learned = learn(_audit_records(files, seen), load_catalog(), files, source)
     except OSError as e:
-        print(f"egress-guard audit learn: {e}", file=sys.stderr)
+        print(f"egress-guard audit learn: {_os_error(e)}", file=sys.stderr)
         return EXIT_ERROR
     except PolicyError as e:  # never hand out a policy that does not load
         print(
@@ -101,8 +154,10 @@ def cmd_learn(args: argparse.Namespace) -> int:
         )
         print(e.render(), file=sys.stderr)
         return EXIT_ERROR
-    if stats.unreadable:
-        print(f"warning: {stats.unreadable} unreadable line(s) skipped", file=sys.stderr)
+    if _not_an_audit_log("learn", files, seen):
+        return EXIT_ERROR
+    if seen.skipped():
+        print(f"warning: {seen.skipped()} unreadable line(s) skipped", file=sys.stderr)
     if learned.left_out:
         print(
             f"note: {learned.left_out} left-out target(s) and reason(s), never learned: "
@@ -110,8 +165,16 @@ def cmd_learn(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.output:
-        write_atomically(args.output, learned.text)
-        print(f"wrote {args.output}", file=sys.stderr)
+        try:
+            write_atomically(args.output, learned.text)
+        except OSError as e:
+            why = e.strerror or e
+            print(
+                f"egress-guard audit learn: cannot write {escape(args.output)}: {why}",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
+        print(f"wrote {escape(args.output)}", file=sys.stderr)
     else:
         sys.stdout.write(learned.text)
     return EXIT_OK

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from egress_guard.cli.exits import EXIT_OK
+from egress_guard.cli.exits import EXIT_ERROR, EXIT_OK
 from egress_guard.cli.run import DEFAULT_CONFDIR
+from egress_guard.sinks.logsafe import escape
 
 
 def ca_certificate_pem(confdir: str) -> bytes:
@@ -26,14 +27,27 @@ def ca_certificate_pem(confdir: str) -> bytes:
 
 
 def cmd_ca_export(args: argparse.Namespace) -> int:
-    pem = ca_certificate_pem(args.confdir)
+    """Exit 2 with one line when the confdir or the output cannot be written."""
+    try:
+        pem = ca_certificate_pem(args.confdir)
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or e
+        print(
+            f"egress-guard ca export: cannot use confdir {escape(args.confdir)}: {why}",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     if args.output in (None, "-"):
         sys.stdout.write(pem.decode())
-    else:
+        return EXIT_OK
+    try:
         Path(args.output).write_bytes(pem)
-        print(
-            f"wrote {args.output}; trust it with NODE_EXTRA_CA_CERTS={args.output}", file=sys.stderr
-        )
+    except OSError as e:
+        out = escape(args.output)
+        print(f"egress-guard ca export: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_ERROR
+    out = escape(args.output)
+    print(f"wrote {out}; trust it with NODE_EXTRA_CA_CERTS={out}", file=sys.stderr)
     return EXIT_OK
 
 

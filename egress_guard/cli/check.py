@@ -2,6 +2,12 @@
 
 It decides the target (name, port, addresses with ``--resolve``), not requests: request
 rules need ``run --inspect`` for tunnels and are not evaluated here.
+
+Exit codes (README): 0 every target allowed, 1 any blocked, 2 any target unusable (empty,
+not a host name, a port outside 1-65535): a script asking about a typo must not read
+"blocked" as an answer about a real destination. ``--json`` speaks the audit log's
+vocabulary (``decision``: ``allow``, ``block``, ``would_block``), so the same ``jq``
+filter reads both.
 """
 
 from __future__ import annotations
@@ -9,13 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import sys
 from typing import Any
 
-from egress_guard.cli.exits import EXIT_FAIL, EXIT_OK
+from egress_guard.cli.exits import EXIT_ERROR, EXIT_FAIL, EXIT_OK
 from egress_guard.cli.shared import inspection_warning, policy_or_minimal
-from egress_guard.engine import Approved, Decision, Engine, Target
+from egress_guard.engine import Approved, Engine, Target
+from egress_guard.engine.verdicts import invalid_host
 from egress_guard.normalize import NormalizationError, normalize_host, parse_target
 from egress_guard.policy import Destination, load_catalog
+from egress_guard.sinks.logsafe import escape
 
 
 def _check_one(engine: Engine, target: str, resolve: bool) -> dict[str, object]:
@@ -24,7 +33,7 @@ def _check_one(engine: Engine, target: str, resolve: bool) -> dict[str, object]:
     try:
         host, port = parse_target(target)
     except NormalizationError as e:
-        d = Decision(False, "block", "invalid_host", None, target, None, None, str(e))
+        d = invalid_host(target, str(e))
     else:
         # decided on the name as a parent proxy would, then (--resolve) on the addresses
         # DNS gives a name the policy lists
@@ -56,9 +65,7 @@ def _check_one(engine: Engine, target: str, resolve: bool) -> dict[str, object]:
         "target": target,
         "host": d.host,
         "port": d.port,
-        "decision": "allowed"
-        if d.action == "allow"
-        else ("blocked" if d.action == "block" else "would_block"),
+        "decision": d.action,  # allow, block, would_block: as the audit log writes it
         "destination": d.destination,
         "reason": d.reason,
         "hint": d.hint,
@@ -80,11 +87,22 @@ def cmd_check(args: argparse.Namespace) -> int:
         else:
             where = f"{r['host']}:{r['port']}" if r["port"] else str(r["host"])
             dest = f" ({r['destination']})" if r["destination"] else ""
-            print(f"{str(r['decision']).upper():<11} {where}{dest}  {r['reason']}")
+            label = _LABELS[str(r["decision"])]
+            print(f"{label:<11} {escape(where)}{dest}  {r['reason']}")
             for key in ("detail", "hint", "warning"):
-                if r[key] and (r["decision"] != "allowed" or key != "hint"):
-                    print(f"            {key}: {r[key]}")
-    return EXIT_FAIL if any(r["decision"] == "blocked" for r in results) else EXIT_OK
+                if r[key] and (r["decision"] != "allow" or key != "hint"):
+                    print(f"            {key}: {escape(str(r[key]))}")
+    unusable = [r for r in results if r["reason"] == "invalid_host"]
+    for r in unusable:  # why the exit is 2, on stderr: stdout stays one answer per target
+        target, why = escape(repr(r["target"])), escape(str(r["detail"]))
+        print(f"egress-guard check: {target} is not a target: {why}", file=sys.stderr)
+    if unusable:
+        return EXIT_ERROR
+    return EXIT_FAIL if any(r["decision"] == "block" for r in results) else EXIT_OK
+
+
+#: the human lines keep the words a reader scans for
+_LABELS = {"allow": "ALLOWED", "block": "BLOCKED", "would_block": "WOULD_BLOCK"}
 
 
 def add_check_parser(sub: Any) -> None:

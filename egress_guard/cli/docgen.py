@@ -409,7 +409,9 @@ def render() -> str:
         "",
         "A policy is a YAML file, policy language version 1. Check one with "
         "`egress-guard validate FILE` and try it with `egress-guard check --policy FILE "
-        "TARGET...`.",
+        "TARGET...`. `validate` reports every error in one run, each at its `file:line`: "
+        "unknown keys first, with the key most likely meant (`hostz` -> did you mean "
+        "`hosts`?); given the catalog (`policies/catalog.yaml`) it checks it as a catalog.",
         "",
         "```yaml",
         "version: 1",

@@ -87,7 +87,8 @@ class Explanation:
     def as_json(self) -> dict[str, Any]:
         return {
             "target": self.target,
-            "decision": self.decision,
+            # the audit log's (and check --json's) words: allow, block, would_block
+            "decision": _JSON_DECISION.get(self.decision, self.decision),
             "reason": self.reason,
             "host": self.host,
             "port": self.port,
@@ -199,6 +200,9 @@ def explain_one(
         ex.catalog = _catalog_lines(covering, catalog, catalog_lines)
         ex.nearest = _nearest(pol, host)
     return ex
+
+
+_JSON_DECISION = {"allowed": "allow", "blocked": "block"}
 
 
 def render(ex: Explanation) -> str:

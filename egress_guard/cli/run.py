@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 from egress_guard.cli.exits import EXIT_ERROR, EXIT_FAIL
 from egress_guard.engine.models import DEFAULT_MAX_MODEL_BODY
 from egress_guard.normalize import NormalizationError, parse_authority
+from egress_guard.policy import PolicyError, load_policy
 from egress_guard.proxy.bodybudget import (
     DEFAULT_HELD_BODY_MIN_RATE,
     DEFAULT_MAX_HELD_BODIES,
@@ -74,7 +77,11 @@ def _non_negative_int(text: str) -> int:
 
 
 def listen_address(text: str) -> tuple[str, int]:
-    """``host:port`` / ``[v6]:port`` for --listen; host must be an address, not a name."""
+    """``host:port`` / ``[v6]:port`` for --listen and --metrics; host must be an address,
+    not a name. A bare port (``--metrics 9090``) is on loopback: listening on every
+    interface is a choice to write out, never a default."""
+    if text.isdigit() and text.isascii():
+        text = f"127.0.0.1:{text}"
     try:
         host, port = parse_authority(text)
     except NormalizationError as e:
@@ -93,8 +100,8 @@ def add_run_parser(sub: Any) -> None:
         "--listen",
         type=listen_address,
         default=DEFAULT_LISTEN,
-        metavar="HOST:PORT",
-        help=f"proxy listen address (default {DEFAULT_LISTEN})",
+        metavar="[HOST:]PORT",
+        help=f"proxy listen address (default {DEFAULT_LISTEN}; a bare port is on 127.0.0.1)",
     )
     r.add_argument("--mode", choices=("enforce", "audit"), help="override the policy's mode")
     r.add_argument(
@@ -168,8 +175,9 @@ def add_run_parser(sub: Any) -> None:
     r.add_argument(
         "--metrics",
         type=listen_address,
-        metavar="HOST:PORT",
-        help="serve Prometheus /metrics and /healthz here (e.g. 127.0.0.1:9090)",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus /metrics, /healthz and the status page here "
+        "(e.g. 127.0.0.1:9090; a bare port is on 127.0.0.1)",
     )
     r.add_argument(
         "--idle-timeout",
@@ -326,10 +334,62 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def unavailable_listeners(args: argparse.Namespace) -> str | None:
+    """Why an address ``run`` must listen on cannot be bound, or None.
+
+    Asked before anything starts: otherwise the proxy logs "listening", audits a start-up,
+    and then fails inside mitmproxy with a traceback or a hint naming a mitmproxy flag
+    egress-guard does not have. Each socket is bound as the listeners bind theirs
+    (SO_REUSEADDR, so a port in TIME_WAIT is not "in use") and held until all are
+    checked, so ``--metrics`` on the ``--listen`` port is caught too.
+    """
+    held: list[socket.socket] = []
+    try:
+        wanted = [("--listen", args.listen), ("--metrics", args.metrics)]
+        for flag, (host, port) in [(f, a) for f, a in wanted if a is not None]:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            held.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+                sock.listen(1)
+            except OSError as e:
+                where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+                if e.errno == errno.EADDRINUSE:
+                    why = "the address is already in use (another proxy or exporter?)"
+                else:
+                    why = str(e.strerror or e)
+                return f"{flag} {where}: cannot listen: {why}; choose another with {flag}"
+        return None
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     factory = loop_factory(args.event_loop)
-    Path(os.path.expanduser(args.confdir)).mkdir(parents=True, exist_ok=True, mode=0o700)
+    if args.policy:
+        # Read once here, before anything starts: a broken file is one message (its
+        # file:line and hint), with no start-up logged or audited and no "policy loaded"
+        # for the built-in preset that mitmproxy's option rollback would otherwise load.
+        # The proxy reads it again itself (proxy/reload.py), and refuses to start if it
+        # broke in between.
+        try:
+            load_policy(args.policy)
+        except PolicyError as e:
+            print(escape(e.render(), keep_newlines=True), file=sys.stderr)
+            return EXIT_ERROR
+    if (problem := unavailable_listeners(args)) is not None:
+        print(f"egress-guard: {problem}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        Path(os.path.expanduser(args.confdir)).mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        confdir = escape(args.confdir)
+        print(f"egress-guard: --confdir {confdir}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_ERROR
     try:
         bundle = upstream_ca_bundle(args.confdir, args.upstream_ca, args.upstream_ca_only)
     except UpstreamCAError as e:

@@ -113,7 +113,7 @@ class _Doctor:
             f"{desc}: OpenCode contacts {', '.join(blocked)}, which {self.inp.policy_label} "
             "blocks; every start-up produces blocked requests and updates cannot install",
             'set "autoupdate": false in opencode.json (or export OPENCODE_DISABLE_AUTOUPDATE=1), '
-            "or add `- use: opencode-update` to the policy",
+            f"or add `- use: opencode-update` to {self.inp.own_policy}",
             self.where("autoupdate"),
         )
 
@@ -269,10 +269,10 @@ class _Doctor:
             return
         entry = self.entry(p.catalog)
         if entry is not None and host in entry.hosts and port in entry.ports:
-            fix = f"add `- use: {entry.name}` to the policy"
+            fix = f"add `- use: {entry.name}` to {self.inp.own_policy}"
         else:
             fix = (
-                f"add a destination to the policy: {{name: {destination_name(name, 'provider')}, hosts: [{host}], "
+                f"add a destination to {self.inp.own_policy}: {{name: {destination_name(name, 'provider')}, hosts: [{host}], "
                 f"ports: [{port}]}} (`egress-guard policy from-opencode` writes it)"
             )
         self.add(
@@ -313,7 +313,7 @@ class _Doctor:
             f"plugins {', '.join(s for _, s in npm)} install from registry.npmjs.org, which "
             f"{self.inp.policy_label} blocks: they load only if already installed",
             "pre-install the plugins into OpenCode's config directory, or add "
-            "`- use: npm-registry` to the policy",
+            f"`- use: npm-registry` to {self.inp.own_policy}",
             self.cfg.where(npm[0][0]) if self.inp.cfg is not None else None,
         )
 
@@ -338,7 +338,8 @@ class _Doctor:
             "models-fetch",
             "OpenCode fetches models.opencode.ai at start-up, which the policy blocks: each start "
             "logs a blocked request (OpenCode falls back to its bundled model list)",
-            "export OPENCODE_DISABLE_MODELS_FETCH=1, or add `- use: models-catalog` to the policy",
+            "export OPENCODE_DISABLE_MODELS_FETCH=1, or add `- use: models-catalog` to "
+            f"{self.inp.own_policy}",
             "env:OPENCODE_DISABLE_MODELS_FETCH",
         )
 

@@ -12,6 +12,7 @@ from typing import Literal
 
 from egress_guard.opencode.config import OpenCodeConfig
 from egress_guard.policy import CatalogEntry, EffectivePolicy
+from egress_guard.policy.loader import shipped_preset
 from egress_guard.policy.writer import comment_safe
 
 Severity = Literal["error", "warning", "info"]
@@ -49,6 +50,18 @@ class DoctorInput:
     #: files read when the config was discovered (not given): reported as info
     discovered: Sequence[str] | None = None
     checked_places: Sequence[str] = field(default_factory=tuple)
+
+    @property
+    def own_policy(self) -> str:
+        """Where a fix tells the user to allow something: never into a shipped preset (an
+        upgrade replaces it), but a policy of their own that includes it."""
+        preset = shipped_preset(self.policy.source)
+        if preset is None:
+            return "the policy"
+        return (
+            f"a policy of your own (`version: 1`, `include: [{preset}]`; egress-guard policy "
+            "from-opencode writes one), run with --policy, not the shipped preset"
+        )
 
 
 def render_text(findings: Sequence[Finding]) -> Iterator[str]:

@@ -1,8 +1,8 @@
 """Policy files: the language (model), its YAML loading with file:line errors, the catalog."""
 
+from egress_guard.policy.errors import PolicyError
 from egress_guard.policy.loader import (
     EffectivePolicy,
-    PolicyError,
     load_catalog,
     load_policy,
     load_policy_text,

@@ -6,6 +6,7 @@ reload that fails leaves the running proxy exactly as it was.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from egress_guard.normalize import NormalizationError, normalize_host
+from egress_guard.policy.errors import PolicyError, from_validation
 from egress_guard.policy.model import (
     Catalog,
     CatalogEntry,
@@ -34,10 +36,6 @@ from egress_guard.policy.model import (
 from egress_guard.policy.yamlsrc import Path, SourceDoc, SourceError, parse_yaml
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
-
-
-class PolicyError(SourceError):
-    """A policy that cannot be loaded; ``render()`` gives ``file:line: message``."""
 
 
 @contextmanager
@@ -75,6 +73,26 @@ class EffectivePolicy:
 def policies_dir() -> FsPath:
     """The shipped ``policies/`` folder (catalog and presets), installed or in a checkout."""
     return FsPath(str(resources.files("egress_guard._policies")))
+
+
+@lru_cache(maxsize=64)
+def shipped_preset(origin: str) -> str | None:
+    """The shipped preset ``origin`` is in (a path, or a ``file:line`` origin such as
+    ``EffectivePolicy.origins`` holds), or None. Hints use it never to tell anyone to edit
+    a file in ``policies/``: an upgrade replaces those, and every other user of the
+    preset would change too."""
+    path = origin.split(" (included from ", 1)[0]
+    head, sep, tail = path.rpartition(":")
+    if sep and (tail.isdigit() or tail == "None"):
+        path = head
+    p = FsPath(path)
+    if p.suffix not in (".yaml", ".yml") or p.stem == "catalog":
+        return None
+    try:
+        shipped = p.resolve().parent == policies_dir().resolve()
+    except OSError:
+        return None
+    return p.stem if shipped else None
 
 
 def preset_names() -> list[str]:
@@ -146,29 +164,6 @@ def _read(path: FsPath, what: str = "policy") -> str:
         raise PolicyError(str(path), line, "file is not valid UTF-8") from e
 
 
-def _validation_error(doc: SourceDoc, err: ValidationError) -> PolicyError:
-    first = err.errors(include_url=False)[0]
-    loc: list[str | int] = list(first["loc"])
-    if len(loc) > 2 and loc[0] == "destinations" and loc[2] in ("use", "destination"):
-        del loc[2]
-    path: Path = tuple(loc)
-    msg = first["msg"].removeprefix("Value error, ")
-    hint = None
-    if first["type"] == "extra_forbidden":
-        msg = f"unknown key {loc[-1]!r}"
-        hint = "check the spelling; see docs/policy-reference.md for the keys of each section"
-    elif first["type"] == "missing":
-        msg = f"missing required key {loc[-1]!r}"
-    elif first["type"] == "literal_error" and loc == ["version"]:
-        hint = "this egress-guard reads policy version 1"
-    elif first["type"] == "int_type":
-        hint = "write numbers in plain decimal without quotes, sign or leading zeros, e.g. 443"
-    where = ".".join(str(p) for p in loc)
-    more = len(err.errors()) - 1
-    suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-    return PolicyError(doc.file, doc.line_of(path), f"{where}: {msg}{suffix}", hint)
-
-
 def _validate_file(doc: SourceDoc) -> PolicyFile:
     if not isinstance(doc.data, dict):
         raise PolicyError(
@@ -177,7 +172,7 @@ def _validate_file(doc: SourceDoc) -> PolicyFile:
     try:
         return PolicyFile.model_validate(doc.data)
     except ValidationError as e:
-        raise _validation_error(doc, e) from None
+        raise from_validation(doc, e, PolicyFile) from None
 
 
 @lru_cache(maxsize=4)
@@ -186,13 +181,30 @@ def _load_catalog_cached(path: str, mtime_ns: int) -> dict[str, CatalogEntry]:
     try:
         cat = Catalog.model_validate(doc.data)
     except ValidationError as e:
-        raise _validation_error(doc, e) from None
+        raise from_validation(doc, e, Catalog) from None
     entries: dict[str, CatalogEntry] = {}
+    errors: list[SourceError] = []
     for i, entry in enumerate(cat.entries):
         if entry.name in entries:
-            raise doc.error(("entries", i, "name"), f"duplicate catalog entry {entry.name!r}")
+            errors.append(
+                doc.error(("entries", i, "name"), f"duplicate catalog entry {entry.name!r}")
+            )
         entries[entry.name] = entry
+    if errors:
+        raise PolicyError.of(errors)
     return entries
+
+
+def is_catalog_file(path: str | FsPath) -> bool:
+    """True when ``path`` is a catalog (a mapping with ``entries:``, like the shipped
+    ``policies/catalog.yaml``) rather than a policy, so ``validate policies/*.yaml``
+    checks each file as what it is. A file that cannot be read or parsed is not: loading
+    it as a policy then reports why."""
+    try:
+        doc = parse_yaml(_read(FsPath(path)), str(path))
+    except SourceError:
+        return False
+    return isinstance(doc.data, dict) and "entries" in doc.data and "destinations" not in doc.data
 
 
 def load_catalog(path: FsPath | None = None) -> dict[str, CatalogEntry]:
@@ -212,6 +224,8 @@ class _Collected:
     origins: dict[str, str] = field(default_factory=dict)
     deny: list[DenyRule] = field(default_factory=list)
     deny_origins: list[str] = field(default_factory=list)
+    #: every error found, so one run of ``validate`` reports them all
+    errors: list[SourceError] = field(default_factory=list)
 
 
 def _collect(
@@ -222,53 +236,81 @@ def _collect(
     stack: tuple[str, ...],
 ) -> None:
     for i, name in enumerate(pf.include):
-        if name in stack:
-            raise doc.error(("include", i), f"include cycle: {' -> '.join((*stack, name))}")
-        preset = policies_dir() / f"{name}.yaml"
-        if name == "catalog" or not preset.is_file():
-            raise doc.error(
-                ("include", i),
-                f"unknown preset {name!r}",
-                f"shipped presets: {', '.join(preset_names())}",
-            )
-        sub_doc = parse_yaml(_read(preset), str(preset))
-        sub = _validate_file(sub_doc)
-        before = len(out.destinations)
-        _collect(sub_doc, sub, catalog, out, (*stack, name))
-        where = f"{doc.file}:{doc.line_of(('include', i))}"
-        for dest in out.destinations[before:]:
-            out.origins[dest.name] = f"{out.origins[dest.name]} (included from {where})"
-
+        try:
+            _include(doc, i, name, catalog, out, stack)
+        except SourceError as e:
+            out.errors.append(e)
     for i, item in enumerate(pf.destinations):
-        path: Path = ("destinations", i)
-        if isinstance(item, UseRef):
-            entry = catalog.get(item.use)
-            if entry is None:
-                raise doc.error(
-                    (*path, "use"),
-                    f"no catalog entry named {item.use!r}",
-                    f"catalog entries: {', '.join(sorted(catalog))}",
-                )
-            if (why := entry.usable) is not None:
-                raise doc.error((*path, "use"), f"cannot use {item.use!r}", why)
-            dest = entry.as_destination()
-        else:
-            dest = item
-        existing = next((d for d in out.destinations if d.name == dest.name), None)
-        if existing is not None:
-            if existing == dest:
-                continue  # the same catalog entry reached twice (e.g. a preset and a use:)
-            raise doc.error(
-                (*path, "name") if not isinstance(item, UseRef) else (*path, "use"),
-                f"duplicate destination name {dest.name!r} (first at {out.origins[dest.name]})",
-                "names label audit records and metrics, so each must be unique",
-            )
-        out.destinations.append(dest)
-        out.origins[dest.name] = f"{doc.file}:{doc.line_of(path)}"
-
+        try:
+            _destination(doc, i, item, catalog, out)
+        except SourceError as e:
+            out.errors.append(e)
     for i, rule in enumerate(pf.deny):
         out.deny.append(rule)
         out.deny_origins.append(f"{doc.file}:{doc.line_of(('deny', i))}")
+
+
+def _include(
+    doc: SourceDoc,
+    i: int,
+    name: str,
+    catalog: dict[str, CatalogEntry],
+    out: _Collected,
+    stack: tuple[str, ...],
+) -> None:
+    if name in stack:
+        raise doc.error(("include", i), f"include cycle: {' -> '.join((*stack, name))}")
+    preset = policies_dir() / f"{name}.yaml"
+    if name == "catalog" or not preset.is_file():
+        close = difflib.get_close_matches(name, preset_names(), n=1)
+        raise doc.error(
+            ("include", i),
+            f"unknown preset {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+            f"shipped presets: {', '.join(preset_names())}",
+        )
+    sub_doc = parse_yaml(_read(preset), str(preset))
+    sub = _validate_file(sub_doc)
+    before = len(out.destinations)
+    _collect(sub_doc, sub, catalog, out, (*stack, name))
+    where = f"{doc.file}:{doc.line_of(('include', i))}"
+    for dest in out.destinations[before:]:
+        out.origins[dest.name] = f"{out.origins[dest.name]} (included from {where})"
+
+
+def _destination(
+    doc: SourceDoc,
+    i: int,
+    item: UseRef | Destination,
+    catalog: dict[str, CatalogEntry],
+    out: _Collected,
+) -> None:
+    path: Path = ("destinations", i)
+    if isinstance(item, UseRef):
+        entry = catalog.get(item.use)
+        if entry is None:
+            close = difflib.get_close_matches(item.use, sorted(catalog), n=1)
+            raise doc.error(
+                (*path, "use"),
+                f"no catalog entry named {item.use!r}"
+                + (f" (did you mean {close[0]!r}?)" if close else ""),
+                f"catalog entries: {', '.join(sorted(catalog))}",
+            )
+        if (why := entry.usable) is not None:
+            raise doc.error((*path, "use"), f"cannot use {item.use!r}", why)
+        dest = entry.as_destination()
+    else:
+        dest = item
+    existing = next((d for d in out.destinations if d.name == dest.name), None)
+    if existing is not None:
+        if existing == dest:
+            return  # the same catalog entry reached twice (e.g. a preset and a use:)
+        raise doc.error(
+            (*path, "name") if not isinstance(item, UseRef) else (*path, "use"),
+            f"duplicate destination name {dest.name!r} (first at {out.origins[dest.name]})",
+            "names label audit records and metrics, so each must be unique",
+        )
+    out.destinations.append(dest)
+    out.origins[dest.name] = f"{doc.file}:{doc.line_of(path)}"
 
 
 def _fingerprint(pol: dict[str, Any]) -> str:
@@ -289,23 +331,17 @@ def _load_policy_text(text: str, file: str, catalog_path: FsPath | None) -> Effe
     out = _Collected()
     _collect(doc, pf, catalog, out, ())
     for host, addrs in pf.network.resolve.items():
-        _check_resolve_entry(doc, host, addrs)
-    if pf.clients.auth is not None:
-        users = FsPath(pf.clients.auth.users_file)
-        if not users.is_absolute():
-            users = FsPath(file).parent / users
         try:
-            regular = stat.S_ISREG(os.stat(users).st_mode)
-        except OSError:
-            raise doc.error(
-                ("clients", "auth", "users_file"), f"users_file {str(users)!r} does not exist"
-            ) from None
-        if not regular:
-            raise doc.error(
-                ("clients", "auth", "users_file"),
-                f"users_file {str(users)!r} is not a regular file",
-                "point it at a plain file; FIFOs, devices and directories are refused",
-            )
+            _check_resolve_entry(doc, host, addrs)
+        except SourceError as e:
+            out.errors.append(e)
+    if pf.clients.auth is not None:
+        try:
+            _check_users_file(doc, file, pf.clients.auth.users_file)
+        except SourceError as e:
+            out.errors.append(e)
+    if out.errors:
+        raise PolicyError.of(out.errors)
     effective = {
         "mode": pf.mode,
         "destinations": [d.model_dump(mode="json") for d in out.destinations],
@@ -324,6 +360,24 @@ def _load_policy_text(text: str, file: str, catalog_path: FsPath | None) -> Effe
         origins=out.origins,
         deny_origins=tuple(out.deny_origins),
     )
+
+
+def _check_users_file(doc: SourceDoc, file: str, users_file: str) -> None:
+    users = FsPath(users_file)
+    if not users.is_absolute():
+        users = FsPath(file).parent / users
+    try:
+        regular = stat.S_ISREG(os.stat(users).st_mode)
+    except OSError:
+        raise doc.error(
+            ("clients", "auth", "users_file"), f"users_file {str(users)!r} does not exist"
+        ) from None
+    if not regular:
+        raise doc.error(
+            ("clients", "auth", "users_file"),
+            f"users_file {str(users)!r} is not a regular file",
+            "point it at a plain file; FIFOs, devices and directories are refused",
+        )
 
 
 def _check_resolve_entry(doc: SourceDoc, host: str, value: str | list[str]) -> None:

@@ -21,6 +21,8 @@ from egress_guard.normalize import NormalizationError, canonical_ip, normalize_h
 PatternKind = Literal["exact", "sub", "apex_sub", "ip", "cidr"]
 
 _REGEX_HINTS = re.compile(r"[\^$()|\\+?{}\[\]]|\.\*|\*\*\*")
+#: what only a regular expression has (``.*`` alone may be a glob: ``a.*.example.com``)
+_REGEX_ONLY = re.compile(r"[\^$()|\\+?{}\[\]]|\*\*\*")
 
 
 class PatternError(ValueError):
@@ -69,6 +71,13 @@ def parse_pattern(raw: object, *, deny: bool = False) -> HostPattern:
         raise PatternError(
             f"{text!r} would allow every host; list the hosts you need "
             "(see policies/catalog.yaml) or use audit mode to discover them"
+        )
+    if not _REGEX_ONLY.search(text) and "*" in text.partition(".")[2]:
+        # a.*.example.com, example.*: a glob, not a regular expression; say so
+        raise PatternError(
+            f"{text!r} has a wildcard in a middle or last label; a wildcard may only be "
+            "the whole leftmost label: '*.example.com' (subdomains) or '**.example.com' "
+            "(apex and subdomains), or list each host"
         )
     if _REGEX_HINTS.search(text):
         raise PatternError(

@@ -287,9 +287,17 @@ async def serve(settings: RunSettings, sinks: list[Sink]) -> int:
     if settings.metrics is not None:
         metrics = next(s for s in sinks if isinstance(s, Metrics))
         mhost, mport = settings.metrics
-        server = start_http_server(
-            metrics, mhost, mport, health=lambda: all(s.healthy for s in sinks), status=board
-        )
+        try:
+            server = start_http_server(
+                metrics, mhost, mport, health=lambda: all(s.healthy for s in sinks), status=board
+            )
+        except OSError as e:  # taken since run's check: one line, no traceback
+            where = join_hostport(mhost, mport)
+            print(
+                f"egress-guard: --metrics {where}: cannot listen: {e.strerror or e}",
+                file=sys.stderr,
+            )
+            return 2
         base = f"http://{join_hostport(mhost, server.port)}"
         log.info("egress-guard metrics on %s/metrics, status page on %s/", base, base)
     host, port = settings.listen

@@ -61,7 +61,8 @@ def deny_flow(
             kind = api_kind(flow.request.path)
             flow.response = provider_block_response(d, kind, sources, status)
         else:
-            flow.response = block_response(d, sources, status)
+            policy = g.engine.policy.sha256 if g.engine is not None else None
+            flow.response = block_response(d, sources, status, policy)
         if not connect:
             # no "100 Continue" for a body that is refused already
             flow.request.headers.pop("expect", None)

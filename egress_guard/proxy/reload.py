@@ -50,6 +50,10 @@ class PolicyReload:
         self._policy_stamp: tuple[Any, ...] | None = None
         self._reload_lock = asyncio.Lock()
         self._sighup_task: asyncio.Task[bool] | None = None
+        #: the policy given at start-up did not load: the proxy will not start, and the
+        #: rollback mitmproxy then makes (options back to their defaults, configure called
+        #: again) must not load, log and audit the built-in preset as "policy loaded"
+        self._start_failed = False
 
     # -- mitmproxy lifecycle ------------------------------------------------------------
 
@@ -70,12 +74,15 @@ class PolicyReload:
 
     def configure(self, updated: set[str]) -> None:
         if updated & {"egress_guard_policy", "egress_guard_mode"}:
+            if self._start_failed:
+                return
             try:
                 policy = self._read_policy()
             except PolicyError as e:
                 self.g.emit_policy(
                     PolicyEvent(False, self._policy_source(), None, 1, None, e.render())
                 )
+                self._start_failed = self.g.engine is None
                 raise exceptions.OptionsError(e.render()) from None
             self._install(policy)
         elif "egress_guard_inspect" in updated and self.g.engine is not None:

@@ -132,12 +132,22 @@ def _headers(d: Decision) -> dict[str, str]:
     return headers
 
 
+#: the first hex digits of the policy's sha256 on the guard's own refusals: what
+#: ``egress-guard doctor`` reads to tell the guard (and its policy) from any other proxy;
+#: the same prefix ``validate`` and the start-up log print, and no more than a fingerprint
+POLICY_HEADER = "X-Egress-Guard-Policy"
+POLICY_SHA_CHARS = 16
+
+
 def block_response(
-    d: Decision, sources: Iterable[str] = (), status: int | None = None
+    d: Decision,
+    sources: Iterable[str] = (),
+    status: int | None = None,
+    policy_sha256: str | None = None,
 ) -> http.Response:
     """The 403 (or 407/502/400/503) for a refused CONNECT or plain-HTTP request.
     ``sources``: the policy's file names, which the client is not told (``public_text``).
-    ``status``: instead of the reason's own."""
+    ``status``: instead of the reason's own. ``policy_sha256``: the policy in force."""
     status = status or _STATUS.get(d.reason, 403)
     sources = tuple(sources)
     body: dict[str, Any] = {
@@ -150,6 +160,8 @@ def block_response(
     if d.detail:
         body["detail"] = public_text(d.detail, sources)
     headers = {**_headers(d), "Connection": "close"}
+    if policy_sha256:
+        headers[POLICY_HEADER] = policy_sha256[:POLICY_SHA_CHARS]
     if status == 407:
         headers["Proxy-Authenticate"] = 'Basic realm="egress-guard"'
     resp = http.Response.make(status, json.dumps(body).encode() + b"\n", headers)

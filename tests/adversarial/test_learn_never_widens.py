@@ -52,7 +52,7 @@ def check(policy: Path, *targets: str) -> dict[str, dict[str, object]]:
 
 
 def allowed(verdicts: dict[str, dict[str, object]]) -> set[str]:
-    return {t for t, r in verdicts.items() if r["decision"] == "allowed"}
+    return {t for t, r in verdicts.items() if r["decision"] == "allow"}
 
 
 # -- non-public addresses ------------------------------------------------------------------

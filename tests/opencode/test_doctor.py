@@ -121,7 +121,7 @@ def test_every_problem_is_found_with_its_severity(
 
     openai = find(f, "provider", "provider openai")
     assert openai.severity == "error" and "api.openai.com:443" in openai.message
-    assert openai.fix == "add `- use: openai` to the policy"
+    assert openai.fix.startswith("add `- use: openai` to a policy of your own")  # not the preset
     ollama = find(f, "provider", "provider ollama (")
     assert ollama.severity == "error" and "localhost:11434" in ollama.message
     assert find(f, "provider", "ignored by OpenCode 1.18").severity == "warning"
@@ -144,14 +144,14 @@ def test_exit_status_and_json_in_process(
             monkeypatch.delenv(k)
     for k, v in CLEAN_ENV.items():
         monkeypatch.setenv(k, v)
-    assert cli.main(["doctor", str(fixtures / "doctor_clean.json"), "--json"]) == 0
+    assert cli.main(["doctor", str(fixtures / "doctor_clean.json"), "--json", "--no-probe"]) == 0
     assert json.loads(capsys.readouterr().out) == []
-    assert cli.main(["doctor", str(fixtures / "doctor_bad.jsonc"), "--json"]) == 1
+    assert cli.main(["doctor", str(fixtures / "doctor_bad.jsonc"), "--json", "--no-probe"]) == 1
     findings = json.loads(capsys.readouterr().out)
     assert {"severity", "check", "message", "fix", "source"} == set(findings[0])
     assert ("error", "mdns") in {(x["severity"], x["check"]) for x in findings}
     monkeypatch.delenv("HTTP_PROXY")  # the clean config alone is not enough
-    assert cli.main(["doctor", str(fixtures / "doctor_clean.json")]) == 1
+    assert cli.main(["doctor", str(fixtures / "doctor_clean.json"), "--no-probe"]) == 1
     assert "HTTP_PROXY is not set" in capsys.readouterr().out
 
 
@@ -325,7 +325,7 @@ def _subprocess_env(**extra: str) -> dict[str, str]:
 
 def test_cli_subprocess_bad_and_clean(fixtures: Path) -> None:
     bad = subprocess.run(
-        [BIN, "doctor", str(fixtures / "doctor_bad.jsonc"), "--inspect"],
+        [BIN, "doctor", str(fixtures / "doctor_bad.jsonc"), "--inspect", "--no-probe"],
         capture_output=True,
         text=True,
         env=_subprocess_env(HTTPS_PROXY="http://alice:hunter2@proxy.example:3128"),
@@ -336,7 +336,7 @@ def test_cli_subprocess_bad_and_clean(fixtures: Path) -> None:
     assert "ERROR    [ca]" in bad.stdout
     assert "hunter2" not in bad.stdout
     clean = subprocess.run(
-        [BIN, "doctor", str(fixtures / "doctor_clean.json"), "--json"],
+        [BIN, "doctor", str(fixtures / "doctor_clean.json"), "--json", "--no-probe"],
         capture_output=True,
         text=True,
         env=_subprocess_env(**CLEAN_ENV),

@@ -36,7 +36,7 @@ HINTED = [
     ),
     P(["version: 1", "include: [maximal]"], "minimal, offline, standard", id="preset-hint"),
     P(["version: 1", "destinations:", "  - use: nosuch"], "anthropic", id="use-hint"),
-    P(["version: 1", "destinatons: []"], "check the spelling", id="unknown-key-hint"),
+    P(["version: 1", "destinatons: []"], "did you mean 'destinations'?", id="unknown-key-hint"),
     P([*DEST, "    ports: [0443]"], "plain decimal", id="port-hint"),
     P([*DEST[:3], "    hosts: ['*.com']"], "registrable domain", id="suffix-hint"),
     P([*DEST[:3], "    hosts: ['^api']"], "'*.example.com'", id="regex-hint"),

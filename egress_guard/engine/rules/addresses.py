@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from egress_guard.engine import hints
 from egress_guard.engine.addresses import special_class
 from egress_guard.engine.compiled import Compiled
 from egress_guard.engine.matcher import networks_contain
@@ -80,7 +81,7 @@ def denied_address(
                 host.value,
                 port,
                 dest,
-                hint=f"denied by {c.policy.deny_origins[i]} (resolved to {ip})",
+                hint=hints.denied(c.policy.deny_origins[i], f" (resolved to {ip})"),
             )
     return None
 

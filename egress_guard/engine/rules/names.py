@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from egress_guard.engine import hints
 from egress_guard.engine.addresses import special_class
 from egress_guard.engine.compiled import Compiled
 from egress_guard.engine.matcher import networks_contain
@@ -12,7 +13,6 @@ from egress_guard.engine.types import Decision, Match, Reason, block, new, print
 from egress_guard.normalize import (
     Host,
     NormalizationError,
-    join_hostport,
     normalize_host,
     normalize_port,
 )
@@ -60,10 +60,7 @@ def decide_name(c: Compiled, host: Host, port: int) -> Decision | Match:
         host.value,
         port,
         destination=first.name,
-        hint=(
-            f"destination {first.name!r} ({c.policy.origins.get(first.name, '?')}) "
-            f"allows ports {first.ports}; add {port} there if it is needed"
-        ),
+        hint=hints.allow_port(c.policy, first, host.value, port),
     )
 
 
@@ -74,7 +71,7 @@ def deny_hit(c: Compiled, deny_ids: Iterable[int], host: Host, port: int) -> Dec
                 "denylisted",
                 host.value,
                 port,
-                hint=f"denied by {c.policy.deny_origins[i]}; deny rules win over every allow",
+                hint=hints.denied(c.policy.deny_origins[i]),
             )
     return None
 
@@ -94,14 +91,7 @@ def unlisted(
 ) -> Decision:
     """A block for a target no destination lists, with the way to allow it."""
     names = catalog_entries(c, host, port)
-    if names:
-        uses = ", ".join(f"'- use: {n}'" for n in names)
-        hint = f"catalog entry covers {join_hostport(host.value, port)}: add {uses} to destinations in {c.policy.source}"
-    else:
-        hint = (
-            f"no catalog entry covers {join_hostport(host.value, port)}; to allow it add a destination "
-            f"with hosts: [{host.value}] and ports: [{port}] to {c.policy.source}"
-        )
+    hint = hints.allow_unlisted(c.policy, host.value, port, names)
     return Decision(
         False,
         "block",
