@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import sys
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from egress_guard.cli.exits import EXIT_ERROR, EXIT_FAIL, EXIT_OK
-from egress_guard.cli.shared import policy_or_minimal
+from egress_guard.cli.shared import policy_and_catalog
 from egress_guard.engine import Approved, Decision, Engine, HostIndex, Target
 from egress_guard.engine.rules.names import catalog_entries
 from egress_guard.normalize import Host, NormalizationError, join_hostport, parse_target
-from egress_guard.policy import EffectivePolicy, PolicyError, load_catalog, policies_dir
+from egress_guard.policy import EffectivePolicy, policies_dir
 from egress_guard.policy.model import CatalogEntry
 from egress_guard.policy.patterns import parse_pattern
 from egress_guard.policy.yamlsrc import parse_yaml
@@ -239,12 +238,10 @@ def _catalog_entry_lines() -> dict[str, int]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    try:
-        pol = policy_or_minimal(args.policy)
-        catalog = load_catalog()
-    except PolicyError as e:
-        print(e.render(), file=sys.stderr)
+    loaded = policy_and_catalog(args.policy)
+    if loaded is None:
         return EXIT_ERROR
+    pol, catalog = loaded
     try:
         catalog_lines = _catalog_entry_lines()
     except (OSError, ValueError):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from egress_guard.cli.exits import EXIT_ERROR, EXIT_OK
-from egress_guard.cli.shared import fail, policy_or_minimal
+from egress_guard.cli.shared import fail, policy_and_catalog
 from egress_guard.opencode.config import load_config
 from egress_guard.opencode.contacts import parse_url
 from egress_guard.opencode.jsonc import ConfigError
@@ -135,12 +135,10 @@ def effective_json(pol: EffectivePolicy) -> dict[str, Any]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    try:
-        pol = policy_or_minimal(args.policy)
-        catalog = load_catalog()
-    except PolicyError as e:
-        print(e.render(), file=sys.stderr)
+    loaded = policy_and_catalog(args.policy)
+    if loaded is None:
         return EXIT_ERROR
+    pol, catalog = loaded
     if args.json:
         print(json.dumps(effective_json(pol), indent=2))
     else:

@@ -7,12 +7,32 @@ import sys
 
 from egress_guard.cli.exits import EXIT_ERROR
 from egress_guard.engine.decide import request_rules
-from egress_guard.policy import Destination, EffectivePolicy, load_policy, load_preset
+from egress_guard.policy import (
+    Destination,
+    EffectivePolicy,
+    PolicyError,
+    load_catalog,
+    load_policy,
+    load_preset,
+)
+from egress_guard.policy.model import CatalogEntry
 
 
 def policy_or_minimal(path: str | None) -> EffectivePolicy:
     """``--policy`` or the built-in minimal preset (the documented minimal allowlist)."""
     return load_policy(path) if path else load_preset("minimal")
+
+
+def policy_and_catalog(
+    path: str | None,
+) -> tuple[EffectivePolicy, dict[str, CatalogEntry]] | None:
+    """``policy_or_minimal`` and the catalog, for the commands that read both; None
+    (every error printed, with its ``file:line``) when either does not load."""
+    try:
+        return policy_or_minimal(path), load_catalog()
+    except PolicyError as e:
+        print(e.render(), file=sys.stderr)
+        return None
 
 
 def inspection_warning(dest: Destination) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from egress_guard.sinks.audit.record import record_fields
-from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
+from egress_guard.sinks.events import CloseEvent, DecisionEvent, Observer, PolicyEvent
 from egress_guard.sinks.logsafe import escape
 
 __all__ = ["MAX_LINES_PER_S", "Console", "describe"]
@@ -91,7 +91,7 @@ def describe(rec: Mapping[str, Any], *, with_time: bool = True) -> str:
     return line
 
 
-class Console:
+class Console(Observer):
     """The decision lines on the proxy's stderr (implements ``Sink``).
 
     ``allows``: also a line per allowed decision (``run --verbose``). Blocks and
@@ -113,14 +113,6 @@ class Console:
         self._window = -1
         self._written = 0
         self._skipped = 0
-
-    @property
-    def healthy(self) -> bool:
-        return True
-
-    async def admit(self, event: DecisionEvent) -> bool:
-        self.decision(event)
-        return True
 
     def decision(self, event: DecisionEvent) -> None:
         if event.decision.action == "allow" and not self.allows:

@@ -8,6 +8,7 @@ is stored without its query string).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -89,3 +90,34 @@ class Sink(Protocol):
 
     @property
     def healthy(self) -> bool: ...
+
+
+class Observer(ABC):
+    """The part of ``Sink`` every sink that only watches shares (metrics, the status
+    page, the stderr lines): it is always healthy, and it never holds traffic back, so
+    ``admit`` records the decision like any other and says yes. Such a sink implements
+    ``decision``, ``close``, ``policy`` and ``tunnel_accepted``."""
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    async def admit(self, event: DecisionEvent) -> bool:
+        self.decision(event)
+        return True
+
+    @abstractmethod
+    def decision(self, event: DecisionEvent) -> None: ...
+
+
+class AuditHealth(Protocol):
+    """What the watching sinks read from the audit log (``sinks.audit.AuditLog``): the
+    metrics export it, the status page shows it."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    write_errors: int
+
+    @property
+    def events_dropped(self) -> int: ...

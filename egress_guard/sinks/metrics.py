@@ -42,7 +42,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from egress_guard.engine.types import Reason
-from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
+from egress_guard.sinks.events import AuditHealth, CloseEvent, DecisionEvent, Observer, PolicyEvent
 from egress_guard.sinks.metrics_runtime import register_runtime
 
 __all__ = [
@@ -114,18 +114,6 @@ class _WithoutCreated:
         return families
 
 
-class AuditHealth(Protocol):
-    """What the metrics read from the audit log (egress_guard.sinks.audit.AuditLog)."""
-
-    @property
-    def healthy(self) -> bool: ...
-
-    write_errors: int
-
-    @property
-    def events_dropped(self) -> int: ...
-
-
 class _AuditCollector(Collector):
     def __init__(self, audit: AuditHealth) -> None:
         self._audit = audit
@@ -188,7 +176,7 @@ class _HeldBodiesCollector(Collector):
         return [held, limit, refused, evicted]
 
 
-class Metrics:
+class Metrics(Observer):
     """The metrics sink (implements ``egress_guard.sinks.events.Sink``).
 
     The proxy calls, besides the sink methods ``decision``/``close``/``policy``:
@@ -326,15 +314,6 @@ class Metrics:
         return child
 
     # -- Sink --------------------------------------------------------------------------
-
-    @property
-    def healthy(self) -> bool:
-        return True
-
-    async def admit(self, event: DecisionEvent) -> bool:
-        """Counted like any decision; a metric never holds traffic back."""
-        self.decision(event)
-        return True
 
     def decision(self, event: DecisionEvent) -> None:
         action = event.decision.action

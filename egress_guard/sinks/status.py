@@ -23,10 +23,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from egress_guard.sinks.audit.record import record_fields, rfc3339, scrub_text
-from egress_guard.sinks.events import CloseEvent, DecisionEvent, PolicyEvent
+from egress_guard.sinks.events import AuditHealth, CloseEvent, DecisionEvent, Observer, PolicyEvent
 
 __all__ = ["MAX_DESTINATIONS", "RECENT", "AuditHealth", "StatusBoard"]
 
@@ -38,18 +38,6 @@ MAX_DESTINATIONS: Final = 1000
 UNLISTED: Final = "unlisted"
 OTHER: Final = "(other)"
 _ACTIONS: Final = ("allow", "block", "would_block")
-
-
-class AuditHealth(Protocol):
-    """What the page reads from the audit log (``egress_guard.sinks.audit.AuditLog``)."""
-
-    @property
-    def healthy(self) -> bool: ...
-
-    write_errors: int
-
-    @property
-    def events_dropped(self) -> int: ...
 
 
 @dataclass
@@ -90,7 +78,7 @@ class _Policy:
     ok: bool = False
 
 
-class StatusBoard:
+class StatusBoard(Observer):
     """The status page's sink (implements ``egress_guard.sinks.events.Sink``).
 
     Thread-safe: sink methods run on the proxy's event loop, ``snapshot`` on the HTTP
@@ -112,15 +100,6 @@ class StatusBoard:
         self._policy = _Policy()
 
     # -- Sink --------------------------------------------------------------------------
-
-    @property
-    def healthy(self) -> bool:
-        return True
-
-    async def admit(self, event: DecisionEvent) -> bool:
-        """Shown like any decision; the page never holds traffic back."""
-        self.decision(event)
-        return True
 
     def decision(self, event: DecisionEvent) -> None:
         now = self._clock()
