@@ -49,23 +49,32 @@ def decision(
     detail: str | None = None,
 ) -> DecisionEvent:
     d = Decision(action != "block", action, reason, destination, host, port, None, detail)  # type: ignore[arg-type]
-    return DecisionEvent(f"conn-{i}", "127.0.0.1", d, "enforce", SHA, host, "POST", path)
+    return DecisionEvent(
+        conn_id=f"conn-{i}",
+        client="127.0.0.1",
+        decision=d,
+        mode="enforce",
+        policy_sha256=SHA,
+        sni=host,
+        method="POST",
+        path=path,
+    )
 
 
 def close(i: int = 0, up: int = 100, down: int = 2000, error: str | None = None) -> CloseEvent:
     return CloseEvent(
-        f"conn-{i}",
-        "127.0.0.1",
-        "api.anthropic.com",
-        443,
-        "anthropic",
-        "allow",
-        up,
-        down,
-        1.2345,
-        "enforce",
-        SHA,
-        error,
+        conn_id=f"conn-{i}",
+        client="127.0.0.1",
+        host="api.anthropic.com",
+        port=443,
+        destination="anthropic",
+        decision="allow",
+        bytes_up=up,
+        bytes_down=down,
+        duration_s=1.2345,
+        mode="enforce",
+        policy_sha256=SHA,
+        error=error,
     )
 
 
@@ -148,6 +157,7 @@ def test_fresh_log_fields_and_chain(logpath: Path) -> None:
         "event": "decision",
         "id": "conn-1",
         "client": "127.0.0.1",
+        "user": None,
         "host": "api.anthropic.com",
         "port": 443,
         "sni": "api.anthropic.com",
@@ -473,7 +483,9 @@ def test_queue_and_overflow_full_makes_unhealthy_and_the_loss_is_logged(logpath:
 
 
 def test_unencodable_event_is_recorded_as_dropped(logpath: Path) -> None:
-    bad = DecisionEvent("c", "127.0.0.1", None, "enforce", SHA)  # type: ignore[arg-type]
+    bad = DecisionEvent(
+        conn_id="c", client="127.0.0.1", decision=None, mode="enforce", policy_sha256=SHA
+    )  # type: ignore[arg-type]
     with AuditLog(logpath) as log:
         log.decision(bad)
         log.decision(decision(1))
@@ -519,9 +531,11 @@ def test_stdout_mode_writes_a_verifiable_chain(tmp_path: Path) -> None:
         "from egress_guard.sinks.events import CloseEvent, DecisionEvent\n"
         "d = Decision(True, 'allow', 'allowlisted', 'a', 'api.anthropic.com', 443)\n"
         "log = AuditLog('-')\n"
-        "log.decision(DecisionEvent('c1', '127.0.0.1', d, 'enforce', '', path='/x?k=SECRET'))\n"
-        "log.close(CloseEvent('c1', '127.0.0.1', 'api.anthropic.com', 443, 'a', 'allow',"
-        " 1, 2, 0.1, 'enforce', ''))\n"
+        "log.decision(DecisionEvent(conn_id='c1', client='127.0.0.1', decision=d,"
+        " mode='enforce', policy_sha256='', path='/x?k=SECRET'))\n"
+        "log.close(CloseEvent(conn_id='c1', client='127.0.0.1', host='api.anthropic.com',"
+        " port=443, destination='a', decision='allow', bytes_up=1, bytes_down=2,"
+        " duration_s=0.1, mode='enforce', policy_sha256=''))\n"
         "assert log.shutdown()\n"
     )
     out = subprocess.run(

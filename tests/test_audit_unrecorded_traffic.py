@@ -28,12 +28,31 @@ SHA = "ab" * 32
 
 def decision(i: int, action: str = "allow", reason: str = "allowlisted") -> DecisionEvent:
     d = Decision(action != "block", action, reason, "api", "api.test", 443)  # type: ignore[arg-type]
-    return DecisionEvent(f"conn-{i}", "127.0.0.1", d, "enforce", SHA, "api.test", "POST", "/v1")
+    return DecisionEvent(
+        conn_id=f"conn-{i}",
+        client="127.0.0.1",
+        decision=d,
+        mode="enforce",
+        policy_sha256=SHA,
+        sni="api.test",
+        method="POST",
+        path="/v1",
+    )
 
 
 def close(i: int) -> CloseEvent:
     return CloseEvent(
-        f"conn-{i}", "127.0.0.1", "api.test", 443, "api", "allow", 1, 2, 0.5, "enforce", SHA
+        conn_id=f"conn-{i}",
+        client="127.0.0.1",
+        host="api.test",
+        port=443,
+        destination="api",
+        decision="allow",
+        bytes_up=1,
+        bytes_down=2,
+        duration_s=0.5,
+        mode="enforce",
+        policy_sha256=SHA,
     )
 
 

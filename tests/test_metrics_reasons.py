@@ -24,7 +24,15 @@ def _event(
         hint=None,
         detail=None,
     )
-    return DecisionEvent(conn, "127.0.0.1", d, "audit", "", method=method, opens=opens)
+    return DecisionEvent(
+        conn_id=conn,
+        client="127.0.0.1",
+        decision=d,
+        mode="audit",
+        policy_sha256="",
+        method=method,
+        opens=opens,
+    )
 
 
 def _blocks(m: Metrics) -> dict[tuple[str, str, str], float]:

@@ -50,7 +50,9 @@ class Recorder:
 
 def _event() -> DecisionEvent:
     d = Decision(True, "allow", "allowlisted", "api", "example.com", 443)
-    return DecisionEvent("c1", "127.0.0.1", d, "enforce", "")
+    return DecisionEvent(
+        conn_id="c1", client="127.0.0.1", decision=d, mode="enforce", policy_sha256=""
+    )
 
 
 def test_a_failing_sink_does_not_keep_events_from_the_next() -> None:
@@ -58,7 +60,19 @@ def test_a_failing_sink_does_not_keep_events_from_the_next() -> None:
     fan = Fanout([bad, good])
     fan.decision(_event())
     fan.close(
-        CloseEvent("c1", "127.0.0.1", "example.com", 443, "api", "allow", 1, 2, 0.1, "enforce", "")
+        CloseEvent(
+            conn_id="c1",
+            client="127.0.0.1",
+            host="example.com",
+            port=443,
+            destination="api",
+            decision="allow",
+            bytes_up=1,
+            bytes_down=2,
+            duration_s=0.1,
+            mode="enforce",
+            policy_sha256="",
+        )
     )
     fan.policy(PolicyEvent(True, "p.yaml", "ab" * 32, 1, "enforce"))
     fan.tunnel_accepted("c1")

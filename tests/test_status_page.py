@@ -42,12 +42,30 @@ def decision(
         port=443,
         catalog=catalog,
     )
-    return DecisionEvent("c1", "127.0.0.1:5000", d, "enforce", "sha", method=method, path=path)
+    return DecisionEvent(
+        conn_id="c1",
+        client="127.0.0.1:5000",
+        decision=d,
+        mode="enforce",
+        policy_sha256="sha",
+        method=method,
+        path=path,
+    )
 
 
 def closed(destination: str | None, up: int, down: int) -> CloseEvent:
     return CloseEvent(
-        "c1", "127.0.0.1:5000", "h", 443, destination, "allow", up, down, 1.0, "enforce", "sha"
+        conn_id="c1",
+        client="127.0.0.1:5000",
+        host="h",
+        port=443,
+        destination=destination,
+        decision="allow",
+        bytes_up=up,
+        bytes_down=down,
+        duration_s=1.0,
+        mode="enforce",
+        policy_sha256="sha",
     )
 
 

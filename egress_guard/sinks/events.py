@@ -15,8 +15,12 @@ from typing import Protocol
 from egress_guard.engine import Decision
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DecisionEvent:
+    """One decision, for every sink. Keyword-only: a field added in the middle must not
+    shift a caller's values into the wrong fields (a path in ``method`` escapes the
+    path's redaction)."""
+
     conn_id: str
     client: str
     decision: Decision
@@ -32,8 +36,10 @@ class DecisionEvent:
     opens: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CloseEvent:
+    """One closed upstream connection, for every sink (keyword-only, as DecisionEvent)."""
+
     conn_id: str
     client: str
     host: str

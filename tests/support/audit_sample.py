@@ -26,12 +26,31 @@ def dec(
     dest: str | None = None,
 ) -> DecisionEvent:
     d = Decision(action != "block", action, reason, dest, host, port)  # type: ignore[arg-type]
-    return DecisionEvent(f"c{i}", "127.0.0.1", d, "enforce", SHA, None, None, None)
+    return DecisionEvent(
+        conn_id=f"c{i}",
+        client="127.0.0.1",
+        decision=d,
+        mode="enforce",
+        policy_sha256=SHA,
+        sni=None,
+        method=None,
+        path=None,
+    )
 
 
 def closed(i: int, host: str, dest: str | None, up: int, down: int) -> CloseEvent:
     return CloseEvent(
-        f"c{i}", "127.0.0.1", host, 443, dest, "allow", up, down, 0.25, "enforce", SHA
+        conn_id=f"c{i}",
+        client="127.0.0.1",
+        host=host,
+        port=443,
+        destination=dest,
+        decision="allow",
+        bytes_up=up,
+        bytes_down=down,
+        duration_s=0.25,
+        mode="enforce",
+        policy_sha256=SHA,
     )
 
 
