@@ -5,12 +5,13 @@ the verify, summary and learn readers."""
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
+
+from egress_guard.sinks.audit.chain import loads
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -35,7 +36,7 @@ def _parse(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
     if not raw:
         return None, "empty line"
     try:
-        obj = json.loads(raw)
+        obj = loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None, "not valid JSON"
     if not isinstance(obj, dict):
@@ -101,7 +102,7 @@ def iter_records(paths: Sequence[str], stats: ReadStats | None = None) -> Iterat
         obj: object = ln.obj
         if obj is None and ln.complete:
             try:
-                obj = json.loads(ln.raw)
+                obj = loads(ln.raw)
             except (ValueError, UnicodeDecodeError):
                 obj = None
         if isinstance(obj, dict):

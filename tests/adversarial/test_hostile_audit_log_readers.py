@@ -1,0 +1,113 @@
+"""The audit log's readers (``tail``, ``audit summary|verify|learn``) on a file someone
+else wrote: a local user who can write a file an operator will read, or a log left
+behind on a shared machine. Each must answer in bounded time, in one line at most, and
+never print raw terminal control bytes.
+
+* a line nested thousands deep (``[[[[...``): ``json.loads`` raises RecursionError, not
+  ValueError; every reader crashed with a traceback, and a guard whose existing log ends
+  in such a line could not read its chain back (``chain.read_tail``);
+* a record whose ``port`` is a string with an escape sequence: ``tail`` printed it raw
+  (every other field was escaped), so ``ESC ]0;...BEL`` retitled the terminal;
+* one very long line without a newline: ``tail`` re-split its whole buffer on every
+  64 KiB read (quadratic: 32 MiB took 15 s, 64 MiB a minute) and held it whole.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from support.proxy import EGRESS_GUARD
+
+from egress_guard.cli import tail as tail_cli
+from egress_guard.sinks.audit.chain import read_tail
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EGRESS_GUARD, *argv], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def record(**fields: object) -> bytes:
+    base: dict[str, object] = {
+        "seq": 1,
+        "prev": "0" * 64,
+        "event": "decision",
+        "decision": "block",
+        "host": "evil.example",
+        "port": 443,
+        "reason": "not_allowlisted",
+    }
+    base.update(fields)
+    return json.dumps(base).encode() + b"\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("tail", "--no-follow"),
+        ("audit", "summary"),
+        ("audit", "summary", "--by", "user"),
+        ("audit", "verify"),
+        ("audit", "learn"),
+    ],
+)
+def test_deeply_nested_line_is_no_crash(tmp_path: Path, argv: tuple[str, ...]) -> None:
+    log = tmp_path / "audit.jsonl"
+    log.write_bytes(record() + DEEP + b"\n")
+    r = run(*argv, str(log))
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "RecursionError" not in r.stderr + r.stdout
+
+
+def test_guard_reads_its_chain_back_past_a_deeply_nested_last_line(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    log.write_bytes(record() + DEEP + b"\n")
+    tail = read_tail(str(log))
+    assert tail is not None and tail.seq == 1
+
+
+def test_tail_escapes_a_port_that_is_not_a_number(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    log.write_bytes(record(port="\x1b]0;PWNED\x07\x1b[2J\r\nfake line"))
+    r = run("tail", "--no-follow", str(log))
+    assert r.returncode == 0, r.stderr
+    for raw in ("\x1b", "\x07", "\r"):
+        assert raw not in r.stdout
+    assert len(r.stdout.splitlines()) == 1
+    assert "\\x1b]0;PWNED" in r.stdout
+
+
+def test_tail_reads_a_huge_line_in_linear_time(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    with log.open("wb") as f:
+        f.write(record())
+        f.write(b"x" * (48 * 1024 * 1024))  # no newline: one line 48 MiB long
+        f.write(b"\n")
+        f.write(record(seq=2, host="after.example"))
+    started = time.monotonic()
+    r = run("tail", "--no-follow", str(log), timeout=120)
+    took = time.monotonic() - started
+    assert r.returncode == 0, r.stderr
+    assert "evil.example" in r.stdout and "after.example" in r.stdout
+    assert took < 10, f"tail took {took:.1f}s over one 48 MiB line"
+
+
+def test_follower_never_holds_more_than_one_line_bound(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    bound = tail_cli.MAX_LINE
+    log.write_bytes(b"y" * (3 * bound) + b"\n" + record())
+    f = tail_cli.Follower(str(log))
+    try:
+        lines = list(f.lines())
+    finally:
+        f.close()
+    assert len(lines) == 2
+    assert all(len(line) <= bound for line in lines)
+    assert json.loads(lines[1])["host"] == "evil.example"
