@@ -63,6 +63,11 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"unhealthy\n", head)
         elif self.server.status is not None:
+            if not page_host_ok(self.headers.get("Host"), self.server.listen_host):
+                # DNS rebinding: a web page whose name now resolves to this address is
+                # "same origin" to the browser and could read the recent decisions
+                self._send(HTTPStatus.MISDIRECTED_REQUEST, _REBIND_TEXT, head, extra=HEADERS)
+                return
             self._status_page(path, self.server.status, head)
         else:
             self._send(HTTPStatus.NOT_FOUND, b"not found\n", head)
@@ -101,6 +106,41 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("metrics http: %s - %s", self.address_string(), format % args)
 
 
+_REBIND_TEXT = (
+    b"the status page answers only when addressed by IP address or localhost "
+    b"(the Host header names another host: a DNS rebinding guard)\n"
+)
+
+
+def page_host_ok(header: str | None, listen_host: str = "") -> bool:
+    """The Host a request for the status page names is one no web page can take over
+    with DNS rebinding: an IP address, ``localhost`` (or a name under it), or the name
+    the listener was given (``--metrics NAME:PORT``). A request without Host is no
+    browser's (browsers always send it). ``/metrics`` and ``/healthz`` are not checked:
+    Prometheus may scrape by any name."""
+    if header is None:
+        return True
+    value = header.strip().lower()
+    if value.startswith("["):
+        name, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return False
+    else:
+        name = value.rpartition(":")[0] if value.count(":") == 1 else value
+    name = name.rstrip(".")
+    if not name:
+        return False
+    try:
+        ipaddress.ip_address(name.partition("%")[0])
+        return True
+    except ValueError:
+        pass
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    listen = listen_host.strip("[]").lower().rstrip(".")
+    return bool(listen) and name == listen
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -116,6 +156,8 @@ class _Server(ThreadingHTTPServer):
         self.metrics = metrics
         self.health = health
         self.status = status
+        #: the host the listener was given: a status page request may name it
+        self.listen_host = address[0]
         super().__init__(address, _Handler)
 
 
