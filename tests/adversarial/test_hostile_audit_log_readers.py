@@ -111,3 +111,23 @@ def test_follower_never_holds_more_than_one_line_bound(tmp_path: Path) -> None:
     assert len(lines) == 2
     assert all(len(line) <= bound for line in lines)
     assert json.loads(lines[1])["host"] == "evil.example"
+
+
+@pytest.mark.parametrize("by", [(), ("--by", "user")])
+def test_summary_escapes_every_name_and_time_it_prints(tmp_path: Path, by: tuple[str, ...]) -> None:
+    """``--by user`` escaped its names; the default tables (destinations, blocked hosts,
+    reasons) and the times printed them raw: ``ESC [2J`` cleared the operator's screen."""
+    log = tmp_path / "audit.jsonl"
+    log.write_bytes(
+        record(
+            ts="2026\x1b]0;T\x07",
+            host="h\x1b[2J.example",
+            reason="r\x1b[31m",
+            destination="d\u202eevil",
+            user="u\x1b[5m",
+        )
+    )
+    r = run("audit", "summary", *by, str(log))
+    assert r.returncode == 0, r.stderr
+    for raw in ("\x1b", "\x07", "\u202e"):
+        assert raw not in r.stdout, (raw, r.stdout)
