@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
+import stat
 import sys
 import time
 from collections import deque
@@ -28,15 +30,16 @@ from typing import Any, BinaryIO, Final, TextIO
 from egress_guard.cli.exits import EXIT_INTERRUPTED, EXIT_OK
 from egress_guard.cli.shared import fail
 from egress_guard.sinks.audit.chain import loads
+from egress_guard.sinks.audit.read import MAX_LINE as READ_MAX_LINE
 from egress_guard.sinks.console import describe
 
 #: how often a quiet log is looked at again (new lines, rotation)
 POLL_S: Final = 0.2
 #: how much is read at once
 CHUNK: Final = 64 * 1024
-#: the longest line read as a record (a record is a few KiB: its fields are bounded); a
-#: longer one is skipped as unreadable, never held whole or copied over and over
-MAX_LINE: Final = 1024 * 1024
+#: the longest line read as a record (``audit.read.MAX_LINE``); a longer one is skipped
+#: as unreadable, never held whole or copied over and over
+MAX_LINE: Final = READ_MAX_LINE
 #: what a skipped over-long line is read as (no record: counted unreadable)
 TOO_LONG: Final = b"<line too long>"
 #: rotated files looked for after a rotation (``--audit-backups`` beyond this: the
@@ -64,6 +67,21 @@ def is_record(raw: bytes) -> bool:
     return isinstance(obj, dict) and "seq" in obj and "event" in obj
 
 
+def _open_regular(path: str) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file. A FIFO would block the open
+    until a writer comes (``tail`` hung), and a device such as ``/dev/zero`` never ends:
+    neither is an audit log to follow. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class Follower:
     """The whole lines appended to ``path``, across rotations and truncations.
 
@@ -73,7 +91,7 @@ class Follower:
     def __init__(self, path: str, sleep: Callable[[float], None] = time.sleep) -> None:
         self.path = path
         self._sleep = sleep
-        self._f: BinaryIO = open(path, "rb")  # noqa: SIM115 (held across calls)
+        self._f: BinaryIO = _open_regular(path)
         self._ino = os.fstat(self._f.fileno()).st_ino
         #: the start of a line not yet whole (its pieces; joined once, at its newline)
         self._parts: list[bytes] = []
@@ -140,8 +158,8 @@ class Follower:
             yield from self._read()
             newer = self._open_newer_rotated()
             try:
-                current = open(self.path, "rb")  # noqa: SIM115
-            except FileNotFoundError:
+                current = _open_regular(self.path)
+            except OSError:  # gone again, or no regular file: look again later
                 for f in newer:
                     f.close()
                 return

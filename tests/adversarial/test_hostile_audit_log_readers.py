@@ -9,12 +9,17 @@ never print raw terminal control bytes.
 * a record whose ``port`` is a string with an escape sequence: ``tail`` printed it raw
   (every other field was escaped), so ``ESC ]0;...BEL`` retitled the terminal;
 * one very long line without a newline: ``tail`` re-split its whole buffer on every
-  64 KiB read (quadratic: 32 MiB took 15 s, 64 MiB a minute) and held it whole.
+  64 KiB read (quadratic: 32 MiB took 15 s, 64 MiB a minute) and held it whole;
+* an "audit log" that is a symlink to ``/dev/zero``: ``audit summary`` read one endless
+  line into memory (24 GB in 2.5 minutes, deaf to Ctrl-C) and ``tail`` spun forever;
+* a FIFO with no writer: ``tail`` hung in ``open()``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import resource
 import subprocess
 import time
 from pathlib import Path
@@ -28,9 +33,23 @@ from egress_guard.sinks.audit.chain import read_tail
 DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
+#: address space a reader may take here: a reader that holds an endless line fails
+#: (MemoryError) instead of taking the machine's memory
+LIMIT_AS = 1536 * 1024 * 1024
+
+
+def _limit() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (LIMIT_AS, LIMIT_AS))
+
+
 def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [EGRESS_GUARD, *argv], capture_output=True, text=True, timeout=timeout, check=False
+        [EGRESS_GUARD, *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        preexec_fn=_limit,
     )
 
 
@@ -131,3 +150,49 @@ def test_summary_escapes_every_name_and_time_it_prints(tmp_path: Path, by: tuple
     assert r.returncode == 0, r.stderr
     for raw in ("\x1b", "\x07", "\u202e"):
         assert raw not in r.stdout, (raw, r.stdout)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("tail", "--no-follow"),
+        ("tail",),
+        ("audit", "summary"),
+        ("audit", "verify"),
+        ("audit", "learn"),
+    ],
+)
+def test_a_log_that_is_dev_zero_is_refused(tmp_path: Path, argv: tuple[str, ...]) -> None:
+    log = tmp_path / "audit.jsonl"
+    log.symlink_to("/dev/zero")
+    try:
+        r = run(*argv, str(log), timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{argv} read /dev/zero for 20 s")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_tail_of_a_fifo_without_writer_does_not_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "audit.jsonl"
+    os.mkfifo(fifo)
+    try:
+        r = run("tail", "--no-follow", str(fifo), timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail("tail hung opening a FIFO")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+
+
+def test_summary_reads_a_piped_log(tmp_path: Path) -> None:
+    """Refusing devices does not refuse pipes (``audit summary <(zcat log.gz)``)."""
+    r = subprocess.run(
+        ["bash", "-c", f"{EGRESS_GUARD} audit summary <(printf '%s' \"$0\")", record().decode()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "evil.example" in r.stdout
