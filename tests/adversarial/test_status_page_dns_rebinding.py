@@ -41,7 +41,11 @@ def server() -> Iterator[MetricsServer]:
         host=SECRET_HOST,
         port=443,
     )
-    board.decision(DecisionEvent("c1", "127.0.0.1:5000", d, "enforce", "sha"))
+    board.decision(
+        DecisionEvent(
+            conn_id="c1", client="127.0.0.1:5000", decision=d, mode="enforce", policy_sha256="sha"
+        )
+    )
     srv = start_http_server(Metrics(), "127.0.0.1", 0, lambda: True, status=board)
     try:
         yield srv
