@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
+import stat
 import sys
 import time
 from collections import deque
@@ -27,12 +29,19 @@ from typing import Any, BinaryIO, Final, TextIO
 
 from egress_guard.cli.exits import EXIT_INTERRUPTED, EXIT_OK
 from egress_guard.cli.shared import fail
+from egress_guard.sinks.audit.chain import loads
+from egress_guard.sinks.audit.read import MAX_LINE as READ_MAX_LINE
 from egress_guard.sinks.console import describe
 
 #: how often a quiet log is looked at again (new lines, rotation)
 POLL_S: Final = 0.2
 #: how much is read at once
 CHUNK: Final = 64 * 1024
+#: the longest line read as a record (``audit.read.MAX_LINE``); a longer one is skipped
+#: as unreadable, never held whole or copied over and over
+MAX_LINE: Final = READ_MAX_LINE
+#: what a skipped over-long line is read as (no record: counted unreadable)
+TOO_LONG: Final = b"<line too long>"
 #: rotated files looked for after a rotation (``--audit-backups`` beyond this: the
 #: oldest of a burst of rotations may be missed by ``tail``, never by the log)
 MAX_BACKUPS: Final = 1000
@@ -41,7 +50,7 @@ MAX_BACKUPS: Final = 1000
 def decision_record(raw: bytes) -> dict[str, Any] | None:
     """The decision record on one audit line, or None (another event, or not a record)."""
     try:
-        obj = json.loads(raw)
+        obj = loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None
     if isinstance(obj, dict) and obj.get("event") == "decision":
@@ -52,10 +61,25 @@ def decision_record(raw: bytes) -> dict[str, Any] | None:
 def is_record(raw: bytes) -> bool:
     """The line is one of the audit log's (a JSON object with ``seq`` and ``event``)."""
     try:
-        obj = json.loads(raw)
+        obj = loads(raw)
     except (ValueError, UnicodeDecodeError):
         return False
     return isinstance(obj, dict) and "seq" in obj and "event" in obj
+
+
+def _open_regular(path: str) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file. A FIFO would block the open
+    until a writer comes (``tail`` hung), and a device such as ``/dev/zero`` never ends:
+    neither is an audit log to follow. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class Follower:
@@ -67,21 +91,44 @@ class Follower:
     def __init__(self, path: str, sleep: Callable[[float], None] = time.sleep) -> None:
         self.path = path
         self._sleep = sleep
-        self._f: BinaryIO = open(path, "rb")  # noqa: SIM115 (held across calls)
+        self._f: BinaryIO = _open_regular(path)
         self._ino = os.fstat(self._f.fileno()).st_ino
-        self._buf = b""
+        #: the start of a line not yet whole (its pieces; joined once, at its newline)
+        self._parts: list[bytes] = []
+        self._size = 0
+        #: the line being read is over MAX_LINE: the rest of it is dropped
+        self._long = False
 
     def close(self) -> None:
         self._f.close()
 
+    def _reset(self) -> None:
+        self._parts, self._size, self._long = [], 0, False
+
     def _read(self) -> Iterator[bytes]:
+        """The whole lines in what is read now; each chunk is looked at once (a line
+        without a newline is not searched again for each chunk added to it)."""
         while True:
             chunk = self._f.read(CHUNK)
             if not chunk:
                 return
-            self._buf += chunk
-            *whole, self._buf = self._buf.split(b"\n")
-            yield from whole
+            start = 0
+            while (nl := chunk.find(b"\n", start)) >= 0:
+                if self._long:
+                    line = TOO_LONG
+                else:
+                    self._parts.append(chunk[start:nl])
+                    line = b"".join(self._parts)
+                    if len(line) > MAX_LINE:
+                        line = TOO_LONG
+                self._reset()
+                start = nl + 1
+                yield line
+            if start < len(chunk) and not self._long:
+                self._parts.append(chunk[start:])
+                self._size += len(chunk) - start
+                if self._size > MAX_LINE:
+                    self._parts, self._size, self._long = [], 0, True
 
     def lines(self) -> Iterator[bytes]:
         """The whole lines from where reading stopped to the file's current end."""
@@ -111,21 +158,23 @@ class Follower:
             yield from self._read()
             newer = self._open_newer_rotated()
             try:
-                current = open(self.path, "rb")  # noqa: SIM115
-            except FileNotFoundError:
+                current = _open_regular(self.path)
+            except OSError:  # gone again, or no regular file: look again later
                 for f in newer:
                     f.close()
                 return
             self._f.close()
             for f in newer:
-                self._f, self._buf = f, b""
+                self._f = f
+                self._reset()
                 yield from self._read()
                 f.close()
-            self._f, self._buf = current, b""
+            self._f = current
+            self._reset()
             self._ino = os.fstat(current.fileno()).st_ino
         elif st.st_size < self._f.tell():
             self._f.seek(0)  # truncated: its records start again from the beginning
-            self._buf = b""
+            self._reset()
 
     def _open_newer_rotated(self) -> list[BinaryIO]:
         """The rotated files newer than the one being read (``log.k`` is it: ``log.k-1``

@@ -298,6 +298,10 @@ async def serve(settings: RunSettings, sinks: list[Sink]) -> int:
                 file=sys.stderr,
             )
             return 2
+        # the agent must not read the page (or /metrics) through the proxy: it is the
+        # guard's own address, whatever the policy allows (set before master.run, whose
+        # ``running`` hook builds the engine's self endpoints)
+        guard.other_listeners.append((server.host, server.port))
         base = f"http://{join_hostport(mhost, server.port)}"
         log.info("egress-guard metrics on %s/metrics, status page on %s/", base, base)
     host, port = settings.listen

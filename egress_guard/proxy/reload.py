@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ class PolicyReload:
             self._warn_uninspected(self.g.engine.policy)
 
     def running(self) -> None:
-        self.g.self_endpoints = self._listen_endpoints()
+        self.g.self_endpoints = self._listen_endpoints(self.g.other_listeners)
         if self.g.engine is not None:
             self.g.engine = replace_engine(self.g.engine, self.g.self_endpoints)
         self._start_reload_watch()
@@ -234,12 +235,13 @@ class PolicyReload:
             await self.reload(only_if_changed=True)
 
     @staticmethod
-    def _listen_endpoints() -> frozenset[tuple[str, int]]:
+    def _listen_endpoints(
+        others: Sequence[tuple[str, int]] = (),
+    ) -> frozenset[tuple[str, int]]:
         ps = ctx.master.addons.get("proxyserver")
-        if ps is None:
-            return frozenset()
+        addrs = [*(ps.listen_addrs() if ps is not None else ()), *others]
         out: set[tuple[str, int]] = set()
-        for addr in ps.listen_addrs():
+        for addr in addrs:
             host, port = str(addr[0]), int(addr[1])
             ip = socket_ip(host)
             if ip.is_unspecified:

@@ -21,6 +21,7 @@ it is built from printable ASCII only, and bounded.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -77,6 +78,45 @@ def public_text(text: str | None, sources: Iterable[str] = ()) -> str | None:
     return redact.text(text)
 
 
+#: what an address the client did not write is called in its answer
+ADDRESS_NAME: Final = "<address>"
+#: a word that may be an IP address (v4, v6, v4-mapped, with a zone), or v4 with a port
+_ADDRESS_LIKE = re.compile(r"[0-9A-Fa-f:.%]*[.:][0-9A-Fa-f:.%]*[0-9A-Fa-f]")
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.partition("%")[0])
+    except ValueError:
+        return None
+
+
+def hide_addresses(text: str | None, host: str | None) -> str | None:
+    """``text`` with every IP address but the one the client asked for (``host``)
+    replaced by ``<address>``. What a name resolved to ("private.test resolved to
+    10.2.3.4", "deny rule ... (resolved to ...)", a pinned tunnel's addresses) is for the
+    operator's audit log: told to the client, the guard answers internal DNS for an agent
+    that may have no resolver of its own, one refused CONNECT per name."""
+    if not text:
+        return text
+    asked = _ip((host or "").strip("[]"))
+
+    def one(m: re.Match[str]) -> str:
+        word = m.group()
+        ip = _ip(word)
+        tail = ""
+        if ip is None and word.count(":") == 1:  # a.b.c.d:port
+            head, _, tail = word.partition(":")
+            ip, tail = _ip(head), ":" + tail
+            if ip is None or ip.version != 4:
+                return word
+        if ip is None or ip == asked:
+            return word
+        return ADDRESS_NAME + tail
+
+    return _ADDRESS_LIKE.sub(one, text)
+
+
 #: refusals that are not 403; ``buffer_budget`` (the held-body budget is spent) is 503
 #: with Retry-After: the request was not judged, and may pass once others are done
 _STATUS = {
@@ -106,7 +146,7 @@ def why(d: Decision, sources: Iterable[str] = ()) -> str:
     port, reason code, and the hint (``public_text``: no file paths, no secrets).
     ``egress-guard blocked llm.test:443 (not_allowlisted): no catalog entry covers ...``"""
     text = f"egress-guard blocked {_target(d)} ({d.reason})"
-    hint = public_text(d.hint, tuple(sources))
+    hint = hide_addresses(public_text(d.hint, tuple(sources)), d.host)
     return f"{text}: {hint}" if hint else text
 
 
@@ -155,10 +195,10 @@ def block_response(
         "host": redact.host(d.host),
         "port": d.port,
         "reason": d.reason,
-        "hint": public_text(d.hint, sources),
+        "hint": hide_addresses(public_text(d.hint, sources), d.host),
     }
     if d.detail:
-        body["detail"] = public_text(d.detail, sources)
+        body["detail"] = hide_addresses(public_text(d.detail, sources), d.host)
     headers = {**_headers(d), "Connection": "close"}
     if policy_sha256:
         headers[POLICY_HEADER] = policy_sha256[:POLICY_SHA_CHARS]
@@ -178,7 +218,7 @@ def provider_block_response(
     status = status or (503 if d.reason == "buffer_budget" else 403)
     sources = tuple(sources)
     message = f"egress-guard: {d.reason.replace('_', ' ')} at {_target(d)}"
-    hint = public_text(d.hint, sources)
+    hint = hide_addresses(public_text(d.hint, sources), d.host)
     if hint:
         message += f" ({hint})"
     body: dict[str, Any]

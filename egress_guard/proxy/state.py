@@ -132,6 +132,9 @@ class GuardState:
         self.engine: Engine | None = None
         self.conns: dict[str, ConnState] = {}
         self.self_endpoints: frozenset[tuple[str, int]] = frozenset()
+        #: the guard's other listeners (the metrics listener, its status page): refused
+        #: as its own address like the proxy's, so an agent cannot read them through it
+        self.other_listeners: list[tuple[str, int]] = []
         self.catalog = load_catalog()
         #: proxy users (clients.auth.users_file), swapped with the engine
         self.users: dict[str, str] = {}

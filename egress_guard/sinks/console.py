@@ -48,7 +48,8 @@ def _target(rec: Mapping[str, Any]) -> str:
     host_s = _text(host)
     if ":" in host_s and not host_s.startswith("["):
         host_s = f"[{host_s}]"  # an IPv6 address, so the port stays readable
-    where = host_s if port is None else f"{host_s}:{port}"
+    # a port is an int in the guard's records; tail reads files anyone may have written
+    where = host_s if port is None else f"{host_s}:{_text(port)}"
     path = rec.get("path")
     if path:
         where += _text(path)

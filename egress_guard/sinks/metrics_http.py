@@ -7,6 +7,7 @@ socket: the sink is used, and tested, without it.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from egress_guard.normalize import join_hostport
@@ -26,6 +28,14 @@ __all__ = ["MetricsServer", "start_http_server"]
 
 log = logging.getLogger(__name__)
 
+#: connections served at once; more are closed at once (a scraper, a few browsers and
+#: curl need far fewer). Each holds a thread and a file descriptor of the guard's own
+#: process, whose proxy needs them: a client opening many must not take them all
+MAX_CLIENTS: Final = 32
+#: seconds a connection may last in all (request and answer); ``timeout`` bounds each
+#: read, so without this a client sending a byte every few seconds held its thread forever
+REQUEST_DEADLINE_S: Final = 15.0
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
@@ -35,6 +45,21 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     #: seconds a client may take to send its request (bounds idle server threads)
     timeout = 10
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(REQUEST_DEADLINE_S, self._expire)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _expire(self) -> None:
+        """The connection outlived REQUEST_DEADLINE_S: cut it (its thread then ends)."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
 
     def do_GET(self) -> None:
         self._respond(head=False)
@@ -63,6 +88,11 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"unhealthy\n", head)
         elif self.server.status is not None:
+            if not page_host_ok(self.headers.get("Host"), self.server.listen_host):
+                # DNS rebinding: a web page whose name now resolves to this address is
+                # "same origin" to the browser and could read the recent decisions
+                self._send(HTTPStatus.MISDIRECTED_REQUEST, _REBIND_TEXT, head, extra=HEADERS)
+                return
             self._status_page(path, self.server.status, head)
         else:
             self._send(HTTPStatus.NOT_FOUND, b"not found\n", head)
@@ -101,8 +131,46 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("metrics http: %s - %s", self.address_string(), format % args)
 
 
+_REBIND_TEXT = (
+    b"the status page answers only when addressed by IP address or localhost "
+    b"(the Host header names another host: a DNS rebinding guard)\n"
+)
+
+
+def page_host_ok(header: str | None, listen_host: str = "") -> bool:
+    """The Host a request for the status page names is one no web page can take over
+    with DNS rebinding: an IP address, ``localhost`` (or a name under it), or the name
+    the listener was given (``--metrics NAME:PORT``). A request without Host is no
+    browser's (browsers always send it). ``/metrics`` and ``/healthz`` are not checked:
+    Prometheus may scrape by any name."""
+    if header is None:
+        return True
+    value = header.strip().lower()
+    if value.startswith("["):
+        name, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return False
+    else:
+        name = value.rpartition(":")[0] if value.count(":") == 1 else value
+    name = name.rstrip(".")
+    if not name:
+        return False
+    try:
+        ipaddress.ip_address(name.partition("%")[0])
+        return True
+    except ValueError:
+        pass
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    listen = listen_host.strip("[]").lower().rstrip(".")
+    return bool(listen) and name == listen
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    #: the listen backlog (socketserver's default, 5, drops a burst's SYNs: seconds of
+    #: retransmission for a scraper arriving during a flood)
+    request_queue_size = 128
 
     def __init__(
         self,
@@ -116,7 +184,32 @@ class _Server(ThreadingHTTPServer):
         self.metrics = metrics
         self.health = health
         self.status = status
+        #: the host the listener was given: a status page request may name it
+        self.listen_host = address[0]
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread for the connection while fewer than MAX_CLIENTS are served; else
+        closed at once."""
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client gone or cut at the deadline: a debug line, not a traceback on stderr."""
+        log.debug("metrics http: connection from %s ended with an error", client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 @dataclass

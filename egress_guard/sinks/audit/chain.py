@@ -31,6 +31,16 @@ class Tail:
     torn: bytes | None = None
 
 
+def loads(raw: bytes | str) -> object:
+    """``json.loads`` for one audit line read back: a line nested too deeply to parse
+    (``[[[[...``) raises ValueError like any other line that is no record, never
+    RecursionError (a hostile line must not crash a reader, or the guard's start)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def read_tail(path: str) -> Tail | None:
     """The chain state at the end of an existing log file; None if empty or missing."""
     try:
@@ -56,7 +66,7 @@ def read_tail(path: str) -> Tail | None:
     seq = 0
     for raw in reversed(parts):
         try:
-            obj = json.loads(raw)
+            obj = loads(raw)
         except ValueError:
             continue
         if isinstance(obj, dict) and isinstance(obj.get("seq"), int):

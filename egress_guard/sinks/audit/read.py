@@ -5,14 +5,23 @@ the verify, summary and learn readers."""
 from __future__ import annotations
 
 import contextlib
-import json
+import errno
+import os
 import re
+import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Final
+
+from egress_guard.sinks.audit.chain import loads
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+#: the longest line read as a record: a record is a few KiB (its fields are bounded); a
+#: longer line (a file that is no audit log, ``/dev/zero`` behind a symlink) is skipped
+#: as unreadable in bounded memory, never held whole
+MAX_LINE: Final = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +44,7 @@ def _parse(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
     if not raw:
         return None, "empty line"
     try:
-        obj = json.loads(raw)
+        obj = loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None, "not valid JSON"
     if not isinstance(obj, dict):
@@ -59,11 +68,35 @@ def iter_lines(paths: Iterable[str]) -> Iterator[Line]:
             else:
                 f = stack.enter_context(open(path, "rb"))
                 name = path
-            for i, chunk in enumerate(f, 1):
-                complete = chunk.endswith(b"\n")
-                raw = chunk[:-1] if complete else chunk
+                mode = os.fstat(f.fileno()).st_mode
+                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                    # /dev/zero behind a symlink never ends: no log is a device
+                    raise OSError(errno.EINVAL, f"{path}: a device, not an audit log")
+            for i, (raw, complete, too_long) in enumerate(_bounded_lines(f), 1):
+                if too_long:
+                    yield Line(name, i, raw, complete, None, "line too long")
+                    continue
                 obj, problem = _parse(raw)
                 yield Line(name, i, raw, complete, obj, problem)
+
+
+def _bounded_lines(f: BinaryIO) -> Iterator[tuple[bytes, bool, bool]]:
+    """(line without its newline, whole, over MAX_LINE) for each line of ``f``; of an
+    over-long line only its first MAX_LINE bytes are kept, the rest is read and dropped."""
+    while True:
+        chunk = f.readline(MAX_LINE + 1)
+        if not chunk:
+            return
+        if len(chunk) > MAX_LINE and not chunk.endswith(b"\n"):
+            complete = False
+            while more := f.readline(MAX_LINE):
+                if more.endswith(b"\n"):
+                    complete = True
+                    break
+            yield chunk[:MAX_LINE], complete, True
+            continue
+        complete = chunk.endswith(b"\n")
+        yield (chunk[:-1] if complete else chunk), complete, False
 
 
 _ROTATED = re.compile(r"^(?P<base>.+)\.(?P<n>[1-9][0-9]*)$")
@@ -101,7 +134,7 @@ def iter_records(paths: Sequence[str], stats: ReadStats | None = None) -> Iterat
         obj: object = ln.obj
         if obj is None and ln.complete:
             try:
-                obj = json.loads(ln.raw)
+                obj = loads(ln.raw)
             except (ValueError, UnicodeDecodeError):
                 obj = None
         if isinstance(obj, dict):

@@ -116,7 +116,11 @@ def summarize(records: Iterable[Record]) -> dict[str, Any]:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    cells = [[str(h) for h in header]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    # every cell escaped (``logsafe.escape``): names, hosts, reasons and times come from
+    # a file, and a terminal must not act on what it holds
+    cells = [[str(h) for h in header]] + [
+        ["-" if c is None else escape(str(c)) for c in r] for r in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
 
@@ -126,9 +130,11 @@ def render_summary(s: Mapping[str, Any], by: str = "destination") -> str:
     proxy user. Names from the log are escaped (a user name is the operator's, but a
     log file is input)."""
     out = [
-        f"{s['events']} events from {s['first_seen'] or '-'} to {s['last_seen'] or '-'}; "
-        f"{s['startups']} start(s); policy loads: {s['policy_loads']['ok']} ok, "
-        f"{s['policy_loads']['error']} failed; events lost: {s['dropped']}",
+        escape(
+            f"{s['events']} events from {s['first_seen'] or '-'} to {s['last_seen'] or '-'}; "
+            f"{s['startups']} start(s); policy loads: {s['policy_loads']['ok']} ok, "
+            f"{s['policy_loads']['error']} failed; events lost: {s['dropped']}"
+        ),
         "",
     ]
     if by == "user":
