@@ -246,7 +246,7 @@ def test_a_direct_connection_to_an_allowed_name_at_its_address_goes_through_the_
     assert allowed and "direct connection to 127.0.0.1" in allowed[0]["detail"]
 
 
-DNS = """
+DNS = r"""
 import socket, sys
 try:
     print(socket.getaddrinfo("unlisted.example.com", 443))
