@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -276,3 +277,88 @@ def test_dns_and_udp_get_no_answer_and_reach_nothing(tmp_path: Path) -> None:
     lines = res.stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith("no answer:") for line in lines), res.stdout
     assert resolver.arrived == 0
+
+
+def _netns_holders(inode: str) -> list[str]:
+    holders = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.readlink(f"/proc/{pid}/ns/net") == inode:
+                    holders.append(pid)
+            except OSError:
+                continue
+    return holders
+
+
+def _start(tmp_path: Path, *command: str) -> subprocess.Popen[str]:
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(make_policy(80))
+    confdir = os.environ.get("EG_TEST_CONFDIR") or str(tmp_path / "confdir")
+    argv = [EGRESS_GUARD, "sandbox", "--policy", str(pol), "--audit-log", str(tmp_path / "a.jsonl")]
+    return subprocess.Popen(
+        [*argv, "--confdir", confdir, "--", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def test_sigterm_reaches_the_command_and_everything_is_torn_down(tmp_path: Path) -> None:
+    script = 'trap "echo got-term; exit 3" TERM; readlink /proc/self/ns/net; sleep 30 & wait'
+    p = _start(tmp_path, "sh", "-c", script)
+    try:
+        assert p.stdout is not None
+        inode = p.stdout.readline().strip()
+        assert inode.startswith("net:[") and inode != os.readlink("/proc/self/ns/net")
+        assert _netns_holders(inode)
+        p.send_signal(15)
+        out, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
+    assert p.returncode == 3, err
+    assert "got-term" in out
+    # the sleep was left behind by sh: it still holds the namespace (with no way out);
+    # the guard's own sockets there are closed
+    for pid in _netns_holders(inode):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert f.read().split(b"\0")[0] == b"sleep", pid
+        os.kill(int(pid), 9)
+
+
+def test_the_command_dies_with_a_killed_guard(tmp_path: Path) -> None:
+    p = _start(
+        tmp_path,
+        sys.executable,
+        "-c",
+        "import os, time; print(os.getpid(), flush=True); time.sleep(60)",
+    )
+    try:
+        assert p.stdout is not None
+        child = int(p.stdout.readline())
+        p.kill()
+        p.wait(timeout=10)
+        for _ in range(100):
+            if (
+                not os.path.exists(f"/proc/{child}")
+                or Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"
+            ):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the command outlived the killed guard")
+    finally:
+        p.kill()
+
+
+def test_inspect_gives_the_command_the_guards_ca(tmp_path: Path) -> None:
+    script = 'echo "$NODE_EXTRA_CA_CERTS"; echo "$SSL_CERT_FILE"; echo "$REQUESTS_CA_BUNDLE"'
+    res, _ = sandbox(tmp_path, make_policy(80), "sh", "-c", script, options=("--inspect",))
+    assert res.returncode == 0, res.stderr
+    ca, bundle, requests_bundle = res.stdout.splitlines()
+    assert bundle == requests_bundle
+    ca_pem = Path(ca).read_text()
+    assert "BEGIN CERTIFICATE" in ca_pem
+    text = Path(bundle).read_text()
+    assert text.endswith(ca_pem) and text.count("BEGIN CERTIFICATE") > 1
