@@ -210,6 +210,9 @@ def test_direct_connections_never_arrive_and_are_recorded_with_their_destination
         there.close()
     assert res.returncode == 0, res.stderr
     assert there.arrived == 0, "a connection around the proxy reached the host"
+    # refused: closed at once (not left hanging), and curl says so
+    assert res.stdout.splitlines()[0] == "b''", res.stdout
+    assert res.stderr.count("curl: (52) Empty reply from server") == 2, res.stderr
     direct = [
         d
         for d in decisions
@@ -306,7 +309,7 @@ def _start(tmp_path: Path, *command: str) -> subprocess.Popen[str]:
 
 
 def test_sigterm_reaches_the_command_and_everything_is_torn_down(tmp_path: Path) -> None:
-    script = 'trap "echo got-term; exit 3" TERM; readlink /proc/self/ns/net; sleep 30 & wait'
+    script = 'trap "echo got-term; exit 3" TERM; readlink /proc/self/ns/net; sleep 30 >/dev/null 2>&1 & wait'
     p = _start(tmp_path, "sh", "-c", script)
     try:
         assert p.stdout is not None

@@ -106,7 +106,9 @@ def _setup_namespace(proxy_port: int) -> None:
     """In the child, after unshare: loopback up, default routes to it, the redirect."""
     steps: list[tuple[list[str], str | None, bool]] = [
         (["ip", "link", "set", "lo", "up"], None, True),
-        (["ip", "-4", "route", "add", "default", "dev", "lo"], None, True),
+        # src: without it a connection to a global address leaves from 0.0.0.0 (lo's
+        # 127.0.0.1 has host scope), and the catch-all's answers never reach it
+        (["ip", "-4", "route", "add", "default", "dev", "lo", "src", "127.0.0.1"], None, True),
         (["ip", "-6", "route", "add", "default", "dev", "lo"], None, False),
         (["nft", "-f", "-"], nft_rules(proxy_port), True),
     ]
