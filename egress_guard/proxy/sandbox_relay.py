@@ -13,7 +13,8 @@ guard's own listener on the host's loopback, which the sandbox cannot reach:
   be read), with the original address registered under the relay's own socket address
   in ``GuardState.direct_origins``: the engine requires it to be one of the name's
   checked addresses (engine/rules/direct.py). The guard decides, records, pins and
-  relays as for any tunnel; a refused one is closed.
+  relays as for any tunnel; a refused one is closed (a plain-HTTP one after the
+  guard's refusal, which says why).
 
 Nothing a sandboxed client sends is trusted: the name it gives is normalised (anything
 else falls back to the address), the guard still checks the SNI against it, and the
@@ -114,6 +115,16 @@ async def _read_first(reader: asyncio.StreamReader) -> bytes:
     return first
 
 
+async def _body(reader: asyncio.StreamReader, head: bytes) -> bytes:
+    """The body of the guard's refusal (it always sends Content-Length), bounded."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            with contextlib.suppress(asyncio.IncompleteReadError):
+                return await reader.readexactly(min(int(value), 64 * 1024))
+    return b""
+
+
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while chunk := await reader.read(65536):
@@ -193,6 +204,10 @@ class SandboxRelay:
             self.state.direct_origins.pop(key, None)
         status = head.split(b" ", 2)[1:2]
         if status != [b"200"]:
+            if first.startswith(_HTTP_METHODS):
+                # a plain-HTTP client gets the guard's refusal (status, reason, hint)
+                writer.write(head + await _body(up_r, head))
+                await writer.drain()
             up_w.close()
             with contextlib.suppress(OSError):
                 await up_w.wait_closed()
