@@ -367,3 +367,25 @@ def test_inspect_gives_the_command_the_guards_ca(tmp_path: Path) -> None:
     assert "BEGIN CERTIFICATE" in ca_pem
     text = Path(bundle).read_text()
     assert text.endswith(ca_pem) and text.count("BEGIN CERTIFICATE") > 1
+
+
+def test_standard_output_is_the_commands_and_the_audit_log_goes_to_the_confdir(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(make_policy(upstream.port))
+    confdir = tmp_path / "conf"
+    url = f"http://api.test:{upstream.port}/x"
+    guard = [EGRESS_GUARD, "sandbox", "--policy", str(pol), "--confdir", str(confdir)]
+    res = subprocess.run(
+        [*guard, "--", "curl", "-sS", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "upstream-ok GET /x\n"
+    records = [
+        json.loads(line) for line in (confdir / "sandbox-audit.jsonl").read_text().splitlines()
+    ]
+    assert any(r.get("event") == "decision" and r["host"] == "api.test" for r in records)

@@ -43,6 +43,8 @@ from egress_guard.sinks.logsafe import escape
 if TYPE_CHECKING:
     from egress_guard.proxy.state import GuardState
 
+#: the audit log's default, in the confdir (standard output is COMMAND's)
+SANDBOX_AUDIT_LOG = "sandbox-audit.jsonl"
 #: where caught connections arrive inside the sandbox (as service meshes' 15001)
 DIRECT_PORT = 15001
 _PR_SET_PDEATHSIG = 1
@@ -56,9 +58,13 @@ def add_sandbox_parser(sub: Any) -> None:
         description="Start the guard (the options of `run`) and run COMMAND in a new "
         "network namespace whose only reachable endpoint is the guard: HTTPS_PROXY points "
         "at it, and connections that ignore the proxy are caught and decided too. "
-        "--listen is the proxy's address inside the sandbox. Needs root.",
+        "--listen is the proxy's address inside the sandbox; the audit log is "
+        f"CONFDIR/{SANDBOX_AUDIT_LOG} unless --audit-log says otherwise (standard output "
+        "is COMMAND's). Exit status: COMMAND's. Needs root.",
     )
     add_run_options(s)
+    # stdout is COMMAND's: the audit log goes to a file unless `--audit-log -` is asked for
+    s.set_defaults(audit_log=None)
     s.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     s.set_defaults(func=cmd_sandbox)
 
@@ -255,6 +261,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
             return EXIT_ERROR
     if (problem := missing_prerequisite()) is not None:
         return _fail(problem)
+    if args.audit_log is None:
+        args.audit_log = os.path.join(os.path.expanduser(args.confdir), SANDBOX_AUDIT_LOG)
     inside_host, proxy_port = args.listen
     if inside_host != "127.0.0.1" or proxy_port == DIRECT_PORT:
         return _fail(
