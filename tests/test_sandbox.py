@@ -389,3 +389,28 @@ def test_standard_output_is_the_commands_and_the_audit_log_goes_to_the_confdir(
         json.loads(line) for line in (confdir / "sandbox-audit.jsonl").read_text().splitlines()
     ]
     assert any(r.get("event") == "decision" and r["host"] == "api.test" for r in records)
+
+
+def test_the_same_inside_a_user_namespace(tmp_path: Path, upstream: Upstream) -> None:
+    """The path taken without root (forced here as root): the namespace is made inside a
+    user namespace of its own; the proxy works, a direct connection is caught."""
+    out = outward_address()
+    there = Listener("0.0.0.0")
+    script = (
+        "cat /proc/self/uid_map; "
+        f"curl -sS http://api.test:{upstream.port}/userns; "
+        f"curl -sS --max-time 10 --noproxy '*' http://{out}:{there.port}/; exit 5"
+    )
+    env = {**os.environ, "EGRESS_GUARD_SANDBOX_USERNS": "1"}
+    try:
+        res, decisions = sandbox(tmp_path, make_policy(upstream.port), "sh", "-c", script, env=env)
+    finally:
+        there.close()
+    assert res.returncode == 5, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["0", "0", "1"], res.stdout  # a user namespace: one uid
+    assert lines[1] == "upstream-ok GET /userns", res.stdout
+    assert there.arrived == 0
+    assert any(
+        f"direct connection to {out}:{there.port}" in (d.get("detail") or "") for d in decisions
+    )

@@ -10,15 +10,23 @@ import pytest
 from egress_guard.cli.app import main
 
 
-def test_without_root_one_line_and_the_command_never_runs(
+def test_without_user_namespaces_one_line_and_the_command_never_runs(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    """Not root, and the kernel refuses an unprivileged user namespace (the forked child
+    shares this process's patched os.unshare)."""
     monkeypatch.setattr("os.geteuid", lambda: 1000)
+
+    def refused(flags: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("os.unshare", refused)
     marker = tmp_path / "ran"
     rc = main(["sandbox", "--confdir", str(tmp_path), "--", "touch", str(marker)])
     err = capsys.readouterr().err
     assert rc == 2
-    assert err.count("\n") == 1 and "needs root" in err, err
+    assert err.count("\n") == 1 and "unprivileged user namespaces are not allowed" in err, err
+    assert "run egress-guard sandbox as root" in err
     assert not marker.exists()
 
 

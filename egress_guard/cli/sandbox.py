@@ -1,9 +1,11 @@
 """``egress-guard sandbox [run options] -- COMMAND``: the guard as the only way out.
 
 COMMAND runs in a network namespace of its own with loopback alone; no route leaves it
-(IPv4 and IPv6: the default routes point at ``lo``). The guard process keeps its own
-connections in the host's namespace and owns listening sockets inside the sandbox (made
-by a thread that entered it: a socket stays in the namespace it was made in):
+(IPv4 and IPv6: the default routes point at ``lo``). A forked child makes the namespace
+(as root; without root, inside a user namespace of its own, where the kernel allows
+that), sets it up, makes the guard's listening sockets in it and hands them to the guard
+over a socket pair (a socket stays in the namespace it was made in), then execs COMMAND.
+The guard keeps its own connections in the host's namespace:
 
 - ``--listen``'s port on the sandbox's 127.0.0.1: the proxy HTTPS_PROXY names;
 - DIRECT_PORT on 127.0.0.1 and ::1 there: nftables redirects every other TCP connection
@@ -30,7 +32,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,8 @@ from egress_guard.sinks.logsafe import escape
 if TYPE_CHECKING:
     from egress_guard.proxy.state import GuardState
 
+#: set to 1: use a user namespace even as root (the path taken without root; for tests)
+USERNS_ENV = "EGRESS_GUARD_SANDBOX_USERNS"
 #: the audit log's default, in the confdir (standard output is COMMAND's)
 SANDBOX_AUDIT_LOG = "sandbox-audit.jsonl"
 #: where caught connections arrive inside the sandbox (as service meshes' 15001)
@@ -78,12 +81,6 @@ def missing_prerequisite() -> str | None:
     """Why a sandbox cannot be made here, in plain words, or None."""
     if sys.platform != "linux":
         return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return (
-            "needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) to make a network namespace and "
-            "its nftables redirect; run it with sudo (unprivileged user namespaces are "
-            "not used: the guard must own sockets inside the namespace from outside it)"
-        )
     for tool, package in (("ip", "iproute2"), ("nft", "nftables")):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed (apt-get install {package})"
@@ -124,52 +121,53 @@ def _setup_namespace(proxy_port: int) -> None:
             raise OSError(f"{' '.join(argv)}: {r.stderr.strip() or r.returncode}")
 
 
+def _enter_namespaces(user: bool) -> None:
+    """A new network namespace; with ``user``, inside a new user namespace too, where
+    this process is root (uid and gid mapped to the caller's)."""
+    if not user:
+        os.unshare(os.CLONE_NEWNET)
+        return
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        os.unshare(os.CLONE_NEWUSER | os.CLONE_NEWNET)
+    except PermissionError:
+        raise OSError(
+            "unprivileged user namespaces are not allowed on this machine "
+            "(kernel.unprivileged_userns_clone, user.max_user_namespaces or an AppArmor "
+            "restriction); run egress-guard sandbox as root"
+        ) from None
+    Path("/proc/self/setgroups").write_text("deny")
+    Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+    Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+
+
 def _child(
-    proxy_port: int, ready_w: int, go_r: int, argv: Sequence[str], env: dict[str, str]
+    chan: socket.socket, proxy_port: int, user: bool, argv: Sequence[str], env: dict[str, str]
 ) -> None:
-    """The forked child: never returns."""
+    """The forked child: makes the namespace and the guard's listeners in it, hands the
+    listeners to the guard over ``chan``, waits for "go", and execs COMMAND. Never
+    returns."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() == 1:
             os._exit(EXIT_ERROR)
-        os.unshare(os.CLONE_NEWNET)
+        _enter_namespaces(user)
         _setup_namespace(proxy_port)
-        os.write(ready_w, b"ok")
+        socks = _inside_listeners(proxy_port)
+        socket.send_fds(chan, [b"ok"], [s.fileno() for s in socks])
+        for sock in socks:
+            sock.close()
     except Exception as e:  # reported by the parent in one line
-        os.write(ready_w, f"cannot make the namespace: {e}".encode()[:4000])
+        chan.sendall(f"cannot make the namespace: {e}".encode()[:4000])
         os._exit(EXIT_ERROR)
-    os.close(ready_w)
-    if os.read(go_r, 2) != b"go":
+    if chan.recv(2) != b"go":
         os._exit(EXIT_ERROR)  # the guard did not start: COMMAND never runs unguarded
-    os.close(go_r)
+    chan.close()
     try:
         os.execvpe(argv[0], list(argv), env)
     except OSError as e:
         print(f"egress-guard sandbox: {escape(argv[0])}: {e.strerror or e}", file=sys.stderr)
         os._exit(127 if isinstance(e, FileNotFoundError) else 126)
-
-
-def _in_netns[T](pid: int, fn: Callable[[], T]) -> T:
-    """``fn`` on a thread inside the child's network namespace."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-            try:
-                os.setns(fd, os.CLONE_NEWNET)
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as e:  # handed to the caller
-            box["error"] = e
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
 
 
 def _listener(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
@@ -183,12 +181,15 @@ def _listener(family: socket.AddressFamily, host: str, port: int) -> socket.sock
     return sock
 
 
-def _inside_listeners(proxy_port: int) -> tuple[list[socket.socket], list[socket.socket]]:
-    proxy = [_listener(socket.AF_INET, "127.0.0.1", proxy_port)]
-    direct = [_listener(socket.AF_INET, "127.0.0.1", DIRECT_PORT)]
+def _inside_listeners(proxy_port: int) -> list[socket.socket]:
+    """The proxy's listener first, then the catch-all's."""
+    socks = [
+        _listener(socket.AF_INET, "127.0.0.1", proxy_port),
+        _listener(socket.AF_INET, "127.0.0.1", DIRECT_PORT),
+    ]
     with contextlib.suppress(OSError):  # no IPv6 in this kernel: nothing to catch there
-        direct.append(_listener(socket.AF_INET6, "::1", DIRECT_PORT))
-    return proxy, direct
+        socks.append(_listener(socket.AF_INET6, "::1", DIRECT_PORT))
+    return socks
 
 
 def _free_loopback_port() -> int:
@@ -277,26 +278,24 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     env = sandbox_env(dict(os.environ), proxy_port, ca, bundle)
     guard_port = _free_loopback_port()
     args.listen = ("127.0.0.1", guard_port)
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
+    user = os.geteuid() != 0 or os.environ.get(USERNS_ENV) == "1"
+    chan, child_chan = socket.socketpair()
     # forked before anything starts a thread (the audit writer, mitmproxy)
     pid = os.fork()
     if pid == 0:
-        os.close(ready_r)
-        os.close(go_w)
-        _child(proxy_port, ready_w, go_r, argv, env)
-    os.close(ready_w)
-    os.close(go_r)
+        chan.close()
+        _child(child_chan, proxy_port, user, argv, env)
+    child_chan.close()
     state: dict[str, int] = {}
     try:
-        answer = os.read(ready_r, 4096)
-        os.close(ready_r)
-        if answer != b"ok":
+        answer, fds, _, _ = socket.recv_fds(chan, 4096, 4)
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        if answer != b"ok" or len(socks) < 2:
             return _fail(escape(answer.decode("utf-8", "replace") or "the child died"))
         prepared = prepare_run(args)
         if isinstance(prepared, int):
             return prepared
-        proxy_socks, direct_socks = _in_netns(pid, lambda: _inside_listeners(proxy_port))
+        proxy_socks, direct_socks = socks[:1], socks[1:]
 
         async def companion(guard: GuardState, stop: Callable[[], None]) -> None:
             from egress_guard.proxy.sandbox_relay import SandboxRelay
@@ -315,7 +314,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
             _forward_signals(loop, pid)
             try:
                 await _wait_for_guard(guard_port)
-                os.write(go_w, b"go")
+                chan.sendall(b"go")
                 await exited
                 _, status = os.waitpid(pid, 0)
                 state["status"] = status
@@ -328,7 +327,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
         guard_rc = serve_until_stopped(*prepared, companion=companion)
     finally:
-        os.close(go_w)  # the child, if still waiting, exits without running COMMAND
+        chan.close()  # the child, if still waiting, exits without running COMMAND
         if "status" not in state:
             with contextlib.suppress(ChildProcessError, ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
