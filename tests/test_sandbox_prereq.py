@@ -16,6 +16,7 @@ def test_without_user_namespaces_one_line_and_the_command_never_runs(
     """Not root, and the kernel refuses an unprivileged user namespace (the forked child
     shares this process's patched os.unshare)."""
     monkeypatch.setattr("os.geteuid", lambda: 1000)
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/sbin/{name}")  # ip, nft: "there"
 
     def refused(flags: int) -> None:
         raise PermissionError(1, "Operation not permitted")
