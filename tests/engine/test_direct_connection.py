@@ -59,6 +59,7 @@ def test_an_allowed_name_at_another_address_is_a_direct_connection(
         443,
     )
     assert v.detail and "203.0.113.7:443" in v.detail
+    assert "1.1.1.1" not in v.detail  # what the name resolves to is not the client's to learn
     # a network.resolve entry is the checked address too
     v = eng.decide(Target("pinned.example.com", 443, origin=A))
     assert type(v) is Decision and v.reason == "direct_connection"

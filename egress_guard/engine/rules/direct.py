@@ -52,8 +52,9 @@ def decide_direct(
     if checked is None:
         why = f"{note}; decided on the name alone (a parent proxy resolves), not checked"
     else:
-        shown = ", ".join(str(a) for a in checked[:4])
-        why = f"{note}; {ok.host.value} is checked at {shown}"
+        # not which addresses the name has: the refusal goes to the client, and what a
+        # name resolves to is not the client's to learn (an internal-DNS oracle)
+        why = f"{note}; not an address {ok.host.value} resolves to"
     refused = apply_mode(
         c,
         block(
