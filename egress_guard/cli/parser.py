@@ -17,6 +17,7 @@ from egress_guard.cli.doctor import add_doctor_parser
 from egress_guard.cli.explain import add_explain_parser
 from egress_guard.cli.policy import add_policy_parser
 from egress_guard.cli.run import add_run_parser
+from egress_guard.cli.sandbox import add_sandbox_parser
 from egress_guard.cli.tail import add_tail_parser
 from egress_guard.cli.validate import add_validate_parser
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_parser(sub)
     add_explain_parser(sub)
     add_run_parser(sub)
+    add_sandbox_parser(sub)
     add_ca_parser(sub)
     add_audit_parser(sub)
     add_tail_parser(sub)

@@ -15,7 +15,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from egress_guard.cli.exits import EXIT_ERROR, EXIT_FAIL
 from egress_guard.engine.models import DEFAULT_MAX_MODEL_BODY
@@ -39,6 +39,9 @@ from egress_guard.sinks.console import Console
 from egress_guard.sinks.events import Sink
 from egress_guard.sinks.logsafe import SafeFormatter, escape
 from egress_guard.sinks.metrics import Metrics
+
+if TYPE_CHECKING:
+    from egress_guard.proxy.master import Companion
 
 log = logging.getLogger("egress_guard")
 
@@ -93,6 +96,12 @@ def listen_address(text: str) -> tuple[str, int]:
 
 def add_run_parser(sub: Any) -> None:
     r = sub.add_parser("run", help="run the proxy (default: minimal preset on 127.0.0.1:8080)")
+    add_run_options(r)
+    r.set_defaults(func=cmd_run)
+
+
+def add_run_options(r: argparse.ArgumentParser) -> None:
+    """``run``'s flags, which ``sandbox`` takes too."""
     r.add_argument(
         "--policy", metavar="FILE", help="policy file (default: built-in minimal preset)"
     )
@@ -240,7 +249,6 @@ def add_run_parser(sub: Any) -> None:
         help="also a line on stderr for each allowed decision (blocks always get one); "
         "log mitmproxy's own messages and egress-guard's debug messages",
     )
-    r.set_defaults(func=cmd_run)
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -367,7 +375,19 @@ def unavailable_listeners(args: argparse.Namespace) -> str | None:
             sock.close()
 
 
+Prepared = tuple[RunSettings, list[Sink], Callable[[], asyncio.AbstractEventLoop] | None]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    prepared = prepare_run(args)
+    if isinstance(prepared, int):
+        return prepared
+    return serve_until_stopped(*prepared)
+
+
+def prepare_run(args: argparse.Namespace) -> Prepared | int:
+    """Everything ``run`` checks and builds before the proxy starts, or an exit code
+    (its message printed)."""
     _setup_logging(args.verbose)
     factory = loop_factory(args.event_loop)
     if args.policy:
@@ -405,13 +425,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         for s in audit:
             s.shutdown(timeout=1)
         return EXIT_ERROR
+    return settings, sinks, factory
+
+
+def serve_until_stopped(
+    settings: RunSettings,
+    sinks: list[Sink],
+    factory: Callable[[], asyncio.AbstractEventLoop] | None,
+    companion: Companion | None = None,
+) -> int:
+    """Run the proxy until it stops; then every queued audit record is written."""
     # Imported here: mitmproxy takes about a second to import, and only `run` needs it.
     from egress_guard.proxy.master import serve
 
+    audit = [s for s in sinks if isinstance(s, AuditLog)]
     complete = False
+    rc = EXIT_ERROR
     try:
         log.debug("egress-guard: event loop %s", "asyncio" if factory is None else "uvloop")
-        rc = asyncio.run(serve(settings, sinks), loop_factory=factory)
+        rc = asyncio.run(serve(settings, sinks, companion), loop_factory=factory)
     finally:
         # Graceful stop: the guard has queued the close records of what was still open
         # (its done hook); every queued audit record reaches the file before we exit.

@@ -35,6 +35,7 @@ from egress_guard.engine.rules.addresses import (
 )
 from egress_guard.engine.rules.agreement import check_host_header, check_sni, unreadable_name
 from egress_guard.engine.rules.clients import check_access
+from egress_guard.engine.rules.direct import decide_direct
 from egress_guard.engine.rules.mode import apply_mode
 from egress_guard.engine.rules.names import decide_name
 from egress_guard.engine.rules.requests import (
@@ -98,7 +99,9 @@ class Engine:
         the Decision (a refusal, or a would_block audit mode let through)."""
         t = type(facts)
         if t is Target:  # the hot path: one call, no further dispatch
-            return _target(self.compiled, facts)  # type: ignore[arg-type]
+            if facts.origin is None:  # type: ignore[union-attr]
+                return _target(self.compiled, facts)  # type: ignore[arg-type]
+            return decide_direct(self.compiled, facts, facts.origin, _target)  # type: ignore[arg-type,union-attr]
         c = self.compiled
         d: Decision | None
         if t is HostNames:

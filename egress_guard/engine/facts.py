@@ -44,6 +44,7 @@ class Target(NamedTuple):
     parent_resolves: bool = False
     opaque_tunnel: bool = False
     reopened: bool = False
+    origin: IPAddress | None = None
 
 
 class NeedsAddresses(NamedTuple):

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mitmproxy import addonmanager, exceptions, flow, hooks, http, options
@@ -251,7 +251,14 @@ def _status_board(sinks: list[Sink]) -> StatusBoard:
     return StatusBoard(audit=audit)
 
 
-async def serve(settings: RunSettings, sinks: list[Sink]) -> int:
+#: run beside the proxy (``egress-guard sandbox``): given the guard's state and a way to
+#: stop the proxy; it runs until the proxy stops (then it is cancelled)
+Companion = Callable[[GuardState, Callable[[], None]], Coroutine[Any, Any, None]]
+
+
+async def serve(
+    settings: RunSettings, sinks: list[Sink], companion: Companion | None = None
+) -> int:
     board = None
     if settings.metrics is not None:  # the status page is served on the metrics listener
         board = _status_board(sinks)
@@ -309,9 +316,17 @@ async def serve(settings: RunSettings, sinks: list[Sink]) -> int:
     if settings.inspect:
         _log_inspection(guard, ca)
     _tune_gc()
+    beside: asyncio.Task[None] | None = None
+    if companion is not None:
+        beside = loop.create_task(companion(guard, master.shutdown))
+        beside.add_done_callback(lambda _t: master.shutdown())
     try:
         await master.run()
     finally:
+        if beside is not None and not beside.done():
+            beside.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beside
         if server is not None:
             server.stop()
     return 0

@@ -91,7 +91,10 @@ class Requests:
         req = flow.request
         gate(g, eng, state, req.headers, req.host)
         host, port = raw_target(req)
-        approval = await authorize(g, eng, host, port, tunnel=True)
+        origin = None
+        if g.direct_origins and (peername := flow.client_conn.peername):
+            origin = g.direct_origins.get((str(peername[0]), int(peername[1])))
+        approval = await authorize(g, eng, host, port, tunnel=True, origin=origin)
         approval.user = state.user
         # recorded (written) before anything opens; refused (no close record) if not
         await g.admit(flow.client_conn.id, state, approval.decision, method="CONNECT", opens=True)

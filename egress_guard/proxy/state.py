@@ -140,6 +140,12 @@ class GuardState:
         self.users: dict[str, str] = {}
         #: (host, port) of the parent proxy in upstream mode
         self.parent: tuple[str, int] | None = None
+        #: ``egress-guard sandbox``: the connections its relay opened to this proxy for a
+        #: connection caught around the proxy, by the relay's (address, port) as this
+        #: proxy sees its peer -> the address the caught connection was sent to
+        #: (proxy/sandbox_relay.py). Only the relay, in this process, writes it; a
+        #: client in the sandbox cannot reach this proxy's own listener.
+        self.direct_origins: dict[tuple[str, int], IPAddress] = {}
         #: model-call bodies held whole right now (--max-held-bodies)
         self.bodies = BodyBudget.for_limits(DEFAULT_MAX_HELD_BODIES, DEFAULT_MAX_MODEL_BODY)
         #: bodies.released when memory was last given back; a give-back is scheduled

@@ -91,7 +91,13 @@ def raw_target(req: http.Request) -> tuple[str | Host, str | int]:
 
 
 async def authorize(
-    g: GuardState, eng: Engine, host: str | Host, port: str | int, *, tunnel: bool = False
+    g: GuardState,
+    eng: Engine,
+    host: str | Host,
+    port: str | int,
+    *,
+    tunnel: bool = False,
+    origin: IPAddress | None = None,
 ) -> Approval:
     """Decide a target end to end (names, DNS, addresses; for a CONNECT ``tunnel``, the
     interception its destination's request rules need). Raises Blocked.
@@ -103,6 +109,7 @@ async def authorize(
         port,
         parent_resolves=g.parent is not None,
         opaque_tunnel=tunnel and not ctx.options.egress_guard_inspect,
+        origin=origin,
     )
     verdict = eng.decide(facts)
     if type(verdict) is NeedsAddresses:

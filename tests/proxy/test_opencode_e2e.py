@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -22,25 +21,9 @@ import pytest
 import trustme
 import yaml
 from support.mock_llm import ANSWER, MockLLM
+from support.opencode_run import MOCK_HOST, OPENCODE, generated_policy, opencode_config, texts
 from support.prereq import missing
-from support.proxy import EGRESS_GUARD, ProxyFactory, ProxyProcess, exported_ca
-
-ROOT = Path(__file__).resolve().parents[2]
-MOCK_HOST = "llm.test"
-
-
-def opencode_bin() -> str | None:
-    for candidate in (
-        os.environ.get("EG_OPENCODE_BIN"),
-        str(ROOT / ".cache/opencode/node_modules/.bin/opencode"),
-        shutil.which("opencode"),
-    ):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-OPENCODE = opencode_bin()
+from support.proxy import ProxyFactory, ProxyProcess, exported_ca
 
 
 @pytest.fixture(autouse=True)
@@ -59,58 +42,6 @@ def mock_llm(ca: trustme.CA) -> Iterator[MockLLM]:
     server = MockLLM(ctx, ["mock-model", "other-model"])
     yield server
     server.close()
-
-
-def opencode_config(port: int, model: str = "mock-model") -> dict[str, Any]:
-    return {
-        "$schema": "https://opencode.ai/config.json",
-        "autoupdate": False,
-        "share": "disabled",
-        "model": f"mock/{model}",
-        "provider": {
-            "mock": {
-                "npm": "@ai-sdk/openai-compatible",
-                "name": "Mock provider",
-                "options": {
-                    "baseURL": f"https://{MOCK_HOST}:{port}/v1",
-                    "apiKey": "sk-test-SECRET",
-                },
-                "models": {"mock-model": {"name": "Mock"}, "other-model": {"name": "Other"}},
-            }
-        },
-    }
-
-
-def generated_policy(
-    tmp_path: Path, config: dict[str, Any], models: list[str] | None = None
-) -> str:
-    cfg = tmp_path / "opencode.json"
-    cfg.write_text(json.dumps(config))
-    out = tmp_path / "generated.yaml"
-    res = subprocess.run(
-        [EGRESS_GUARD, "policy", "from-opencode", str(cfg), "-o", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert res.returncode == 0, res.stderr
-    policy = yaml.safe_load(out.read_text())
-    names = {d.get("name") or d.get("use") for d in policy["destinations"]}
-    assert "opencode-auth" in names
-    hosts: set[str] = set()
-    for d in policy["destinations"]:
-        if "hosts" in d:
-            hosts.update(d["hosts"])
-            if models is not None and MOCK_HOST in d["hosts"]:
-                d["models"] = models
-    assert MOCK_HOST in hosts
-    # Every allowed name resolves to loopback: the mock for its own name, a closed port for
-    # the rest (api.opencode.ai from the auth entry), so no test traffic leaves the machine.
-    policy["network"] = {
-        "allow_cidrs": ["127.0.0.1/32"],
-        "resolve": {MOCK_HOST: "127.0.0.1", "api.opencode.ai": "127.0.0.1"},
-    }
-    return yaml.safe_dump(policy, sort_keys=False)
 
 
 def run_opencode(
@@ -150,10 +81,6 @@ def run_opencode(
         f"no JSON events from opencode (exit {res.returncode}):\n{res.stdout}\n{res.stderr[-3000:]}"
     )
     return events
-
-
-def texts(events: list[dict[str, Any]]) -> str:
-    return " ".join(e["part"].get("text", "") for e in events if e.get("type") == "text")
 
 
 def test_opencode_through_guard_tunnel_mode(
