@@ -77,6 +77,10 @@ def cases(tmp_path_factory: pytest.TempPathFactory, busy: int) -> dict[str, Case
             f"--metrics 127.0.0.1:{busy}: cannot listen",
         ),
         "run-confdir": Case(["run", *listen, "--confdir", under_file], "--confdir"),
+        "run-transparent": Case(
+            ["run", *listen, *conf, "--transparent", "--upstream-proxy", "http://127.0.0.1:9"],
+            "--transparent cannot be combined with --upstream-proxy",
+        ),
         "ca": Case(["ca", "export", "--confdir", str(d / "ca"), "-o", missing], "cannot write"),
         "ca-confdir": Case(["ca", "export", "--confdir", under_file], "cannot use confdir"),
         "audit-verify": Case(["audit", "verify", missing], "No such file"),
@@ -129,7 +133,7 @@ def _message_lines(stderr: str) -> list[str]:
     "key",
     [
         "validate", "check", "check-policy", "explain", "run-policy", "run-listen",
-        "run-metrics", "run-confdir", "ca", "ca-confdir", "audit-verify", "audit-summary",
+        "run-metrics", "run-confdir", "run-transparent", "ca", "ca-confdir", "audit-verify", "audit-summary",
         "audit-learn", "audit-learn-out", "tail", "policy", "doctor", "doctor-url",
     ],
 )  # fmt: skip

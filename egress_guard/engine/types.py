@@ -34,6 +34,7 @@ Reason = Literal[
     "malformed_request",
     "buffer_budget",
     "inspection_required",
+    "direct_connection",
 ]
 
 #: Blocks that audit mode does not turn into would_block: they are about who may use the
@@ -52,6 +53,7 @@ NEVER_AUDITED: frozenset[str] = frozenset(
         "dns_failed",
         "malformed_request",
         "buffer_budget",
+        "direct_connection",
     }
 )
 

@@ -105,6 +105,7 @@ async def authorize(
         opaque_tunnel=tunnel and not ctx.options.egress_guard_inspect,
     )
     verdict = eng.decide(facts)
+    addrs = None
     if type(verdict) is NeedsAddresses:
         addrs = await _resolve(verdict.host, verdict.port)
         verdict = eng.decide(facts._replace(host=verdict.host, port=verdict.port, addresses=addrs))
@@ -113,6 +114,7 @@ async def authorize(
     ok: Approved = verdict
     approval = Approval(ok.decision, ok.host, ok.port, ok.address, ok.destination, time.monotonic())
     approval.policy_sha256 = eng.policy.sha256
+    approval.addresses = addrs
     return approval
 
 
