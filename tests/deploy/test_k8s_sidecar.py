@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy.manifests import K8S, yaml_docs
+from deploy.manifests import K8S, ROOT, yaml_docs
 from deploy.test_netns import in_netns, ip
 from support.prereq import missing
 
@@ -211,13 +211,25 @@ class Pod:
     peer_ip: str
 
 
-@pytest.fixture
-def pod_netns() -> Iterator[Pod]:
-    """A "pod" namespace with the init container's rules loaded, linked by a veth pair
-    to a "peer" namespace standing for everything outside the pod."""
+def guide_iptables_lines() -> list[list[str]]:
+    """The sidecar iptables recipe of docs/operators-guide.md, command by command."""
+    text = (ROOT / "docs" / "operators-guide.md").read_text(encoding="utf-8")
+    after = text.split("<!-- sidecar-iptables", 1)[1]
+    block = after.split("```sh\n", 1)[1].split("```", 1)[0]
+    lines = [line.split() for line in block.splitlines() if line.startswith("iptables ")]
+    assert len(lines) >= 6, block
+    return lines
+
+
+@pytest.fixture(params=["configmap-nft", "guide-iptables"])
+def pod_netns(request: pytest.FixtureRequest) -> Iterator[Pod]:
+    """A "pod" namespace with the init container's rules loaded (or the operators
+    guide's iptables form of them), linked by a veth pair to a "peer" namespace standing
+    for everything outside the pod."""
     if os.geteuid() != 0:
         missing("sidecar rules test: needs root to create namespaces")
-    for prog in ("ip", "nft", "setpriv", "bash"):
+    tool = "nft" if request.param == "configmap-nft" else "iptables"
+    for prog in ("ip", tool, "setpriv", "bash"):
         if shutil.which(prog) is None:
             missing(f"sidecar rules test: {prog} is not installed")
     tag = secrets.token_hex(4)
@@ -239,14 +251,24 @@ def pod_netns() -> Iterator[Pod]:
         ip("-n", peer_ns, "addr", "add", f"{peer_ip}/30", "dev", b)
         for ns, dev in ((pod_ns, a), (peer_ns, b), (pod_ns, "lo"), (peer_ns, "lo")):
             ip("-n", ns, "link", "set", dev, "up")
-        r = subprocess.run(
-            ["ip", "netns", "exec", pod_ns, "nft", "-f", "-"],
-            input=rules_text(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert r.returncode == 0, r.stderr
+        if tool == "nft":
+            r = subprocess.run(
+                ["ip", "netns", "exec", pod_ns, "nft", "-f", "-"],
+                input=rules_text(),
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert r.returncode == 0, r.stderr
+        else:
+            for argv in guide_iptables_lines():
+                r = subprocess.run(
+                    ["ip", "netns", "exec", pod_ns, *argv],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                assert r.returncode == 0, (argv, r.stderr)
         yield Pod(pod_ns, peer_ns, peer_ip)
     finally:
         for ns in created:
