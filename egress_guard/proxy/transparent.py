@@ -153,11 +153,11 @@ def first_name(data: bytes) -> tuple[str, str]:
         return WAIT
     if not started:
         return "", "none"
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
+    ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    if not ends:
         return WAIT if len(data) < MAX_HEAD else ("", "none")
-    for line in data[:end].split(b"\r\n")[1:]:
-        key, sep, value = line.partition(b":")
+    for line in data[: min(ends)].split(b"\n")[1:]:
+        key, sep, value = line.rstrip(b"\r").partition(b":")
         if sep and key.strip().lower() == b"host":
             return _host_part(value.strip().decode("latin-1")), "host"
     return "", "none"
