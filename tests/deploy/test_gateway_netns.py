@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import socket
@@ -61,6 +62,7 @@ class Gateway:
     other: Upstream
     audit: Path
     log: Path
+    confdir: Path
 
 
 def _run(*argv: str) -> None:
@@ -99,8 +101,10 @@ def _redirect(ns: str, tool: str) -> None:
 
 
 @pytest.fixture(params=["nft", "iptables"])
-def gateway(request: pytest.FixtureRequest, ca: trustme.CA) -> Iterator[Gateway]:
-    tool: str = request.param
+def gateway(request: pytest.FixtureRequest, ca: trustme.CA, ca_file: Path) -> Iterator[Gateway]:
+    """The sidecar shape; ``TOOL-VARIANT`` (indirect) runs the guard with ``--inspect``
+    (the destination has paths) or in audit mode."""
+    tool, _, variant = str(request.param).partition("-")
     if os.geteuid() != 0:
         missing("transparent mode test: needs root to create namespaces")
     for prog in ("ip", "ss", "setpriv", tool):
@@ -141,12 +145,13 @@ def gateway(request: pytest.FixtureRequest, ca: trustme.CA) -> Iterator[Gateway]
         policy = work / "policy.yaml"
         policy.write_text(
             "version: 1\n"
-            "mode: enforce\n"
+            f"mode: {'audit' if variant == 'audit' else 'enforce'}\n"
             "destinations:\n"
             "  - name: api\n"
             "    hosts: [api.test]\n"
             f"    ports: [{tls.port}, {plain.port}, {other.port}]\n"
-            "network:\n"
+            + ("    paths: [/direct]\n" if variant == "inspect" else "")
+            + "network:\n"
             f"  allow_cidrs: [{UPSTREAM}/32, {OTHER}/32]\n"
             f"  resolve: {{api.test: {UPSTREAM}, other.test: {UPSTREAM}}}\n"
             # a connection to an address of this host comes from that address
@@ -170,13 +175,14 @@ def gateway(request: pytest.FixtureRequest, ca: trustme.CA) -> Iterator[Gateway]
                     "--confdir", str(owned / "conf"),
                     "--audit-log", str(audit),
                     "--audit-fsync", "always",
+                    *(["--inspect", "--upstream-ca", str(ca_file)] if variant == "inspect" else []),
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
             )  # fmt: skip
         _wait_listening(ns, guard, log)
-        yield Gateway(ns, tls, plain, other, audit, log)
+        yield Gateway(ns, tls, plain, other, audit, log, owned / "conf")
     finally:
         if guard is not None and guard.poll() is None:
             guard.terminate()
@@ -242,15 +248,18 @@ def _plain(ns: str, addr: str, port: int, data: bytes) -> bytes | str:
 
 
 def _read_answer(s: socket.socket) -> bytes:
+    """One HTTP/1.1 answer: its head and a Content-Length body (or up to the close)."""
     got = b""
-    while b"\r\n\r\n" not in got or not got.rstrip().endswith(b"\n"):
+    while True:
+        head, sep, body = got.partition(b"\r\n\r\n")
+        if sep:
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if length is not None and len(body) >= int(length.group(1)):
+                return got
         chunk = s.recv(65536)
         if not chunk:
-            break
+            return got
         got += chunk
-        if b"upstream-ok" in got:
-            break
-    return got
 
 
 def _decisions(gw: Gateway, count: int) -> list[dict[str, Any]]:
@@ -307,6 +316,57 @@ def test_redirected_connections_are_decided_by_name_and_address(
     assert got[0]["sni"] == "api.test" and got[0]["client"] == UPSTREAM
     assert f"{OTHER}:{gw.other.port}" in got[4]["detail"]
     assert f"{UPSTREAM}:{gw.plain.port}" in got[5]["detail"]
+
+
+@pytest.mark.parametrize("gateway", ["nft-inspect"], indirect=True)
+def test_with_inspect_a_redirected_tunnel_gets_its_request_rules(gateway: Gateway) -> None:
+    gw = gateway
+    guard_ca = gw.confdir / "mitmproxy-ca-cert.pem"
+    ok = _https_get(gw.ns, guard_ca, UPSTREAM, gw.tls.port, "api.test")
+    assert isinstance(ok, bytes) and b"upstream-ok GET /direct" in ok, (ok, gw.log.read_text())
+
+    def get_other() -> bytes | str:
+        ctx = ssl.create_default_context(cafile=str(guard_ca))
+        with (
+            socket.create_connection((UPSTREAM, gw.tls.port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="api.test") as s,
+        ):
+            s.sendall(f"GET /other HTTP/1.1\r\nHost: api.test:{gw.tls.port}\r\n\r\n".encode())
+            return _read_answer(s)
+
+    refused = in_netns(gw.ns, get_other)
+    assert isinstance(refused, bytes) and refused.startswith(b"HTTP/1.1 403"), refused
+    assert [r[1] for r in gw.tls.seen.requests] == ["/direct"]
+    got = _decisions(gw, 4)
+    rows = [(d["method"], d["path"], d["decision"], d["reason"]) for d in got]
+    assert rows == [
+        (None, None, "allow", "allowlisted"),
+        ("GET", "/direct", "allow", "allowlisted"),
+        (None, None, "allow", "allowlisted"),
+        ("GET", "/other", "block", "path_not_allowed"),
+    ], got
+
+
+@pytest.mark.parametrize("gateway", ["nft-audit"], indirect=True)
+def test_audit_mode_never_connects_to_an_unchecked_address(gateway: Gateway, ca_file: Path) -> None:
+    gw = gateway
+    # an unlisted name: let through as would_block, to the address checked for it
+    unlisted = _https_get(gw.ns, ca_file, UPSTREAM, gw.tls.port, "other.test")
+    assert isinstance(unlisted, bytes) and b"upstream-ok" in unlisted, unlisted
+    # fronting: recorded, and sent to api.test's own address, never to OTHER
+    _https_get(gw.ns, ca_file, OTHER, gw.other.port, "api.test")
+    # no name: refused in audit mode too
+    nameless = _plain(gw.ns, UPSTREAM, gw.plain.port, b"\x00\x01 not a protocol\r\n\r\n")
+    assert not isinstance(nameless, bytes) or b"upstream-ok" not in nameless, nameless
+    assert gw.other.seen.connections == 0
+    assert gw.plain.seen.connections == 0
+    got = _decisions(gw, 3)
+    rows = [(d["host"], d["decision"], d["reason"]) for d in got]
+    assert rows == [
+        ("other.test", "would_block", "not_allowlisted"),
+        ("api.test", "would_block", "sni_mismatch"),
+        (UPSTREAM, "block", "direct_connection"),
+    ], got
 
 
 # -- a gateway host, with the operators guide's rules ------------------------------------
