@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Real peers the integration tests talk to: curl and openssl as clients, iproute2 and
-# nftables for the network namespaces (egress-guard sandbox), and the
+# Real peers the integration tests talk to: curl and openssl as clients, iproute2,
+# nftables and iptables for the network namespaces and redirect rules (egress-guard
+# sandbox, transparent mode in tests/deploy), and the
 # distribution's Chromium for the status page's browser test (Playwright, from the dev
 # extra, drives it; `playwright install` is never needed).
 # Installed with apt when missing (CI and fresh machines run as root).
@@ -9,7 +10,8 @@ need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
-command -v nft >/dev/null 2>&1 || need+=(nftables)  # egress-guard sandbox's redirect
+command -v nft >/dev/null 2>&1 || need+=(nftables)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   need+=(chromium)
 fi

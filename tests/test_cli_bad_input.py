@@ -81,6 +81,10 @@ def cases(tmp_path_factory: pytest.TempPathFactory, busy: int) -> dict[str, Case
         "sandbox-policy": Case(
             ["sandbox", "--policy", str(d / "broken.yaml"), *conf, "--", "true"], "portz"
         ),
+        "run-transparent": Case(
+            ["run", *listen, *conf, "--transparent", "--upstream-proxy", "http://127.0.0.1:9"],
+            "--transparent cannot be combined with --upstream-proxy",
+        ),
         "ca": Case(["ca", "export", "--confdir", str(d / "ca"), "-o", missing], "cannot write"),
         "ca-confdir": Case(["ca", "export", "--confdir", under_file], "cannot use confdir"),
         "audit-verify": Case(["audit", "verify", missing], "No such file"),
@@ -133,7 +137,7 @@ def _message_lines(stderr: str) -> list[str]:
     "key",
     [
         "validate", "check", "check-policy", "explain", "run-policy", "run-listen",
-        "run-metrics", "run-confdir", "sandbox", "sandbox-policy", "ca", "ca-confdir", "audit-verify", "audit-summary",
+        "run-metrics", "run-confdir", "sandbox", "sandbox-policy", "run-transparent", "ca", "ca-confdir", "audit-verify", "audit-summary",
         "audit-learn", "audit-learn-out", "tail", "policy", "doctor", "doctor-url",
     ],
 )  # fmt: skip

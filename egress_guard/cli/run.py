@@ -129,6 +129,14 @@ def add_run_options(r: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="send all traffic through a parent proxy, e.g. http://proxy.corp:3128",
     )
+    r.add_argument(
+        "--transparent",
+        action="store_true",
+        help="take connections redirected to --listen (iptables/nftables REDIRECT on a "
+        "gateway or in a sidecar's pod) instead of proxy requests: each is decided by "
+        "its TLS SNI or HTTP Host on its original port, and must have been sent to an "
+        "address of that name (docs/operators-guide.md)",
+    )
     trust = r.add_mutually_exclusive_group()
     trust.add_argument(
         "--upstream-ca",
@@ -316,6 +324,7 @@ def run_settings(args: argparse.Namespace, upstream_ca_bundle: str | None) -> Ru
         upstream_proxy=args.upstream_proxy,
         upstream_ca_bundle=upstream_ca_bundle,
         metrics=args.metrics,
+        transparent=bool(getattr(args, "transparent", False)),
     )
 
 
@@ -401,6 +410,13 @@ def prepare_run(args: argparse.Namespace) -> Prepared | int:
         except PolicyError as e:
             print(escape(e.render(), keep_newlines=True), file=sys.stderr)
             return EXIT_ERROR
+    if getattr(args, "transparent", False) and args.upstream_proxy:
+        print(
+            "egress-guard: --transparent cannot be combined with --upstream-proxy "
+            "(redirected connections are decided on the addresses the guard resolves)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     if (problem := unavailable_listeners(args)) is not None:
         print(f"egress-guard: {problem}", file=sys.stderr)
         return EXIT_ERROR

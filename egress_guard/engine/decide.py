@@ -23,6 +23,7 @@ from egress_guard.engine.facts import (
     HostNames,
     ModelUnread,
     NeedsAddresses,
+    Redirected,
     Request,
     ServerName,
     Target,
@@ -35,7 +36,7 @@ from egress_guard.engine.rules.addresses import (
 )
 from egress_guard.engine.rules.agreement import check_host_header, check_sni, unreadable_name
 from egress_guard.engine.rules.clients import check_access
-from egress_guard.engine.rules.direct import decide_direct
+from egress_guard.engine.rules.direct import check_redirected, decide_direct
 from egress_guard.engine.rules.mode import apply_mode
 from egress_guard.engine.rules.names import decide_name
 from egress_guard.engine.rules.requests import (
@@ -71,7 +72,16 @@ __all__ = [
     "request_rules",
 ]
 
-_Facts = Client | ServerName | UnreadableName | HostNames | Request | ModelUnread | BodyShape
+_Facts = (
+    Client
+    | ServerName
+    | UnreadableName
+    | HostNames
+    | Request
+    | ModelUnread
+    | BodyShape
+    | Redirected
+)
 
 
 @dataclass
@@ -137,6 +147,9 @@ class Engine:
         elif t is ModelUnread:
             m: ModelUnread = facts  # type: ignore[assignment]
             d = refuse_model(m.destination, m.decision, m.detail)
+        elif t is Redirected:
+            x: Redirected = facts  # type: ignore[assignment]
+            d = check_redirected(x.name, x.via, x.original, x.port, x.checked, x.destination)
         else:
             raise TypeError(f"no rules for {t.__name__}")
         return None if d is None else apply_mode(c, d)

@@ -87,6 +87,21 @@ class UnreadableName(NamedTuple):
     detail: str
 
 
+class Redirected(NamedTuple):
+    """A connection that reached the guard without CONNECT (transparent mode: a gateway
+    or a sidecar redirected it): ``name`` is what its first bytes named (``via``: "sni"
+    or "host"; None: they named nothing), ``original``/``port`` where the client sent
+    it, ``checked`` the addresses the guard checked for the name (None: unknown), and
+    ``destination`` the rule that allowed the name."""
+
+    name: Host | None
+    via: str
+    original: IPAddress
+    port: int
+    checked: Sequence[IPAddress] | None
+    destination: str | None
+
+
 class HostNames(NamedTuple):
     """The names a request gives for its authority: ``values`` are compared with it (the
     Host headers, or HTTP/2's :authority, or an absolute URI's authority), ``also`` are

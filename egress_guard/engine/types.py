@@ -53,6 +53,7 @@ NEVER_AUDITED: frozenset[str] = frozenset(
         "dns_failed",
         "malformed_request",
         "buffer_budget",
+        "direct_connection",
     }
 )
 

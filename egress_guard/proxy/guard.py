@@ -47,6 +47,7 @@ from egress_guard.proxy.patches import (
 from egress_guard.proxy.reload import PolicyReload
 from egress_guard.proxy.requests import Requests
 from egress_guard.proxy.state import GuardState
+from egress_guard.proxy.transparent import Transparent
 from egress_guard.proxy.tunnelstart import TunnelStart
 from egress_guard.proxy.upstream import Upstream
 from egress_guard.sinks.events import Sink
@@ -140,16 +141,21 @@ class GuardSettings:
             raise exceptions.OptionsError("egress_guard_held_body_min_rate must not be negative")
 
 
-def guard_addons(sinks: Sequence[Sink] = ()) -> tuple[GuardState, list[object]]:
-    """The guard's shared state and its addons, in the order mitmproxy must call them."""
+def guard_addons(
+    sinks: Sequence[Sink] = (), *, transparent: bool = False
+) -> tuple[GuardState, list[object]]:
+    """The guard's shared state and its addons, in the order mitmproxy must call them.
+    ``transparent``: connections arrive redirected, without CONNECT (transparent.py)."""
     guard = GuardState(sinks)
     requests = Requests(guard)
+    start = TunnelStart(guard)
     addons: list[object] = [
         GuardSettings(guard, requests),
         Upstream(guard),
         PolicyReload(guard),
         requests,
-        TunnelStart(guard),
+        start,
+        *([Transparent(guard, start)] if transparent else []),
         Bodies(guard),
         Accounting(guard),
     ]

@@ -191,7 +191,7 @@ def build_master(settings: RunSettings, sinks: list[Sink]) -> tuple[Master, Guar
     splice.install()
     opts = options.Options()
     master = _embedded_master(opts)
-    guard, addons = guard_addons(sinks)
+    guard, addons = guard_addons(sinks, transparent=settings.transparent)
     for sink in sinks:
         if isinstance(sink, Metrics):
             sink.track_held_bodies(guard.bodies)
@@ -214,6 +214,8 @@ def build_master(settings: RunSettings, sinks: list[Sink]) -> tuple[Master, Guar
     mode = ["regular"]
     if settings.upstream_proxy:
         mode = [f"upstream:{settings.upstream_proxy}"]
+    elif settings.transparent:
+        mode = ["transparent"]  # (run refuses it with --upstream-proxy)
     updates: dict[str, Any] = {
         "listen_host": host,
         "listen_port": port,
@@ -312,7 +314,11 @@ async def serve(
         base = f"http://{join_hostport(mhost, server.port)}"
         log.info("egress-guard metrics on %s/metrics, status page on %s/", base, base)
     host, port = settings.listen
-    log.info("egress-guard listening on %s", join_hostport(host, port))
+    log.info(
+        "egress-guard listening on %s%s",
+        join_hostport(host, port),
+        " (transparent: redirected connections, no CONNECT)" if settings.transparent else "",
+    )
     if settings.inspect:
         _log_inspection(guard, ca)
     _tune_gc()

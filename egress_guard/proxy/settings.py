@@ -31,3 +31,5 @@ class RunSettings:
     upstream_ca_bundle: str | None = None
     #: where /metrics and /healthz are served, None: not at all
     metrics: tuple[str, int] | None = None
+    #: connections arrive redirected (iptables/nftables REDIRECT), without CONNECT
+    transparent: bool = False

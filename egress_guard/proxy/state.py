@@ -94,6 +94,8 @@ class Approval:
     server: Server | None = None
     #: the clients.auth user it was approved for (its close record names it)
     user: str | None = None
+    #: every address DNS gave for the name (all checked), when the guard looked it up
+    addresses: tuple[IPAddress, ...] | None = None
 
 
 @dataclass(slots=True)

@@ -112,6 +112,7 @@ async def authorize(
         origin=origin,
     )
     verdict = eng.decide(facts)
+    addrs = None
     if type(verdict) is NeedsAddresses:
         addrs = await _resolve(verdict.host, verdict.port)
         verdict = eng.decide(facts._replace(host=verdict.host, port=verdict.port, addresses=addrs))
@@ -120,6 +121,7 @@ async def authorize(
     ok: Approved = verdict
     approval = Approval(ok.decision, ok.host, ok.port, ok.address, ok.destination, time.monotonic())
     approval.policy_sha256 = eng.policy.sha256
+    approval.addresses = addrs
     return approval
 
 

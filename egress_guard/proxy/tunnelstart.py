@@ -68,7 +68,7 @@ class TunnelStart:
                 for x in context.layers[:stream]
             )
             context.server.tls = False
-            self._on_tunnel_start(nextlayer, state)
+            self.on_tunnel_start(nextlayer, state)
         except Exception:
             log.exception("egress-guard: internal error starting a tunnel; blocking")
             state.blocked = "internal_error"
@@ -76,7 +76,7 @@ class TunnelStart:
             self.g.record(context.client.id, state, internal_error(host))
             nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
 
-    def _on_tunnel_start(self, nextlayer: layer.NextLayer, state: ConnState) -> None:
+    def on_tunnel_start(self, nextlayer: layer.NextLayer, state: ConnState) -> None:
         """Decide how an allowed tunnel's bytes are handled, from its first bytes.
 
         Runs after mitmproxy's NextLayer addon (see master.py) and replaces its choice:
@@ -152,12 +152,12 @@ class TunnelStart:
             nextlayer.layer = TCPLayer(context, ignore=True)  # its connect is refused
             return
         plain = data[0] != _TLS_HANDSHAKE and data[0] not in _TLS_OTHER_RECORDS
-        http_start = _http_start(data) if plain else False
-        if http_start is None:
+        starts_http = http_start(data) if plain else False
+        if starts_http is None:
             return  # wait for more bytes: a request line may be starting
         state.first_bytes_checked = True
         self.g.tunnel_accepted(conn_id)
-        if plain and (self._inspect(state) or http_start):
+        if plain and (self._inspect(state) or starts_http):
             # Plain bytes to a destination with request rules: read them as HTTP (and
             # refuse what is not), so its method, path and model rules apply here too.
             # Plain HTTP in any tunnel (allowed, or let through by audit mode) is read as
@@ -276,7 +276,7 @@ _TEXT = (frozenset(range(0x20, 0x100)) - {0x7F}) | frozenset(b"\t\x0b\x0c\x1c\x1
 _MAX_LINE = 64 * 1024
 
 
-def _http_start(data: bytes) -> bool | None:
+def http_start(data: bytes) -> bool | None:
     """Whether a tunnel's first bytes start an HTTP/1 request as some server reads it;
     None while they could still become one. Empty lines first count as HTTP: a server
     skips them before a request line. Lenient readings count too: a method followed by

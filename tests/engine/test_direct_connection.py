@@ -67,13 +67,14 @@ def test_an_allowed_name_at_another_address_is_a_direct_connection(
     assert type(ok) is Approved and ok.address == B
 
 
-def test_audit_mode_records_it_and_connects_to_the_checked_address_only(
+def test_audit_mode_does_not_lift_it(
     make: Callable[[str], Engine],
 ) -> None:
+    """direct_connection is NEVER_AUDITED (transparent mode's nameless connections share
+    the reason): sent to an address its name does not have, it is refused in every mode."""
     v = make("audit").decide(Target("api.example.com", 443, addresses=(A,), origin=OTHER))
-    assert type(v) is Approved
-    assert v.decision.action == "would_block" and v.decision.reason == "direct_connection"
-    assert v.address == A
+    assert type(v) is Decision and not v.allowed
+    assert v.action == "block" and v.reason == "direct_connection"
 
 
 def test_a_refused_name_keeps_its_reason_and_says_where_it_was_going(

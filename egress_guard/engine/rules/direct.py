@@ -1,28 +1,32 @@
-"""A connection that ignored the proxy, caught inside ``egress-guard sandbox``.
+"""Connections that reached the guard around the proxy, decided by the name they carry
+and the address they were sent to (which must agree). Two ways in:
 
-The sandbox redirects every TCP connection its command makes around the proxy to the
-guard, which reads the name it carries (TLS SNI, HTTP Host; the address itself when it
-carries none) and asks about ``Target(name, port, origin=address)``. The name is decided
-by the same rules as a CONNECT; then the address the connection was sent to must be one
-of the name's checked addresses (what DNS answered the guard, a ``network.resolve``
-entry, or the IP literal itself): a client cannot reach an allowed name's TLS at some
-other address, nor an address the policy does not allow by naming an allowed host. A
-mismatch is ``direct_connection``. Audit mode records it as would_block and lets it
-through to the name's checked address, never to the address the client chose (that is
-the one thing the check is for, and audit mode lifts policy checks, not pinning). Every
-decision about a direct connection says so in its detail, with the address and port.
+* ``egress-guard sandbox`` catches every TCP connection its command makes around the
+  proxy; the guard reads the name it carries (TLS SNI, HTTP Host; the address itself when
+  it carries none) and asks about ``Target(name, port, origin=address)``
+  (``decide_direct``). The name is decided by the same rules as a CONNECT; then the
+  address must be one of the name's checked addresses, or the connection is refused as
+  ``direct_connection``.
+* ``run --transparent`` (a gateway or a sidecar redirected the connection): the proxy
+  asks ``Redirected(...)`` (``check_redirected``) once the name is decided: no name at
+  all is ``direct_connection``; a name whose addresses do not include the one the
+  connection went to is ``sni_mismatch``/``host_header_mismatch`` (fronting).
+
+``direct_connection`` is never lifted by audit mode (NEVER_AUDITED): a connection with no
+name has nothing to check, and one sent to an address its name does not have would reach
+a server the policy did not decide on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from egress_guard.engine.compiled import Compiled
 from egress_guard.engine.facts import Approved, NeedsAddresses, Target
 from egress_guard.engine.rules.addresses import static_addresses
 from egress_guard.engine.rules.mode import apply_mode
 from egress_guard.engine.types import Decision, block
-from egress_guard.normalize import IPAddress, join_hostport
+from egress_guard.normalize import Host, IPAddress, canonical_ip, join_hostport
 
 DIRECT_HINT = (
     "the connection ignored the proxy (HTTPS_PROXY): its address is not one the name "
@@ -69,3 +73,57 @@ def decide_direct(
     if not refused.allowed:
         return refused
     return ok._replace(decision=refused)
+
+
+#: how a redirected connection without a name can be made checkable
+NAMELESS_HINT = (
+    "a connection that names no server (no TLS SNI, no HTTP Host) cannot be checked "
+    "against the policy; send it through the proxy (HTTPS_PROXY) or by name"
+)
+
+
+def check_redirected(
+    name: Host | None,
+    via: str,
+    original: IPAddress,
+    port: int,
+    checked: Sequence[IPAddress] | None,
+    destination: str | None,
+) -> Decision | None:
+    """None when the named ``name`` was sent to one of its ``checked`` addresses; else
+    the refusal: ``direct_connection`` when there is no name (or its addresses are not
+    known here), ``sni_mismatch``/``host_header_mismatch`` when the name has other
+    addresses than the one the connection went to (fronting: an allowed name on a
+    connection to another server)."""
+    where = join_hostport(str(original), port)
+    if name is None:
+        return block(
+            "direct_connection",
+            str(original),
+            port,
+            hint=NAMELESS_HINT,
+            detail=f"direct connection to {where} with no server name",
+        )
+    if not checked:
+        return block(
+            "direct_connection",
+            name.value,
+            port,
+            destination,
+            hint=NAMELESS_HINT,
+            detail=f"direct connection to {where}: the addresses of {name.value} are not known",
+        )
+    sent = canonical_ip(original)
+    if any(canonical_ip(a) == sent for a in checked):
+        return None
+    has = ", ".join(str(a) for a in checked)
+    return block(
+        "sni_mismatch" if via == "sni" else "host_header_mismatch",
+        name.value,
+        port,
+        destination,
+        detail=(
+            f"direct connection to {where} names {name.value} ({via}), "
+            f"which is at {has}, not at {original}"
+        ),
+    )
