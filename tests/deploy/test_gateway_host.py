@@ -26,6 +26,7 @@ import trustme
 from deploy.test_netns import in_netns, ip
 from deploy.test_transparent_netns import GUARD_PORT, _https_get, _run, _wait_listening
 from support.prereq import missing
+from support.procfs import terminate
 from support.proxy import EGRESS_GUARD, whole_lines
 from support.upstream import Upstream
 
@@ -154,13 +155,7 @@ def routed(request: pytest.FixtureRequest, ca: trustme.CA) -> Iterator[Routed]:
         _wait_listening(gw_ns, guard, log)
         yield Routed(agent_ns, gw_ns, up_ns, agent_ip, up_ip, tls, udp, audit, log)
     finally:
-        if guard is not None and guard.poll() is None:
-            guard.terminate()
-            try:
-                guard.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                guard.kill()
-                guard.wait(timeout=5)
+        terminate(guard)
         for up in ups:
             up.close()
         for s in socks:

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import trustme
 from support.prereq import missing
+from support.procfs import terminate
 from support.proxy import EGRESS_GUARD, whole_lines
 from support.upstream import Upstream
 
@@ -255,13 +256,7 @@ def test_agent_reaches_upstream_only_through_guard(
             ("other.test", "block", t.client_ip),
         ]
     finally:
-        if guard is not None and guard.poll() is None:
-            guard.terminate()
-            try:
-                guard.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                guard.kill()
-                guard.wait(timeout=5)
+        terminate(guard)
         upstream.close()
 
 

@@ -40,6 +40,7 @@ import pytest
 import trustme
 from deploy.test_netns import in_netns, ip
 from support.prereq import missing
+from support.procfs import terminate
 from support.proxy import EGRESS_GUARD, whole_lines
 from support.upstream import Upstream
 
@@ -181,13 +182,7 @@ def gateway(request: pytest.FixtureRequest, ca: trustme.CA, ca_file: Path) -> It
         _wait_listening(ns, guard, log)
         yield Gateway(ns, tls, plain, other, audit, log, owned / "conf")
     finally:
-        if guard is not None and guard.poll() is None:
-            guard.terminate()
-            try:
-                guard.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                guard.kill()
-                guard.wait(timeout=5)
+        terminate(guard)
         for up in ups:
             up.close()
         if created:

@@ -4,7 +4,21 @@ TCP connections behind its sockets."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from pathlib import Path
+
+
+def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 10) -> None:
+    """SIGTERM a process a test started (a guard, an upstream), SIGKILL if it does not
+    exit within ``timeout``; nothing if it is gone already."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 def tcp_ports(pid: int) -> set[tuple[int, int]]:
