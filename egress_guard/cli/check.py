@@ -22,7 +22,7 @@ from egress_guard.cli.exits import EXIT_ERROR, EXIT_FAIL, EXIT_OK
 from egress_guard.cli.shared import inspection_warning, policy_or_minimal
 from egress_guard.engine import Approved, Engine, Target
 from egress_guard.engine.verdicts import invalid_host
-from egress_guard.normalize import NormalizationError, normalize_host, parse_target
+from egress_guard.normalize import NormalizationError, parse_target, socket_ip
 from egress_guard.policy import Destination, load_catalog
 from egress_guard.sinks.logsafe import escape
 
@@ -43,11 +43,7 @@ def _check_one(engine: Engine, target: str, resolve: bool) -> dict[str, object]:
             if resolve:
                 try:
                     infos = socket.getaddrinfo(host.value, port, type=socket.SOCK_STREAM)
-                    addrs = tuple(
-                        ip
-                        for ip in (normalize_host(str(i[4][0])).ip for i in infos)
-                        if ip is not None
-                    )
+                    addrs = tuple(socket_ip(str(i[4][0])) for i in infos)
                 except OSError as e:
                     note = f"DNS lookup failed: {e}"
                     addrs = ()
